@@ -1,0 +1,6 @@
+"""lorafleet: a Kubernetes operator for on-prem LoRA fine-tune-and-serve."""
+
+__version__ = "0.1.0"
+GROUP = "lorafleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
