@@ -1,0 +1,174 @@
+"""AdapterDeployment: one base model served by vLLM with many LoRA adapters loaded at once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from lorafleet.api.basemodel import ModelDtype
+from lorafleet.api.common import (
+    ADAPTER_NAME,
+    S3_URI,
+    SHA256_DIGEST,
+    ApiModel,
+    ConditionList,
+    LocalObjectReference,
+    ObjectStore,
+    Quantity,
+    StatusModel,
+    Toleration,
+)
+
+# vLLM accepts only these ranks for --max-lora-rank (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ArtifactRef(ApiModel):
+    """A stored adapter version, pinned by digest."""
+
+    uri: str = Field(
+        description="s3:// URI of the adapter version folder (the one holding manifest.json).",
+        pattern=S3_URI,
+        max_length=1024,
+    )
+    digest: str | None = Field(
+        default=None,
+        description="sha256 digest of the adapter's manifest; the adapter is refused on a mismatch.",
+        pattern=SHA256_DIGEST,
+    )
+    store: ObjectStore | None = Field(
+        default=None, description="Object store holding the adapter; left out, the operator's default."
+    )
+
+
+class AdapterSpec(ApiModel):
+    """One adapter to serve: from a FineTuneJob of this namespace, or a stored artifact."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.fineTuneJobRef) != has(self.artifact)",
+                    "message": "each adapter needs exactly one of fineTuneJobRef or artifact",
+                }
+            ]
+        }
+    )
+
+    name: str = Field(
+        description="Name clients send as the model in OpenAI requests.", pattern=ADAPTER_NAME, max_length=63
+    )
+    fine_tune_job_ref: LocalObjectReference | None = Field(
+        default=None, description="A FineTuneJob whose adapter is served once it has succeeded."
+    )
+    artifact: ArtifactRef | None = Field(default=None, description="A stored adapter version.")
+
+
+class EngineSettings(ApiModel):
+    """vLLM settings."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxCpuLoras) || !has(self.maxLoras) || self.maxCpuLoras >= self.maxLoras",
+                    "message": "engine.maxCpuLoras must be >= engine.maxLoras",
+                    "fieldPath": ".maxCpuLoras",
+                }
+            ]
+        }
+    )
+
+    image: str | None = Field(default=None, description="vLLM image; left out, the operator's default.")
+    max_loras: int | None = Field(
+        default=None,
+        description="Adapters in one batch (--max-loras); left out, sized from the adapters.",
+        ge=1,
+        le=256,
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        default=None, description="Largest adapter rank (--max-lora-rank); left out, sized from the adapters."
+    )
+    max_cpu_loras: int | None = Field(
+        default=None, description="Adapters cached in CPU memory (--max-cpu-loras).", ge=1, le=4096
+    )
+    dtype: ModelDtype | None = Field(default=None, description="Serving dtype; left out, the BaseModel's.")
+    max_model_len: int | None = Field(
+        default=None, description="Context length; left out, the BaseModel's.", ge=16, le=1048576
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, description="Fraction of GPU memory vLLM may use.", gt=0, le=1
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra vLLM command-line arguments.", max_length=64
+    )
+
+
+class ServingResources(ApiModel):
+    """Compute per replica."""
+
+    gpus_per_replica: int = Field(
+        default=1, description="GPUs per replica (also vLLM's tensor-parallel size); 0 serves on CPU.", ge=0, le=16
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per replica.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels replicas must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the replicas.")
+
+
+class ServiceSettings(ApiModel):
+    """The Service in front of the replicas (inference routes only)."""
+
+    port: int = Field(default=8000, description="Service port of the OpenAI-compatible API.", ge=1, le=65535)
+
+
+class AdapterDeploymentSpec(ApiModel):
+    """Desired state of an AdapterDeployment."""
+
+    base_model_ref: LocalObjectReference = Field(description="The BaseModel to serve.")
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description="Adapters to serve; added and removed without restarting the replicas.",
+        max_length=512,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    replicas: int = Field(default=1, description="Number of vLLM replicas.", ge=0, le=1000)
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM settings.")
+    resources: ServingResources = Field(default_factory=ServingResources, description="Compute per replica.")
+    service: ServiceSettings = Field(default_factory=ServiceSettings, description="The Service.")
+
+
+AdapterState = Literal["Pending", "Loading", "Loaded", "Failed"]
+AdapterDeploymentPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class AdapterStatus(StatusModel):
+    """Where one adapter stands."""
+
+    name: str = Field(description="Adapter name.")
+    state: AdapterState = Field(description="Pending, Loading, Loaded or Failed.")
+    reason: str | None = Field(default=None, description="CamelCase reason for the state.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
+    uri: str | None = Field(default=None, description="Artifact URI being served.")
+    digest: str | None = Field(default=None, description="Artifact digest being served.")
+    loaded_replicas: int = Field(default=0, description="Replicas that have the adapter loaded.")
+
+
+class AdapterDeploymentStatus(StatusModel):
+    """Observed state of an AdapterDeployment."""
+
+    phase: AdapterDeploymentPhase = Field(default="Pending", description="Pending, Progressing, Ready, "
+                                          "Degraded or Failed.")
+    replicas: int = Field(default=0, description="Replicas that exist.")
+    ready_replicas: int = Field(default=0, description="Replicas that are ready.")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
+    adapters_ready: str | None = Field(default=None, description="Loaded adapters over desired, e.g. 3/4.")
+    adapters: list[AdapterStatus] = Field(default_factory=list, description="Per-adapter state.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation this status was computed from."
+    )
+    conditions: ConditionList
+
+# Cross-field rules of the whole spec live on the nested models; none span them yet.
+ADAPTER_DEPLOYMENT_VALIDATIONS: list[dict[str, str]] = []

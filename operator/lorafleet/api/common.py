@@ -1,0 +1,132 @@
+"""Types shared by the three lorafleet kinds.
+
+Every field carries a description: the CRDs are generated from these models and `kubectl explain` shows them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# Kubernetes object names (RFC 1123 DNS labels) and the adapter/version names we put into paths and vLLM.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+VERSION_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+SHA256_DIGEST = r"^sha256:[a-f0-9]{64}$"
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
+PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?$"
+DATA_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?)(/[^\s]*)?$"
+
+Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, for example 4, 500m or 16Gi.")]
+
+
+class ApiModel(BaseModel):
+    """Base of every API type: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class StatusModel(BaseModel):
+    """Base of status types: camelCase on the wire; tolerant of fields added by newer operators."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class LocalObjectReference(ApiModel):
+    """A reference to an object of a known kind in the same namespace."""
+
+    name: str = Field(
+        description="Name of the referenced object in the same namespace.",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    )
+
+
+class SecretKeySelector(ApiModel):
+    """A key of a Secret in the same namespace."""
+
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253, pattern=DNS_LABEL)
+    key: str = Field(description="Key within the Secret.", min_length=1, max_length=253)
+
+
+class S3CredentialsRef(ApiModel):
+    """A Secret holding S3 credentials. Credentials are only ever referenced, never written into a spec."""
+
+    name: str = Field(
+        description="Name of the Secret in the same namespace.", min_length=1, max_length=253, pattern=DNS_LABEL
+    )
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID", description="Key of the Secret that holds the access key id."
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", description="Key of the Secret that holds the secret access key."
+    )
+
+
+class ObjectStore(ApiModel):
+    """How to reach an S3-compatible object store (MinIO, Ceph RGW, AWS S3).
+
+    Left out, the operator's default artifact store (Helm value `artifactStore`) is used.
+    """
+
+    endpoint: str = Field(
+        description="Endpoint URL of the S3 API, for example https://minio.storage.svc:9000.",
+        pattern=r"^https?://[^\s/]+(:[0-9]+)?/?$",
+        max_length=512,
+    )
+    region: str = Field(default="us-east-1", description="Region name sent to the store.", max_length=64)
+    credentials_secret_ref: S3CredentialsRef | None = Field(
+        default=None, description="Secret with the access key id and secret access key."
+    )
+    ca_bundle_secret_ref: SecretKeySelector | None = Field(
+        default=None, description="Secret key holding a PEM CA bundle to verify the store's TLS certificate."
+    )
+    insecure_skip_tls_verify: bool = Field(
+        default=False, description="Skip TLS verification. Only for tests; never the default."
+    )
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, description="Server-side encryption to request on upload."
+    )
+
+
+class Toleration(ApiModel):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value to match when operator is Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated.", ge=0
+    )
+
+
+class Condition(StatusModel):
+    """A condition following the Kubernetes API conventions."""
+
+    type: str = Field(description="Condition type: Ready, Progressing or Degraded (and kind-specific ones).")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When the status last changed."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was computed from."
+    )
+
+
+ConditionList = Annotated[
+    list[Condition],
+    Field(
+        default_factory=list,
+        description="Conditions following the Kubernetes API conventions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    ),
+]

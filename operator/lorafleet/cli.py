@@ -1,0 +1,58 @@
+"""The `lorafleet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from lorafleet.api.kinds import crd_files, write_crds
+
+    if args.check:
+        stale = [
+            name
+            for name, text in crd_files().items()
+            if not (args.out / name).exists() or (args.out / name).read_text() != text
+        ]
+        if stale:
+            print(f"stale CRDs in {args.out}: {', '.join(stale)}; run `lorafleet crds`", file=sys.stderr)
+            return 1
+        return 0
+    for path in write_crds(args.out):
+        print(path)
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from lorafleet.controllers.runtime import run
+
+    return run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="write the CRDs generated from lorafleet.api")
+    crds.add_argument("--out", type=Path, default=Path("crds"), help="output folder (default: crds)")
+    crds.add_argument("--check", action="store_true", help="exit 1 when the folder is stale")
+    crds.set_defaults(func=_crds)
+
+    op = sub.add_parser("operator", help="run the operator (settings from LORAFLEET_* variables)")
+    op.set_defaults(func=_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
