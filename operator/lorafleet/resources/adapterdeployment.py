@@ -1,0 +1,341 @@
+"""Desired children of an AdapterDeployment: the desired-adapter ConfigMap, the vLLM Deployment with its
+adapter-sync sidecar, the Service, a PodDisruptionBudget when replicated, and an egress NetworkPolicy.
+
+vLLM listens on localhost only; the sidecar is the pod's only open port and forwards just the inference
+routes, so the runtime load/unload endpoints are unreachable through the Service.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lorafleet.api.adapterdeployment import VLLM_LORA_RANKS, AdapterDeploymentSpec
+from lorafleet.api.basemodel import BaseModelSpec
+from lorafleet.config import OperatorSettings
+from lorafleet.resources.common import (
+    SPEC_HASH,
+    Obj,
+    ca_bundle_volume,
+    child_name,
+    container_security_context,
+    egress_network_policy,
+    object_meta,
+    offline_env,
+    pod_security_context,
+    resource_requirements,
+    spec_hash,
+    store_env,
+    tolerations,
+)
+from lorafleet.resources.stores import resolve_store
+from lorafleet.serving.desired import DESIRED_FILE, DesiredAdapter, DesiredAdapterSet
+from lorafleet.uris import parse
+
+COMPONENT = "server"
+GATEWAY_PORT = 8000  # the sidecar: inference routes, /health, adapter state
+ENGINE_PORT = 8001  # vLLM, bound to 127.0.0.1
+MODEL_DIR = "/models/base"
+ADAPTERS_DIR = "/adapters"
+DESIRED_MOUNT = "/etc/lorafleet/adapters"
+DEFAULT_MAX_LORA_RANK = 16
+# Round the adapter slots up to these buckets so adding one adapter rarely changes vLLM's flags (a restart).
+MAX_LORAS_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class AdapterDeploymentNames:
+    adapters: str
+    deployment: str
+    service: str
+    pdb: str
+    network_policy: str
+
+
+def names(ad_name: str) -> AdapterDeploymentNames:
+    return AdapterDeploymentNames(
+        adapters=child_name(ad_name, "adapters"),
+        deployment=child_name(ad_name, "vllm"),
+        service=ad_name,
+        pdb=child_name(ad_name, "pdb"),
+        network_policy=child_name(ad_name, "egress"),
+    )
+
+
+def pod_labels(ad_name: str) -> dict[str, str]:
+    return {"lorafleet.io/adapterdeployment": ad_name}
+
+
+def size_max_lora_rank(spec: AdapterDeploymentSpec, ranks: dict[str, int | None]) -> int:
+    """The user's value, else the smallest vLLM-allowed rank that fits every known adapter rank."""
+    if spec.engine.max_lora_rank is not None:
+        return spec.engine.max_lora_rank
+    needed = max([r for r in ranks.values() if r] or [DEFAULT_MAX_LORA_RANK])
+    return next((r for r in VLLM_LORA_RANKS if r >= max(needed, DEFAULT_MAX_LORA_RANK)), VLLM_LORA_RANKS[-1])
+
+
+def size_max_loras(spec: AdapterDeploymentSpec) -> int:
+    if spec.engine.max_loras is not None:
+        return spec.engine.max_loras
+    wanted = max(len(spec.adapters), 1)
+    return next((b for b in MAX_LORAS_BUCKETS if b >= wanted), MAX_LORAS_BUCKETS[-1])
+
+
+def engine_args(name: str, spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
+                max_lora_rank: int) -> list[str]:
+    """vLLM's OpenAI server arguments."""
+    max_loras = size_max_loras(spec)
+    args = [
+        "--host=127.0.0.1",
+        f"--port={ENGINE_PORT}",
+        f"--model={MODEL_DIR}",
+        f"--served-model-name={base_name}",
+        "--enable-lora",
+        f"--max-loras={max_loras}",
+        f"--max-lora-rank={max_lora_rank}",
+        f"--max-cpu-loras={spec.engine.max_cpu_loras or max_loras}",
+        f"--dtype={spec.engine.dtype or base.serving.dtype}",
+    ]
+    max_model_len = spec.engine.max_model_len or base.serving.max_model_len or base.max_context_length
+    if max_model_len:
+        args.append(f"--max-model-len={max_model_len}")
+    gpus = spec.resources.gpus_per_replica
+    if gpus:
+        args.append(f"--tensor-parallel-size={gpus}")
+    utilization = spec.engine.gpu_memory_utilization or base.serving.gpu_memory_utilization
+    if gpus and utilization:
+        args.append(f"--gpu-memory-utilization={utilization}")
+    return args + list(spec.engine.extra_args)
+
+
+def desired_adapter_set(base_name: str, base: BaseModelSpec, adapters: list[DesiredAdapter],
+                        max_lora_rank: int, base_digest: str | None) -> DesiredAdapterSet:
+    return DesiredAdapterSet(
+        base_model=base_name, base_model_digest=base_digest, max_lora_rank=max_lora_rank, adapters=adapters
+    )
+
+
+def build_adapters_config_map(ad: Obj, desired: DesiredAdapterSet) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(ad, names(ad["metadata"]["name"]).adapters, COMPONENT),
+        "data": {
+            DESIRED_FILE: json.dumps(desired.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)
+        },
+    }
+
+
+def build_deployment(ad: Obj, spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
+                     max_lora_rank: int, settings: OperatorSettings) -> Obj:
+    meta = ad["metadata"]
+    ad_names = names(meta["name"])
+    gpus = spec.resources.gpus_per_replica
+    base_location = parse(base.source.uri)
+    store = resolve_store(None, settings, "an adapter's artifact.store") if settings.store_endpoint else None
+    base_store = (
+        resolve_store(base.source.store, settings, "BaseModel spec.source.store")
+        if base_location.scheme == "s3"
+        else None
+    )
+    ca_volumes, ca_mounts, ca_env = ca_bundle_volume(base_store)
+    common_env: list[Obj] = [
+        {"name": "HOME", "value": "/tmp"},
+        *offline_env(base.source.allow_public_download),
+        *ca_env,
+    ]
+    args = engine_args(meta["name"], spec, base_name, base, max_lora_rank)
+    image = spec.engine.image or (settings.vllm_image if gpus else settings.vllm_cpu_image)
+
+    volumes: list[Obj] = [
+        {"name": "adapters", "emptyDir": {}},
+        # Mounted as a folder (not subPath) so the kubelet updates the file in place: hot reload, no restart.
+        {"name": "desired", "configMap": {"name": ad_names.adapters}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        *ca_volumes,
+    ]
+    model_mount: Obj = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    init_containers: list[Obj] = []
+    model_dir = MODEL_DIR
+    if base_location.scheme == "pvc":
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": base_location.authority, "readOnly": True}}
+        )
+        model_mount = {"name": "model", "mountPath": "/mnt/model", "readOnly": True}
+        model_dir = f"/mnt/model/{base_location.path}".rstrip("/")
+        args = [a if not a.startswith("--model=") else f"--model={model_dir}" for a in args]
+    else:
+        volumes.append({"name": "model", "emptyDir": {}})
+        pull = ["lorafleet", "artifacts", "pull", base.source.uri, MODEL_DIR]
+        if base.source.digest:
+            pull += ["--digest", base.source.digest]
+        if base_location.scheme == "s3":
+            init_containers.append(
+                {
+                    "name": "fetch-base-model",
+                    "image": settings.sync_image,
+                    "imagePullPolicy": settings.image_pull_policy,
+                    "command": pull,
+                    "env": [*common_env, *store_env(base_store)],
+                    "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, *ca_mounts],
+                    "securityContext": container_security_context(),
+                }
+            )
+        else:  # hf://, only reachable with allowPublicDownload (CEL); vLLM downloads it itself.
+            args = [a if not a.startswith("--model=") else f"--model={base_location.authority}" for a in args]
+    if gpus:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+
+    engine: Obj = {
+        "name": "vllm",
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": args,
+        "env": [
+            *common_env,
+            # Only the sidecar, inside the pod, can call the runtime load/unload endpoints.
+            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
+            {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        ],
+        "resources": resource_requirements(spec.resources.cpu, spec.resources.memory, gpus),
+        "volumeMounts": [
+            {**model_mount, "readOnly": True},
+            {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            *([{"name": "dshm", "mountPath": "/dev/shm"}] if gpus else []),
+        ],
+        "securityContext": container_security_context(),
+        # vLLM is on localhost; the probes go through the sidecar's /health, which asks vLLM.
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": GATEWAY_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 360,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": GATEWAY_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+    }
+    sidecar: Obj = {
+        "name": "adapter-sync",
+        "image": settings.sync_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": [
+            "python",
+            "-m",
+            "lorafleet.serving.sync",
+            f"--desired={DESIRED_MOUNT}/{DESIRED_FILE}",
+            f"--engine=http://127.0.0.1:{ENGINE_PORT}",
+            f"--adapters-dir={ADAPTERS_DIR}",
+            f"--listen=0.0.0.0:{GATEWAY_PORT}",
+        ],
+        "env": [*common_env, *store_env(store)],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "volumeMounts": [
+            {"name": "adapters", "mountPath": ADAPTERS_DIR},
+            {"name": "desired", "mountPath": DESIRED_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *ca_mounts,
+        ],
+        "securityContext": container_security_context(),
+        # Ready only when vLLM is healthy and every desired adapter is loaded: the Service then routes only to
+        # pods that can serve every adapter.
+        "readinessProbe": {"httpGet": {"path": "/lorafleet/ready", "port": GATEWAY_PORT}, "periodSeconds": 5},
+    }
+    pod_spec: Obj = {
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+        "initContainers": init_containers,
+        "containers": [engine, sidecar],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = tolerations(spec.resources.tolerations)
+
+    template_labels = {**object_meta(ad, ad_names.deployment, COMPONENT)["labels"], **pod_labels(meta["name"])}
+    # The hash covers the pod spec only: the adapter set lives in the ConfigMap, so changing it never rolls pods.
+    template: Obj = {"metadata": {"labels": template_labels}, "spec": pod_spec}
+    template["metadata"]["annotations"] = {SPEC_HASH: spec_hash(template)}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(ad, ad_names.deployment, COMPONENT),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": pod_labels(meta["name"])},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": template,
+        },
+    }
+
+
+def build_service(ad: Obj, spec: AdapterDeploymentSpec) -> Obj:
+    meta = ad["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(ad, names(meta["name"]).service, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": pod_labels(meta["name"]),
+            "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_pdb(ad: Obj) -> Obj:
+    meta = ad["metadata"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(ad, names(meta["name"]).pdb, COMPONENT),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(meta["name"])}},
+    }
+
+
+def service_host(ad: Obj) -> str:
+    meta = ad["metadata"]
+    return f"{names(meta['name']).service}.{meta['namespace']}.svc"
+
+
+def desired_children(ad: Obj, base_model: Obj, adapters: list[DesiredAdapter], adapter_ranks: dict[str, int | None],
+                     settings: OperatorSettings) -> list[Obj]:
+    """Everything an AdapterDeployment owns, in apply order.
+
+    `adapters` are the ones that can be served now (resolved by the status module); the others are reported
+    Pending and added to the ConfigMap, without a restart, once they can be.
+    """
+    spec = AdapterDeploymentSpec.model_validate(ad["spec"])
+    base = BaseModelSpec.model_validate(base_model["spec"])
+    base_name = base_model["metadata"]["name"]
+    rank = size_max_lora_rank(spec, adapter_ranks)
+    base_digest = (base_model.get("status") or {}).get("digest") or base.source.digest
+    children = [
+        build_adapters_config_map(ad, desired_adapter_set(base_name, base, adapters, rank, base_digest)),
+        build_deployment(ad, spec, base_name, base, rank, settings),
+        build_service(ad, spec),
+    ]
+    if spec.replicas > 1:
+        children.append(build_pdb(ad))
+    if settings.network_policy:
+        children.append(
+            egress_network_policy(
+                ad,
+                names(ad["metadata"]["name"]).network_policy,
+                COMPONENT,
+                pod_labels(ad["metadata"]["name"]),
+                settings.egress_cidrs,
+                ingress_ports=[GATEWAY_PORT],
+            )
+        )
+    return children
