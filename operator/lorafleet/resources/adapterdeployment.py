@@ -81,7 +81,7 @@ def size_max_loras(spec: AdapterDeploymentSpec) -> int:
     return next((b for b in MAX_LORAS_BUCKETS if b >= wanted), MAX_LORAS_BUCKETS[-1])
 
 
-def engine_args(name: str, spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
+def engine_args(spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
                 max_lora_rank: int) -> list[str]:
     """vLLM's OpenAI server arguments."""
     max_loras = size_max_loras(spec)
@@ -144,7 +144,7 @@ def build_deployment(ad: Obj, spec: AdapterDeploymentSpec, base_name: str, base:
         *offline_env(base.source.allow_public_download),
         *ca_env,
     ]
-    args = engine_args(meta["name"], spec, base_name, base, max_lora_rank)
+    args = engine_args(spec, base_name, base, max_lora_rank)
     image = spec.engine.image or (settings.vllm_image if gpus else settings.vllm_cpu_image)
 
     volumes: list[Obj] = [

@@ -152,8 +152,9 @@ def _model_fetch(spec_base: BaseModelSpec, config: TrainerConfig, image: str, en
             "name": "fetch-base-model",
             "image": image,
             "command": command,
-            "env": env,
-            "volumeMounts": mounts,
+            # Copies: the trainer container gets its own lists (no shared references in the manifest).
+            "env": [dict(e) for e in env],
+            "volumeMounts": [dict(m) for m in mounts],
             "securityContext": container_security_context(),
         }
     ]
