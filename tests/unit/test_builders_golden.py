@@ -58,6 +58,13 @@ def _serving_cpu() -> list[dict[str, Any]]:
     return ad_res.desired_children(ad, objects.ready(objects.base_model()), [], {}, SETTINGS)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes shared sub-objects out in full, as the API server will see them."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 CASES = {
     "finetunejob-single-gpu": _single_node,
     "finetunejob-multi-node": _multi_node,
@@ -69,7 +76,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_builder_matches_golden(case: str) -> None:
-    rendered = yaml.safe_dump_all(CASES[case](), sort_keys=True)
+    rendered = yaml.dump_all(CASES[case](), Dumper=_NoAliasDumper, sort_keys=True)
     path = GOLDEN / f"{case}.yaml"
     if os.environ.get("LORAFLEET_UPDATE_GOLDEN"):
         path.write_text(rendered)
