@@ -1,0 +1,1 @@
+"""Developer tooling: a local Kubernetes control plane built from upstream sources (see ``cluster``)."""
