@@ -1,0 +1,25 @@
+# shellcheck shell=bash
+# ensure_venv EXTRAS: a virtualenv in .venv with lorafleet installed editable with the given extras.
+# torch comes from ../shared/wheels when that folder exists, else from PyTorch's CPU index.
+ensure_venv() {
+  local extras="$1"
+  local wheels
+  wheels="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/wheels"
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+  local stamp=".venv/.installed-${extras//,/-}"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    local find_links=()
+    if [ -d "$wheels" ]; then
+      find_links=(--find-links "$wheels")
+    else
+      find_links=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    fi
+    python -m pip install -q --upgrade pip
+    python -m pip install -q "${find_links[@]}" -e ".[${extras}]"
+    touch "$stamp"
+  fi
+}

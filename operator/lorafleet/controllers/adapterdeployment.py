@@ -1,0 +1,104 @@
+"""AdapterDeployment controller: renders vLLM with its adapter set and reports what is really served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from lorafleet import GROUP, VERSION, k8s
+from lorafleet.controllers.base import (
+    MANAGED_CHILDREN,
+    SETTINGS,
+    Obj,
+    apply_all,
+    controller_owner,
+    get_custom,
+    now,
+    reconcile_and_write,
+    reconcile_by_name,
+    with_render_error,
+)
+from lorafleet.resources import adapterdeployment as builders
+from lorafleet.resources.status import adapterdeployment_status, resolve_adapters
+from lorafleet.resources.stores import RenderError
+from lorafleet.serving.desired import DesiredAdapter
+
+KIND = "AdapterDeployment"
+
+
+def _fine_tune_job_names(body: Obj) -> list[str]:
+    return [a["fineTuneJobRef"]["name"] for a in body["spec"].get("adapters") or [] if a.get("fineTuneJobRef")]
+
+
+def adapter_ranks(body: Obj, fine_tune_jobs: dict[str, Obj | None]) -> dict[str, int | None]:
+    """Known LoRA ranks per adapter (from its FineTuneJob); artifacts' ranks are checked by the sidecar."""
+    ranks: dict[str, int | None] = {}
+    for adapter in body["spec"].get("adapters") or []:
+        ref = adapter.get("fineTuneJobRef")
+        job = fine_tune_jobs.get(ref["name"]) if ref else None
+        # LoraSettings' default rank applies when the FineTuneJob left lora.r out.
+        ranks[adapter["name"]] = job["spec"].get("lora", {}).get("r", 16) if job else None
+    return ranks
+
+
+def reconcile(body: Obj) -> Obj:
+    meta = body["metadata"]
+    namespace = meta["namespace"]
+    base = get_custom("BaseModel", body["spec"]["baseModelRef"]["name"], namespace)
+    jobs = {name: get_custom("FineTuneJob", name, namespace) for name in _fine_tune_job_names(body)}
+    error: RenderError | None = None
+    if base is not None and (base.get("status") or {}).get("phase") == "Ready":
+        resolved, _ = resolve_adapters(body, jobs)
+        adapters = [DesiredAdapter.model_validate({"name": a.name, "uri": a.uri, "digest": a.digest,
+                                                   "store": a.store}) for a in resolved]
+        try:
+            apply_all(builders.desired_children(body, base, adapters, adapter_ranks(body, jobs), SETTINGS))
+        except RenderError as exc:
+            error = exc
+    names = builders.names(meta["name"])
+    deployment = k8s.get("apps/v1", "Deployment", names.deployment, namespace)
+    service = k8s.get("v1", "Service", names.service, namespace)
+    status = adapterdeployment_status(
+        body,
+        base_model=base,
+        fine_tune_jobs=jobs,
+        deployment=deployment,
+        service_host=builders.service_host(body) if service else None,
+        now=now(),
+    )
+    return with_render_error(status, error, meta.get("generation"), now())
+
+
+@kopf.index(GROUP, VERSION, "adapterdeployments")
+def adapterdeployments_by_base_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
+    return {(namespace, spec["baseModelRef"]["name"]): name}
+
+
+@kopf.index(GROUP, VERSION, "adapterdeployments")
+def adapterdeployments_by_fine_tune_job(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, str]:
+    return {(namespace, job): name for job in _fine_tune_job_names(dict(body))}
+
+
+@kopf.on.resume(GROUP, VERSION, "adapterdeployments", id="reconcile-resume")
+@kopf.on.create(GROUP, VERSION, "adapterdeployments", id="reconcile-create")
+@kopf.on.update(GROUP, VERSION, "adapterdeployments", id="reconcile-update")
+@kopf.timer(GROUP, VERSION, "adapterdeployments", id="resync", interval=SETTINGS.resync_seconds)
+def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_and_write(reconcile, dict(body), patch)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_CHILDREN, id="owner")
+def deployment_changed(body: kopf.Body, **_: Any) -> None:
+    owner = controller_owner(dict(body), KIND)
+    if owner:
+        reconcile_by_name(reconcile, KIND, owner, body["metadata"]["namespace"])
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs", id="adapter-source")
+def fine_tune_job_changed(body: kopf.Body, adapterdeployments_by_fine_tune_job: kopf.Index[Any, str],
+                          **_: Any) -> None:
+    """A FineTuneJob succeeding puts its adapter into the deployments that serve it, without a restart."""
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    for name in adapterdeployments_by_fine_tune_job.get(key, ()):
+        reconcile_by_name(reconcile, KIND, name, key[0])

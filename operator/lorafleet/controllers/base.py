@@ -1,0 +1,99 @@
+"""Plumbing shared by the three controllers: settings, the clock, status writing and transition events.
+
+Each controller's reconcile is: read inputs -> render desired children (pure) -> apply -> read children ->
+compute status (pure) -> write it once. Handlers only pick where the status goes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from lorafleet import API_VERSION, k8s
+from lorafleet.config import OperatorSettings
+from lorafleet.resources.conditions import set_condition, transitions
+from lorafleet.resources.stores import RenderError
+
+Obj = dict[str, Any]
+log = logging.getLogger("lorafleet.controllers")
+
+# kopf reads these at import time (timer intervals); runtime.run() loads the client config before importing us.
+SETTINGS = OperatorSettings()
+MANAGED_CHILDREN = {"app.kubernetes.io/managed-by": "lorafleet"}
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def apply_all(children: list[Obj]) -> None:
+    for child in children:
+        k8s.apply(child, field_manager=SETTINGS.field_manager)
+
+
+def get_custom(kind: str, name: str, namespace: str) -> Obj | None:
+    return k8s.get(API_VERSION, kind, name, namespace)
+
+
+def with_render_error(status: Obj, error: RenderError | None, generation: int | None, when: datetime) -> Obj:
+    """Overlay a render error (the inputs exist but cannot be turned into children yet) on a status."""
+    if error is None:
+        return status
+    conditions = status.get("conditions") or []
+    conditions = set_condition(conditions, type="Ready", status="False", reason=error.reason,
+                               message=error.message, generation=generation, now=when)
+    conditions = set_condition(conditions, type="Progressing", status="False", reason=error.reason,
+                               message=error.message, generation=generation, now=when)
+    conditions = set_condition(conditions, type="Degraded", status="True", reason=error.reason,
+                               message=error.message, generation=generation, now=when)
+    return {**status, "conditions": conditions}
+
+
+def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -> None:
+    """One Kubernetes Event per condition transition; a failing Event never fails the reconcile."""
+    for type_, status, reason, message in transitions((old_status or {}).get("conditions"),
+                                                       new_status.get("conditions") or []):
+        healthy = (type_ == "Degraded") == (status == "False")
+        try:
+            kopf.event(body, type="Normal" if healthy else "Warning", reason=reason,
+                       message=f"{type_}={status}: {message}"[:1024])
+        except Exception:  # events are best effort; the status carries the truth
+            log.warning("could not post event %s for %s", reason, body["metadata"]["name"], exc_info=True)
+
+
+def write_status(body: Obj, status: Obj, patch: kopf.Patch | None) -> None:
+    """Through the handler's patch for the object being handled (kopf 916), else the status subresource."""
+    post_transition_events(body, body.get("status"), status)
+    if patch is not None:
+        patch.status.update(status)
+        return
+    meta = body["metadata"]
+    k8s.patch_status(body.get("apiVersion", API_VERSION), body["kind"], meta["name"], meta["namespace"], status)
+
+
+Reconciler = Callable[[Obj], Obj]
+
+
+def reconcile_and_write(reconcile: Reconciler, body: Obj, patch: kopf.Patch | None) -> None:
+    with k8s.temporary_on_conflict():
+        status = reconcile(body)
+        write_status(body, status, patch)
+
+
+def reconcile_by_name(reconcile: Reconciler, kind: str, name: str, namespace: str) -> None:
+    """Reconcile another object (a dependent or an owner) from a handler of something it depends on."""
+    body = get_custom(kind, name, namespace)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    reconcile_and_write(reconcile, body, None)
+
+
+def controller_owner(child: Obj, kind: str) -> str | None:
+    for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == kind and ref.get("apiVersion") == API_VERSION:
+            return str(ref["name"])
+    return None

@@ -1,0 +1,48 @@
+"""BaseModel controller: checks what the API server cannot (Secrets, operator defaults) and reports Ready.
+
+Fetching and verifying the weights belongs to the storage layer; FineTuneJobs and AdapterDeployments that
+wait for a BaseModel are reconciled as soon as it changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from lorafleet import GROUP, VERSION, k8s
+from lorafleet.controllers import adapterdeployment, finetunejob
+from lorafleet.controllers.base import SETTINGS, Obj, now, reconcile_and_write, reconcile_by_name
+from lorafleet.resources.status import basemodel_secret_names, basemodel_status
+
+KIND = "BaseModel"
+
+
+def reconcile(body: Obj) -> Obj:
+    namespace = body["metadata"]["namespace"]
+    missing = next(
+        (n for n in basemodel_secret_names(body) if k8s.get("v1", "Secret", n, namespace) is None), None
+    )
+    return basemodel_status(
+        body, default_store_configured=bool(SETTINGS.store_endpoint), missing_secret=missing, now=now()
+    )
+
+
+@kopf.on.resume(GROUP, VERSION, "basemodels", id="reconcile-resume")
+@kopf.on.create(GROUP, VERSION, "basemodels", id="reconcile-create")
+@kopf.on.update(GROUP, VERSION, "basemodels", id="reconcile-update")
+@kopf.timer(GROUP, VERSION, "basemodels", id="resync", interval=SETTINGS.resync_seconds)
+def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_and_write(reconcile, dict(body), patch)
+
+
+@kopf.on.event(GROUP, VERSION, "basemodels", id="dependents")
+def wake_dependents(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    """A BaseModel appearing, becoming Ready or going away moves the jobs and deployments that wait for it."""
+    if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
+        return
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    for name in kwargs["finetunejobs_by_base_model"].get(key, ()):
+        reconcile_by_name(finetunejob.reconcile, finetunejob.KIND, name, key[0])
+    for name in kwargs["adapterdeployments_by_base_model"].get(key, ()):
+        reconcile_by_name(adapterdeployment.reconcile, adapterdeployment.KIND, name, key[0])
