@@ -7,6 +7,7 @@ Commands (also via ``hack/cluster``)::
     status      print what runs
     kubeconfig  print the admin kubeconfig path (``export KUBECONFIG=$(hack/cluster kubeconfig)``)
     build       build/cache binaries only (``build --node`` adds kubelet and kube-proxy, ``build kubelet``)
+    manifests   print our kwok Stages and fake Nodes (hack/kind-up.sh applies them to a kind cluster)
 
 What runs, all on 127.0.0.1 with free ports: etcd, kube-apiserver (TLS from a throwaway CA, client-cert
 auth, ``--authorization-mode=Node,RBAC``, service-account signing keys), kube-controller-manager (all
@@ -555,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop and delete state")
     sub.add_parser("status", help="print what runs (JSON)")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
+    sub.add_parser("manifests", help="print our kwok Stages and fake Nodes (for an in-cluster kwok)")
     build = sub.add_parser("build", help="build and cache binaries")
     build.add_argument("components", nargs="*", help=f"default: {' '.join(DEFAULT_BUILD)}")
     build.add_argument("--node", action="store_true", help="also kubelet and kube-proxy")
@@ -575,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _log(f"cluster {args.name!r} is not up (run `hack/cluster up`)")
                 return 1
             print(cluster.kubeconfig)
+        elif args.cmd == "manifests":
+            print(kwok.dump([*kwok.custom_stages(), *kwok.nodes()]), end="")
         elif args.cmd == "build":
             wanted = list(args.components or DEFAULT_BUILD) + (list(NODE_COMPONENTS) if args.node else [])
             t0 = time.monotonic()

@@ -14,7 +14,6 @@ Pod lifecycle on the fake nodes (kwok's default stages plus two of ours):
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -71,51 +70,101 @@ def _annotation_key(name: str) -> str:
     return f'.metadata.annotations["{name}"]'
 
 
-def _delay(default_ms: int) -> dict[str, Any]:
+# kwok's own pod-complete template (kustomize/stage/pod/fast/pod-complete.yaml, Apache-2.0).
+_COMPLETE_TEMPLATE = """\
+{{ $now := Now }}
+containerStatuses:
+{{ range .spec.containers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: false
+  restartCount: 0
+  started: false
+  state:
+    terminated:
+      exitCode: 0
+      finishedAt: {{ $now | Quote }}
+      reason: Completed
+      startedAt: {{ $now | Quote }}
+{{ end }}
+phase: Succeeded
+"""
+
+_RUNNING = [
+    {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+    {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+]
+UPSTREAM_STAGES = ("node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-delete")
+
+
+def _pod_stage(name: str, match: list[dict[str, Any]], delay_ms: int, template: str) -> dict[str, Any]:
     return {
-        "durationMilliseconds": default_ms,
-        "durationFrom": {"jq": {"expression": _annotation_key(DURATION_ANNOTATION)}},
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": name},
+        "spec": {
+            "resourceRef": {"apiGroup": "v1", "kind": "Pod"},
+            "selector": {"matchExpressions": _RUNNING + match},
+            "delay": {
+                "durationMilliseconds": delay_ms,
+                "durationFrom": {"jq": {"expression": _annotation_key(DURATION_ANNOTATION)}},
+            },
+            "next": {"statusTemplate": template},
+        },
     }
 
 
+def custom_stages() -> list[dict[str, Any]]:
+    """Job-complete (replaces kwok's ``pod-complete``: delayed, skips failing pods) and pod-fail stages."""
+    fail_key = _annotation_key(FAIL_ANNOTATION)
+    return [
+        _pod_stage(
+            "pod-complete",
+            [
+                {"key": ".metadata.ownerReferences.[].kind", "operator": "In", "values": ["Job"]},
+                {"key": fail_key, "operator": "NotIn", "values": ["true"]},
+            ],
+            JOB_COMPLETE_DELAY_MS,
+            _COMPLETE_TEMPLATE,
+        ),
+        _pod_stage(
+            "lorafleet-pod-fail",
+            [{"key": fail_key, "operator": "In", "values": ["true"]}],
+            FAIL_DELAY_MS,
+            _FAIL_TEMPLATE,
+        ),
+    ]
+
+
 def stages(upstream_dir: Path) -> list[dict[str, Any]]:
-    """kwok's default node/pod stages (copied from its source at build time), adapted as described above."""
+    """kwok's default node and pod stages (copied from its source at build time) plus ours."""
     loaded = {}
     for f in sorted(upstream_dir.glob("*.yaml")):
         doc = yaml.safe_load(f.read_text())
         loaded[doc["metadata"]["name"]] = doc
-    missing = {
-        "node-initialize",
-        "node-heartbeat-with-lease",
-        "pod-ready",
-        "pod-complete",
-        "pod-delete",
-    } - set(loaded)
+    missing = set(UPSTREAM_STAGES) - set(loaded)
     if missing:
         raise FileNotFoundError(f"kwok stages {sorted(missing)} not found in {upstream_dir}")
+    return [loaded[n] for n in UPSTREAM_STAGES] + custom_stages()
 
-    complete = loaded["pod-complete"]
-    complete["spec"]["selector"]["matchExpressions"].append(
-        {"key": _annotation_key(FAIL_ANNOTATION), "operator": "NotIn", "values": ["true"]}
-    )
-    complete["spec"]["delay"] = _delay(JOB_COMPLETE_DELAY_MS)
 
-    fail = copy.deepcopy(complete)
-    fail["metadata"]["name"] = "lorafleet-pod-fail"
-    fail["spec"]["selector"]["matchExpressions"] = [
-        {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
-        {"key": ".status.phase", "operator": "In", "values": ["Running"]},
-        {"key": _annotation_key(FAIL_ANNOTATION), "operator": "In", "values": ["true"]},
-    ]
-    fail["spec"]["delay"] = _delay(FAIL_DELAY_MS)
-    fail["spec"]["next"] = {"statusTemplate": _FAIL_TEMPLATE}
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the Go templates) as readable literal blocks."""
 
-    order = ["node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"]
-    return [loaded[n] for n in order] + [fail]
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(docs: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
 
 
 def write_config(path: Path, upstream_dir: Path) -> Path:
-    path.write_text(yaml.safe_dump_all(stages(upstream_dir), sort_keys=False))
+    path.write_text(dump(stages(upstream_dir)))
     return path
 
 
@@ -168,5 +217,5 @@ def nodes() -> list[dict[str, Any]]:
 
 
 def write_nodes(path: Path) -> Path:
-    path.write_text(yaml.safe_dump_all(nodes(), sort_keys=False))
+    path.write_text(dump(nodes()))
     return path
