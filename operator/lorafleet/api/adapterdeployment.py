@@ -100,9 +100,7 @@ class EngineSettings(ApiModel):
     gpu_memory_utilization: float | None = Field(
         default=None, description="Fraction of GPU memory vLLM may use.", gt=0, le=1
     )
-    extra_args: list[str] = Field(
-        default_factory=list, description="Extra vLLM command-line arguments.", max_length=64
-    )
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.", max_length=64)
 
 
 class ServingResources(ApiModel):
@@ -158,8 +156,9 @@ class AdapterStatus(StatusModel):
 class AdapterDeploymentStatus(StatusModel):
     """Observed state of an AdapterDeployment."""
 
-    phase: AdapterDeploymentPhase = Field(default="Pending", description="Pending, Progressing, Ready, "
-                                          "Degraded or Failed.")
+    phase: AdapterDeploymentPhase = Field(
+        default="Pending", description="Pending, Progressing, Ready, Degraded or Failed."
+    )
     replicas: int = Field(default=0, description="Replicas that exist.")
     ready_replicas: int = Field(default=0, description="Replicas that are ready.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
@@ -169,6 +168,7 @@ class AdapterDeploymentStatus(StatusModel):
         default=None, description="metadata.generation this status was computed from."
     )
     conditions: ConditionList
+
 
 # Cross-field rules of the whole spec live on the nested models; none span them yet.
 ADAPTER_DEPLOYMENT_VALIDATIONS: list[dict[str, str]] = []

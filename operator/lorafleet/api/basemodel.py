@@ -63,9 +63,7 @@ class BaseModelSpec(ApiModel):
 
     source: ModelSource = Field(description="Where the weights are.")
     family: ModelFamily = Field(default="other", description="Architecture family of the model.")
-    parameter_count: int | None = Field(
-        default=None, description="Number of parameters (for capacity planning).", ge=1
-    )
+    parameter_count: int | None = Field(default=None, description="Number of parameters (for capacity planning).", ge=1)
     max_context_length: int | None = Field(
         default=None, description="Longest context the model supports, in tokens.", ge=16, le=10485760
     )

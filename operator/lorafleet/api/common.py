@@ -102,9 +102,7 @@ class Toleration(ApiModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated.", ge=0
-    )
+    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.", ge=0)
 
 
 class Condition(StatusModel):
@@ -114,9 +112,7 @@ class Condition(StatusModel):
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
-    last_transition_time: datetime | None = Field(
-        default=None, description="When the status last changed."
-    )
+    last_transition_time: datetime | None = Field(default=None, description="When the status last changed.")
     observed_generation: int | None = Field(
         default=None, description="metadata.generation the condition was computed from."
     )

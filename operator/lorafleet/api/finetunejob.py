@@ -105,17 +105,13 @@ class TrainingSettings(ApiModel):
     )
     max_steps: int | None = Field(default=None, description="Optimizer steps to run.", ge=1, le=10_000_000)
     learning_rate: float = Field(default=2e-4, description="Peak learning rate.", gt=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
-        default="cosine", description="Decay after warmup."
-    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(default=0.03, description="Fraction of steps used for warmup.", ge=0, le=0.5)
     batch_size: int = Field(default=4, description="Samples per device per step.", ge=1, le=4096)
     gradient_accumulation_steps: int = Field(
         default=1, description="Micro-batches accumulated per optimizer step.", ge=1, le=1024
     )
-    max_sequence_length: int = Field(
-        default=2048, description="Longest sample in tokens.", ge=16, le=1048576
-    )
+    max_sequence_length: int = Field(default=2048, description="Longest sample in tokens.", ge=16, le=1048576)
     packing: bool = Field(default=False, description="Pack several samples into each sequence.")
     completion_only_loss: bool = Field(
         default=True, description="Train only on the answer: prompts and non-assistant turns are masked."
@@ -135,14 +131,10 @@ class TrainingResources(ApiModel):
     """Compute for the training Job."""
 
     nodes: int = Field(default=1, description="Number of training pods (one per node).", ge=1, le=128)
-    gpus_per_node: int = Field(
-        default=1, description="GPUs per pod; 0 trains on CPU (tiny models only).", ge=0, le=16
-    )
+    gpus_per_node: int = Field(default=1, description="GPUs per pod; 0 trains on CPU (tiny models only).", ge=0, le=16)
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, e.g. 8 or 500m.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the training pods must match."
-    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pods.")
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the training pods.")
 
@@ -232,8 +224,7 @@ FINE_TUNE_JOB_VALIDATIONS = [
     {"rule": "self == oldSelf", "message": "spec is immutable; create a new FineTuneJob to train again"},
     {
         "rule": "self.method != 'qlora' || self.resources.gpusPerNode >= 1",
-        "message": "method qlora needs a GPU (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use "
-        "method lora",
+        "message": "method qlora needs a GPU (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use method lora",
         "fieldPath": ".method",
     },
 ]

@@ -7,6 +7,7 @@ from typing import Any
 import kopf
 
 from lorafleet import GROUP, VERSION, k8s
+from lorafleet.config import OperatorSettings
 from lorafleet.controllers.base import (
     MANAGED_CHILDREN,
     SETTINGS,
@@ -42,20 +43,31 @@ def adapter_ranks(body: Obj, fine_tune_jobs: dict[str, Obj | None]) -> dict[str,
     return ranks
 
 
+def plan(
+    body: Obj, base: Obj | None, jobs: dict[str, Obj | None], settings: OperatorSettings
+) -> tuple[list[Obj], RenderError | None]:
+    """Children to apply now (pure): nothing while the BaseModel is missing or not Ready; otherwise the
+    whole set, with only the adapters that can be served now in the desired-adapter ConfigMap."""
+    if not base or (base.get("status") or {}).get("phase") != "Ready":
+        return [], None
+    resolved, _ = resolve_adapters(body, jobs)
+    adapters = [
+        DesiredAdapter.model_validate({"name": a.name, "uri": a.uri, "digest": a.digest, "store": a.store})
+        for a in resolved
+    ]
+    try:
+        return builders.desired_children(body, base, adapters, adapter_ranks(body, jobs), settings), None
+    except RenderError as exc:
+        return [], exc
+
+
 def reconcile(body: Obj) -> Obj:
     meta = body["metadata"]
     namespace = meta["namespace"]
     base = get_custom("BaseModel", body["spec"]["baseModelRef"]["name"], namespace)
     jobs = {name: get_custom("FineTuneJob", name, namespace) for name in _fine_tune_job_names(body)}
-    error: RenderError | None = None
-    if base is not None and (base.get("status") or {}).get("phase") == "Ready":
-        resolved, _ = resolve_adapters(body, jobs)
-        adapters = [DesiredAdapter.model_validate({"name": a.name, "uri": a.uri, "digest": a.digest,
-                                                   "store": a.store}) for a in resolved]
-        try:
-            apply_all(builders.desired_children(body, base, adapters, adapter_ranks(body, jobs), SETTINGS))
-        except RenderError as exc:
-            error = exc
+    children, error = plan(body, base, jobs, SETTINGS)
+    apply_all(children)
     names = builders.names(meta["name"])
     deployment = k8s.get("apps/v1", "Deployment", names.deployment, namespace)
     service = k8s.get("v1", "Service", names.service, namespace)
@@ -96,8 +108,7 @@ def deployment_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs", id="adapter-source")
-def fine_tune_job_changed(body: kopf.Body, adapterdeployments_by_fine_tune_job: kopf.Index[Any, str],
-                          **_: Any) -> None:
+def fine_tune_job_changed(body: kopf.Body, adapterdeployments_by_fine_tune_job: kopf.Index[Any, str], **_: Any) -> None:
     """A FineTuneJob succeeding puts its adapter into the deployments that serve it, without a restart."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     for name in adapterdeployments_by_fine_tune_job.get(key, ()):

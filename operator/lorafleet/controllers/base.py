@@ -44,23 +44,49 @@ def with_render_error(status: Obj, error: RenderError | None, generation: int | 
     if error is None:
         return status
     conditions = status.get("conditions") or []
-    conditions = set_condition(conditions, type="Ready", status="False", reason=error.reason,
-                               message=error.message, generation=generation, now=when)
-    conditions = set_condition(conditions, type="Progressing", status="False", reason=error.reason,
-                               message=error.message, generation=generation, now=when)
-    conditions = set_condition(conditions, type="Degraded", status="True", reason=error.reason,
-                               message=error.message, generation=generation, now=when)
+    conditions = set_condition(
+        conditions,
+        type="Ready",
+        status="False",
+        reason=error.reason,
+        message=error.message,
+        generation=generation,
+        now=when,
+    )
+    conditions = set_condition(
+        conditions,
+        type="Progressing",
+        status="False",
+        reason=error.reason,
+        message=error.message,
+        generation=generation,
+        now=when,
+    )
+    conditions = set_condition(
+        conditions,
+        type="Degraded",
+        status="True",
+        reason=error.reason,
+        message=error.message,
+        generation=generation,
+        now=when,
+    )
     return {**status, "conditions": conditions}
 
 
 def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -> None:
     """One Kubernetes Event per condition transition; a failing Event never fails the reconcile."""
-    for type_, status, reason, message in transitions((old_status or {}).get("conditions"),
-                                                       new_status.get("conditions") or []):
+    for type_, status, reason, message in transitions(
+        (old_status or {}).get("conditions"), new_status.get("conditions") or []
+    ):
         healthy = (type_ == "Degraded") == (status == "False")
         try:
-            kopf.event(body, type="Normal" if healthy else "Warning", reason=reason,
-                       message=f"{type_}={status}: {message}"[:1024])
+            kopf.event(
+                body,
+                type="Normal" if healthy else "Warning",
+                reason=reason,
+                message=f"{type_}={status}: {message}"[:1024],
+            )
         except Exception:  # events are best effort; the status carries the truth
             log.warning("could not post event %s for %s", reason, body["metadata"]["name"], exc_info=True)
 

@@ -20,9 +20,7 @@ KIND = "BaseModel"
 
 def reconcile(body: Obj) -> Obj:
     namespace = body["metadata"]["namespace"]
-    missing = next(
-        (n for n in basemodel_secret_names(body) if k8s.get("v1", "Secret", n, namespace) is None), None
-    )
+    missing = next((n for n in basemodel_secret_names(body) if k8s.get("v1", "Secret", n, namespace) is None), None)
     return basemodel_status(
         body, default_store_configured=bool(SETTINGS.store_endpoint), missing_secret=missing, now=now()
     )

@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from lorafleet import GROUP, VERSION, k8s
+from lorafleet.config import OperatorSettings
 from lorafleet.controllers.base import (
     MANAGED_CHILDREN,
     SETTINGS,
@@ -21,8 +22,8 @@ from lorafleet.controllers.base import (
     with_render_error,
 )
 from lorafleet.resources import finetunejob as builders
-from lorafleet.resources.stores import RenderError
 from lorafleet.resources.status import finetunejob_status
+from lorafleet.resources.stores import RenderError
 
 KIND = "FineTuneJob"
 TERMINAL = ("Succeeded", "Failed")
@@ -45,8 +46,17 @@ def trainer_report(pods: list[Obj]) -> Obj | None:
     return max(reports, key=lambda r: r[0])[1] if reports else None
 
 
-def _base_model_if_ready(base: Obj | None) -> Obj | None:
-    return base if base and (base.get("status") or {}).get("phase") == "Ready" else None
+def plan(body: Obj, base: Obj | None, settings: OperatorSettings) -> tuple[list[Obj], RenderError | None]:
+    """Children to apply now (pure). Rendered whole or not at all: nothing while the BaseModel is missing or
+    not Ready, and nothing once the job has finished, so a finished job is never restarted."""
+    if (body.get("status") or {}).get("phase") in TERMINAL:
+        return [], None
+    if not base or (base.get("status") or {}).get("phase") != "Ready":
+        return [], None  # the status says what we wait for
+    try:
+        return builders.desired_children(body, base, settings), None
+    except RenderError as exc:
+        return [], exc
 
 
 def reconcile(body: Obj) -> Obj:
@@ -54,15 +64,8 @@ def reconcile(body: Obj) -> Obj:
     namespace = meta["namespace"]
     names = builders.names(meta["name"])
     base = get_custom("BaseModel", body["spec"]["baseModelRef"]["name"], namespace)
-    finished = (body.get("status") or {}).get("phase") in TERMINAL
-    error: RenderError | None = None
-    ready_base = _base_model_if_ready(base)
-    # Children are rendered whole or not at all; a finished job is never restarted.
-    if ready_base is not None and not finished:
-        try:
-            apply_all(builders.desired_children(body, ready_base, SETTINGS))
-        except RenderError as exc:
-            error = exc
+    children, error = plan(body, base, SETTINGS)
+    apply_all(children)
     job = k8s.get("batch/v1", "Job", names.job, namespace)
     pods = k8s.list_("v1", "Pod", namespace, f"job-name={names.job}") if job else []
     status = finetunejob_status(body, base_model=base, job=job, now=now(), trainer_report=trainer_report(pods))

@@ -81,8 +81,7 @@ def size_max_loras(spec: AdapterDeploymentSpec) -> int:
     return next((b for b in MAX_LORAS_BUCKETS if b >= wanted), MAX_LORAS_BUCKETS[-1])
 
 
-def engine_args(spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
-                max_lora_rank: int) -> list[str]:
+def engine_args(spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec, max_lora_rank: int) -> list[str]:
     """vLLM's OpenAI server arguments."""
     max_loras = size_max_loras(spec)
     args = [
@@ -108,8 +107,9 @@ def engine_args(spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec
     return args + list(spec.engine.extra_args)
 
 
-def desired_adapter_set(base_name: str, base: BaseModelSpec, adapters: list[DesiredAdapter],
-                        max_lora_rank: int, base_digest: str | None) -> DesiredAdapterSet:
+def desired_adapter_set(
+    base_name: str, base: BaseModelSpec, adapters: list[DesiredAdapter], max_lora_rank: int, base_digest: str | None
+) -> DesiredAdapterSet:
     return DesiredAdapterSet(
         base_model=base_name, base_model_digest=base_digest, max_lora_rank=max_lora_rank, adapters=adapters
     )
@@ -120,14 +120,18 @@ def build_adapters_config_map(ad: Obj, desired: DesiredAdapterSet) -> Obj:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_meta(ad, names(ad["metadata"]["name"]).adapters, COMPONENT),
-        "data": {
-            DESIRED_FILE: json.dumps(desired.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)
-        },
+        "data": {DESIRED_FILE: json.dumps(desired.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)},
     }
 
 
-def build_deployment(ad: Obj, spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec,
-                     max_lora_rank: int, settings: OperatorSettings) -> Obj:
+def build_deployment(
+    ad: Obj,
+    spec: AdapterDeploymentSpec,
+    base_name: str,
+    base: BaseModelSpec,
+    max_lora_rank: int,
+    settings: OperatorSettings,
+) -> Obj:
     meta = ad["metadata"]
     ad_names = names(meta["name"])
     gpus = spec.resources.gpus_per_replica
@@ -308,8 +312,13 @@ def service_host(ad: Obj) -> str:
     return f"{names(meta['name']).service}.{meta['namespace']}.svc"
 
 
-def desired_children(ad: Obj, base_model: Obj, adapters: list[DesiredAdapter], adapter_ranks: dict[str, int | None],
-                     settings: OperatorSettings) -> list[Obj]:
+def desired_children(
+    ad: Obj,
+    base_model: Obj,
+    adapters: list[DesiredAdapter],
+    adapter_ranks: dict[str, int | None],
+    settings: OperatorSettings,
+) -> list[Obj]:
     """Everything an AdapterDeployment owns, in apply order.
 
     `adapters` are the ones that can be served now (resolved by the status module); the others are reported

@@ -153,8 +153,14 @@ def ca_bundle_volume(store: ObjectStore | None) -> tuple[list[Obj], list[Obj], l
     return [volume], [mount], env
 
 
-def egress_network_policy(owner: Obj, name: str, component: str, pod_labels: dict[str, str],
-                          egress_cidrs: list[str], ingress_ports: list[int] | None = None) -> Obj:
+def egress_network_policy(
+    owner: Obj,
+    name: str,
+    component: str,
+    pod_labels: dict[str, str],
+    egress_cidrs: list[str],
+    ingress_ports: list[int] | None = None,
+) -> Obj:
     """Deny all egress from the workload's pods except DNS and the listed CIDRs (API server, store).
 
     Ingress is left open on the given ports only (serving); training pods accept traffic only from

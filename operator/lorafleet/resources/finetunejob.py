@@ -65,8 +65,9 @@ def is_distributed(spec: FineTuneJobSpec) -> bool:
     return spec.resources.nodes > 1 or spec.resources.gpus_per_node > 1
 
 
-def trainer_config(ftj: Obj, spec: FineTuneJobSpec, base_name: str, base: BaseModelSpec,
-                   settings: OperatorSettings) -> TrainerConfig:
+def trainer_config(
+    ftj: Obj, spec: FineTuneJobSpec, base_name: str, base: BaseModelSpec, settings: OperatorSettings
+) -> TrainerConfig:
     """Render the trainer's config; RenderError when something the cluster must provide is missing."""
     meta = ftj["metadata"]
     base_location = parse(base.source.uri)
@@ -139,8 +140,9 @@ def _trainer_command(spec: FineTuneJobSpec, config: TrainerConfig) -> list[str]:
     ]
 
 
-def _model_fetch(spec_base: BaseModelSpec, config: TrainerConfig, image: str, env: list[Obj],
-                 mounts: list[Obj]) -> list[Obj]:
+def _model_fetch(
+    spec_base: BaseModelSpec, config: TrainerConfig, image: str, env: list[Obj], mounts: list[Obj]
+) -> list[Obj]:
     """An init container that downloads and verifies s3:// weights; pvc:// is mounted, hf:// loads itself."""
     if parse(spec_base.source.uri).scheme != "s3":
         return []
@@ -160,8 +162,9 @@ def _model_fetch(spec_base: BaseModelSpec, config: TrainerConfig, image: str, en
     ]
 
 
-def build_job(ftj: Obj, spec: FineTuneJobSpec, base: BaseModelSpec, config: TrainerConfig,
-              settings: OperatorSettings) -> Obj:
+def build_job(
+    ftj: Obj, spec: FineTuneJobSpec, base: BaseModelSpec, config: TrainerConfig, settings: OperatorSettings
+) -> Obj:
     meta = ftj["metadata"]
     job_names = names(meta["name"])
     gpus = spec.resources.gpus_per_node

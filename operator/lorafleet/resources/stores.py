@@ -18,9 +18,7 @@ class RenderError(Exception):
 def default_store(settings: OperatorSettings) -> ObjectStore | None:
     if not settings.store_endpoint:
         return None
-    creds = (
-        S3CredentialsRef(name=settings.store_credentials_secret) if settings.store_credentials_secret else None
-    )
+    creds = S3CredentialsRef(name=settings.store_credentials_secret) if settings.store_credentials_secret else None
     return ObjectStore(
         endpoint=settings.store_endpoint,
         region=settings.store_region,

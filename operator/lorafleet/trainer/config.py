@@ -64,9 +64,7 @@ class TrainerConfig(ApiModel):
     lora: LoraSettings = Field(description="LoRA hyperparameters.")
     training: TrainingSettings = Field(description="Optimisation settings.")
     output: OutputTarget = Field(description="Where results go.")
-    distributed: DistributedSettings = Field(
-        default_factory=DistributedSettings, description="Multi-process settings."
-    )
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings, description="Multi-process settings.")
     image: str = Field(description="Trainer image (recorded in the lineage manifest).")
     work_dir: str = Field(default="/work", description="Writable scratch folder in the pod.")
     status_file: str = Field(

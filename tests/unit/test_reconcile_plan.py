@@ -1,0 +1,134 @@
+"""The pure decisions of each reconcile pass: what is applied when, and what the trainer reported.
+
+Children are rendered whole or not at all: nothing while the BaseModel is missing or not Ready, nothing for a
+finished FineTuneJob (never restarted), and an unrenderable spec becomes a condition instead of an exception.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from lorafleet.config import OperatorSettings
+from lorafleet.controllers import adapterdeployment as ad_controller
+from lorafleet.controllers import finetunejob as ftj_controller
+from lorafleet.controllers.base import controller_owner, with_render_error
+from lorafleet.resources.conditions import get_condition
+from lorafleet.resources.stores import RenderError
+from tests.unit import objects
+
+SETTINGS = OperatorSettings(store_endpoint="http://minio:9000", store_uri="s3://lorafleet")
+NO_STORE = OperatorSettings()
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def _kinds(children: list[dict]) -> list[str]:
+    return [c["kind"] for c in children]
+
+
+def test_finetunejob_waits_for_a_missing_base_model() -> None:
+    assert ftj_controller.plan(objects.fine_tune_job(), None, SETTINGS) == ([], None)
+
+
+def test_finetunejob_waits_for_a_base_model_that_is_not_ready() -> None:
+    assert ftj_controller.plan(objects.fine_tune_job(), objects.base_model(), SETTINGS) == ([], None)
+
+
+def test_finetunejob_renders_config_job_and_policy_when_base_is_ready() -> None:
+    children, error = ftj_controller.plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
+    assert error is None
+    assert _kinds(children) == ["ConfigMap", "Job", "NetworkPolicy"]
+
+
+def test_distributed_finetunejob_adds_a_headless_service() -> None:
+    ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 1})
+    children, _ = ftj_controller.plan(ftj, objects.ready(objects.base_model()), SETTINGS)
+    assert _kinds(children) == ["ConfigMap", "Service", "Job", "NetworkPolicy"]
+    assert children[1]["spec"]["clusterIP"] == "None"
+
+
+def test_finished_finetunejob_is_never_restarted() -> None:
+    for phase in ("Succeeded", "Failed"):
+        ftj = {**objects.fine_tune_job(), "status": {"phase": phase}}
+        assert ftj_controller.plan(ftj, objects.ready(objects.base_model()), SETTINGS) == ([], None)
+
+
+def test_missing_store_is_an_error_not_a_crash() -> None:
+    base_on_pvc = objects.ready(objects.base_model(source={"uri": "pvc://models/tiny"}))
+    children, error = ftj_controller.plan(objects.fine_tune_job(), base_on_pvc, NO_STORE)
+    assert children == []
+    assert isinstance(error, RenderError)
+    assert error.reason == "StoreNotConfigured"
+    assert "spec.output.uri" in error.message
+    _, error = ftj_controller.plan(objects.fine_tune_job(), objects.ready(objects.base_model()), NO_STORE)
+    assert error is not None and "BaseModel spec.source.store" in error.message
+
+
+def test_render_error_becomes_conditions() -> None:
+    status = with_render_error({"phase": "Pending"}, RenderError("StoreNotConfigured", "no store"), 3, NOW)
+    ready = get_condition(status["conditions"], "Ready")
+    degraded = get_condition(status["conditions"], "Degraded")
+    assert ready is not None and ready["status"] == "False" and ready["reason"] == "StoreNotConfigured"
+    assert degraded is not None and degraded["status"] == "True" and degraded["observedGeneration"] == 3
+
+
+def _pod(message: str, finished: str, container: str = "trainer") -> dict:
+    terminated = {"exitCode": 0, "message": message, "finishedAt": finished}
+    return {"status": {"containerStatuses": [{"name": container, "state": {"terminated": terminated}}]}}
+
+
+def test_trainer_report_takes_the_newest_json_termination_message() -> None:
+    old = _pod(json.dumps({"progress": {"step": 10}}), "2026-11-22T10:00:00Z")
+    new = _pod(json.dumps({"progress": {"step": 20}}), "2026-11-22T11:00:00Z")
+    logs = _pod("Traceback (most recent call last): ...", "2026-11-22T12:00:00Z")
+    other = _pod(json.dumps({"progress": {"step": 99}}), "2026-11-22T13:00:00Z", container="fetch-base-model")
+    assert ftj_controller.trainer_report([old, new, logs, other]) == {"progress": {"step": 20}}
+    assert ftj_controller.trainer_report([]) is None
+
+
+def test_adapterdeployment_waits_for_base_model() -> None:
+    assert ad_controller.plan(objects.adapter_deployment(), None, {}, SETTINGS) == ([], None)
+
+
+def test_adapterdeployment_serves_only_adapters_that_can_be_served() -> None:
+    ad = objects.adapter_deployment()
+    running = {**objects.fine_tune_job(), "status": {"phase": "Running"}}
+    children, error = ad_controller.plan(ad, objects.ready(objects.base_model()), {"support": running}, SETTINGS)
+    assert error is None
+    assert _kinds(children) == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+    desired = json.loads(children[0]["data"]["adapters.json"])
+    assert [a["name"] for a in desired["adapters"]] == ["sql"]  # support-bot waits for its FineTuneJob
+
+
+def test_adapter_set_changes_do_not_touch_the_pod_template() -> None:
+    """Adding an adapter must not roll the pods: it only changes the ConfigMap."""
+    ad = objects.adapter_deployment()
+    base = objects.ready(objects.base_model())
+    running = {**objects.fine_tune_job(), "status": {"phase": "Running"}}
+    artifact = {"uri": "s3://lorafleet/adapters/support-bot/v1", "digest": "sha256:" + "12" * 32, "sizeBytes": 1}
+    done = {**objects.fine_tune_job(), "status": {"phase": "Succeeded", "artifact": artifact}}
+    before, _ = ad_controller.plan(ad, base, {"support": running}, SETTINGS)
+    after, _ = ad_controller.plan(ad, base, {"support": done}, SETTINGS)
+    assert before[0] != after[0]
+    assert before[1]["spec"]["template"] == after[1]["spec"]["template"]
+
+
+def test_adapter_ranks_come_from_fine_tune_jobs() -> None:
+    ad = objects.adapter_deployment()
+    ftj = objects.fine_tune_job(lora={"r": 64})
+    assert ad_controller.adapter_ranks(ad, {"support": ftj}) == {"support-bot": 64, "sql": None}
+    assert ad_controller.adapter_ranks(ad, {"support": objects.fine_tune_job()}) == {"support-bot": 16, "sql": None}
+
+
+def test_controller_owner_matches_only_our_controller_reference() -> None:
+    child = {
+        "metadata": {
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "FineTuneJob", "name": "x", "controller": True},
+                {"apiVersion": "lorafleet.io/v1alpha1", "kind": "FineTuneJob", "name": "y", "controller": False},
+                {"apiVersion": "lorafleet.io/v1alpha1", "kind": "FineTuneJob", "name": "z", "controller": True},
+            ]
+        }
+    }
+    assert controller_owner(child, "FineTuneJob") == "z"
+    assert controller_owner({"metadata": {}}, "FineTuneJob") is None
