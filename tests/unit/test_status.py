@@ -27,6 +27,7 @@ from lorafleet.resources.status import (
     basemodel_status,
     finetunejob_status,
     resolve_adapters,
+    status_patch,
 )
 
 Obj = dict[str, Any]
@@ -603,3 +604,23 @@ def test_adapterdeployment_transition_time_stable() -> None:
                                      adapter_reports={"a": loaded()}, now=LATER, **kwargs)
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
     assert times == {"Ready": rfc3339(LATER), "Progressing": rfc3339(LATER), "Degraded": rfc3339(NOW)}
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param(None, {"phase": "Ready"}, {"phase": "Ready"}, id="first-write"),
+        pytest.param({"phase": "Ready", "endpoint": "http://h:8000/v1"}, {"phase": "Pending"},
+                     {"phase": "Pending", "endpoint": None}, id="dropped-key-nulled"),
+        pytest.param({"progress": {"step": 1, "loss": 2.0}}, {"progress": {"step": 2}},
+                     {"progress": {"step": 2, "loss": None}}, id="nested-dropped-key-nulled"),
+        pytest.param({"adapters": [{"name": "a"}, {"name": "b"}]}, {"adapters": [{"name": "b"}]},
+                     {"adapters": [{"name": "b"}]}, id="lists-replaced-whole"),
+        pytest.param({"metrics": 3}, {"metrics": {"x": 1.0}}, {"metrics": {"x": 1.0}}, id="type-change"),
+    ],
+)
+def test_status_patch(old: Obj | None, new: Obj, expected: Obj) -> None:
+    assert status_patch(old, new) == expected

@@ -494,3 +494,20 @@ def adapterdeployment_status(
         "conditions": _ready_triplet(ad, generation, now, ready=ready, progressing=progressing,
                                      degraded=degraded),
     })
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def status_patch(old: Obj | None, new: Obj) -> Obj:
+    """`new` as a JSON merge patch over `old`: keys `new` dropped are set to None (null) so they are removed.
+
+    The status functions leave None out, and a merge patch leaves keys it does not name untouched, so an
+    endpoint or a progress field that went away would otherwise stay on the object. Lists are replaced
+    whole by a merge patch and need nothing.
+    """
+    patch: Obj = {k: None for k in (old or {}) if k not in new}
+    for key, value in new.items():
+        before = (old or {}).get(key)
+        patch[key] = status_patch(before, value) if isinstance(value, dict) and isinstance(before, dict) else value
+    return patch
