@@ -16,6 +16,7 @@ import kopf
 from lorafleet import API_VERSION, k8s
 from lorafleet.config import OperatorSettings
 from lorafleet.resources.conditions import set_condition, transitions
+from lorafleet.resources.status import status_patch
 from lorafleet.resources.stores import RenderError
 
 Obj = dict[str, Any]
@@ -94,11 +95,13 @@ def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -
 def write_status(body: Obj, status: Obj, patch: kopf.Patch | None) -> None:
     """Through the handler's patch for the object being handled (kopf 916), else the status subresource."""
     post_transition_events(body, body.get("status"), status)
+    # Merge patches keep keys they do not mention: null out what the new status dropped.
+    change = status_patch(body.get("status"), status)
     if patch is not None:
-        patch.status.update(status)
+        patch.status.update(change)
         return
     meta = body["metadata"]
-    k8s.patch_status(body.get("apiVersion", API_VERSION), body["kind"], meta["name"], meta["namespace"], status)
+    k8s.patch_status(body.get("apiVersion", API_VERSION), body["kind"], meta["name"], meta["namespace"], change)
 
 
 Reconciler = Callable[[Obj], Obj]
