@@ -83,13 +83,14 @@ def reconcile(body: Obj) -> Obj:
 
 
 @kopf.index(GROUP, VERSION, "adapterdeployments")
-def adapterdeployments_by_base_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
-    return {(namespace, spec["baseModelRef"]["name"]): name}
+def adapterdeployments_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
+    return {(body.metadata.namespace, body.spec["baseModelRef"]["name"]): body.metadata.name}
 
 
 @kopf.index(GROUP, VERSION, "adapterdeployments")
-def adapterdeployments_by_fine_tune_job(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, str]:
-    return {(namespace, job): name for job in _fine_tune_job_names(dict(body))}
+def adapterdeployments_by_fine_tune_job(body: kopf.Body, **_: Any) -> dict[Any, str]:
+    meta = body.metadata
+    return {(meta.namespace, job): str(meta.name) for job in _fine_tune_job_names(dict(body))}
 
 
 @kopf.on.resume(GROUP, VERSION, "adapterdeployments", id="reconcile-resume")
@@ -108,8 +109,9 @@ def deployment_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs", id="adapter-source")
-def fine_tune_job_changed(body: kopf.Body, adapterdeployments_by_fine_tune_job: kopf.Index[Any, str], **_: Any) -> None:
+def fine_tune_job_changed(body: kopf.Body, **kwargs: Any) -> None:
     """A FineTuneJob succeeding puts its adapter into the deployments that serve it, without a restart."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    for name in adapterdeployments_by_fine_tune_job.get(key, ()):
+    index: kopf.Index[Any, str] = kwargs["adapterdeployments_by_fine_tune_job"]
+    for name in index.get(key, ()):
         reconcile_by_name(reconcile, KIND, name, key[0])

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from lorafleet import API_VERSION, k8s
 from lorafleet.config import OperatorSettings
+from lorafleet.controllers.observability import observe
 from lorafleet.resources.conditions import set_condition, transitions
 from lorafleet.resources.status import status_patch
 from lorafleet.resources.stores import RenderError
@@ -83,7 +84,7 @@ def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -
         healthy = (type_ == "Degraded") == (status == "False")
         try:
             kopf.event(
-                body,
+                cast(kopf.Body, body),  # kopf walks any mapping as one object
                 type="Normal" if healthy else "Warning",
                 reason=reason,
                 message=f"{type_}={status}: {message}"[:1024],
@@ -108,7 +109,7 @@ Reconciler = Callable[[Obj], Obj]
 
 
 def reconcile_and_write(reconcile: Reconciler, body: Obj, patch: kopf.Patch | None) -> None:
-    with k8s.temporary_on_conflict():
+    with observe(body["kind"]), k8s.temporary_on_conflict():
         status = reconcile(body)
         write_status(body, status, patch)
 

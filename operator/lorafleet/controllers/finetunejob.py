@@ -73,8 +73,8 @@ def reconcile(body: Obj) -> Obj:
 
 
 @kopf.index(GROUP, VERSION, "finetunejobs")
-def finetunejobs_by_base_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
-    return {(namespace, spec["baseModelRef"]["name"]): name}
+def finetunejobs_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
+    return {(body.metadata.namespace, body.spec["baseModelRef"]["name"]): body.metadata.name}
 
 
 @kopf.on.resume(GROUP, VERSION, "finetunejobs", id="reconcile-resume")
