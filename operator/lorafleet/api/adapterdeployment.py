@@ -113,6 +113,12 @@ class ServingResources(ApiModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit per replica.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels replicas must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the replicas.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the pods (cost centre, mesh settings)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the pods (for example sidecar.istio.io/inject)."
+    )
 
 
 class ServiceSettings(ApiModel):

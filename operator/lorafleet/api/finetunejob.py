@@ -136,6 +136,12 @@ class TrainingResources(ApiModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pods.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the pods (cost centre, mesh settings)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the pods (for example sidecar.istio.io/inject)."
+    )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the training pods.")
 
 

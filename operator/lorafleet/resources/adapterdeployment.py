@@ -266,10 +266,15 @@ def build_deployment(
     if spec.resources.tolerations:
         pod_spec["tolerations"] = tolerations(spec.resources.tolerations)
 
-    template_labels = {**object_meta(ad, ad_names.deployment, COMPONENT)["labels"], **pod_labels(meta["name"])}
+    # Ours last: user labels cannot break the selectors.
+    template_labels = {
+        **spec.resources.pod_labels,
+        **object_meta(ad, ad_names.deployment, COMPONENT)["labels"],
+        **pod_labels(meta["name"]),
+    }
     # The hash covers the pod spec only: the adapter set lives in the ConfigMap, so changing it never rolls pods.
     template: Obj = {"metadata": {"labels": template_labels}, "spec": pod_spec}
-    template["metadata"]["annotations"] = {SPEC_HASH: spec_hash(template)}
+    template["metadata"]["annotations"] = {**spec.resources.pod_annotations, SPEC_HASH: spec_hash(template)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

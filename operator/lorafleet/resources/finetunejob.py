@@ -255,10 +255,7 @@ def build_job(
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
-        "template": {
-            "metadata": {"labels": {**object_meta(ftj, job_names.job, COMPONENT)["labels"], **pod_labels}},
-            "spec": pod_spec,
-        },
+        "template": {"metadata": _pod_metadata(ftj, spec, pod_labels), "spec": pod_spec},
     }
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -268,6 +265,15 @@ def build_job(
         "metadata": object_meta(ftj, job_names.job, COMPONENT),
         "spec": job_spec,
     }
+
+
+def _pod_metadata(ftj: Obj, spec: FineTuneJobSpec, selector_labels: dict[str, str]) -> Obj:
+    # Ours last: user labels cannot break the selectors.
+    labels = {**spec.resources.pod_labels, **object_meta(ftj, "", COMPONENT)["labels"], **selector_labels}
+    metadata: Obj = {"labels": labels}
+    if spec.resources.pod_annotations:
+        metadata["annotations"] = dict(spec.resources.pod_annotations)
+    return metadata
 
 
 def build_rendezvous_service(ftj: Obj) -> Obj:

@@ -1,0 +1,3 @@
+"""Shared pytest plugins."""
+
+pytest_plugins = ["tests.integration.operator_fixtures"]

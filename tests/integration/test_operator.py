@@ -1,0 +1,188 @@
+"""The operator against a real API server, controller-manager and kwok nodes: FineTuneJobs become Jobs that
+run on GPU nodes and report their outcome; AdapterDeployments become Deployments and Services whose readiness
+shows in status; children are garbage-collected with their owner and restored when deleted; a restarted
+operator converges without duplicating anything. Status always carries observedGeneration."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kubernetes import client
+
+from lorafleet import k8s
+from lorafleet.config import OperatorSettings
+from lorafleet.controllers import finetunejob as ftj_controller
+from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet.resources import finetunejob as ftj_res
+from tests.integration.operator_fixtures import Custom, OperatorProcess, condition
+from tests.unit import objects
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+def _manifest(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    out["metadata"] = {"name": out["metadata"]["name"], "namespace": namespace}
+    return out
+
+
+def _fine_tune_job(namespace: str, name: str = "support", **resources: Any) -> dict[str, Any]:
+    ftj = _manifest(objects.fine_tune_job(name=name), namespace)
+    ftj["spec"]["resources"] = {"gpusPerNode": 1, "cpu": 1, "memory": "1Gi", **resources}
+    return ftj
+
+
+def _phase(expected: str) -> Any:
+    return lambda status, obj: (
+        status.get("phase") == expected and status.get("observedGeneration") == obj["metadata"]["generation"]
+    )
+
+
+def test_finetunejob_waits_for_its_base_model_then_trains_on_a_gpu_node(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "4s"}))
+
+    waiting = custom.wait_status(
+        "FineTuneJob", "support", lambda s, o: (condition(s, "Ready") or {}).get("reason") == "BaseModelNotFound"
+    )
+    assert waiting["status"]["phase"] == "Pending"
+    assert "tiny-llama" in condition(waiting["status"], "Ready")["message"]  # type: ignore[index]
+    assert cluster.batch.list_namespaced_job(namespace).items == []
+
+    custom.create(_manifest(objects.base_model(), namespace))
+    custom.wait_status("BaseModel", "tiny-llama", _phase("Ready"))
+
+    running = custom.wait_status("FineTuneJob", "support", _phase("Running"), what="FineTuneJob Running")
+    assert running["status"]["jobName"] == "support-train"
+    assert running["status"]["startTime"]
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector="job-name=support-train").items
+    node = cluster.core.read_node(pods[0].spec.node_name)
+    assert GPU_PRODUCT_LABEL in node.metadata.labels, "the training pod must land on a GPU node"
+
+    done = custom.wait_status("FineTuneJob", "support", _phase("Succeeded"), what="FineTuneJob Succeeded")
+    status = done["status"]
+    assert status["completionTime"] >= status["startTime"]
+    assert condition(status, "Ready")["status"] == "True"  # type: ignore[index]
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+
+
+def test_failing_job_fails_the_finetunejob_with_the_job_reason(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_manifest(objects.base_model(), namespace))
+    ftj = _fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-fail": "true"})
+    ftj["spec"]["backoffLimit"] = 0
+    custom.create(ftj)
+    failed = custom.wait_status("FineTuneJob", "support", _phase("Failed"), what="FineTuneJob Failed")
+    degraded = condition(failed["status"], "Degraded")
+    assert degraded is not None and degraded["status"] == "True"
+    assert degraded["reason"] == "BackoffLimitExceeded", degraded
+
+
+def test_deleted_job_is_restored_and_children_are_garbage_collected(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
+    custom.wait_status("FineTuneJob", "support", _phase("Running"))
+    first = cluster.batch.read_namespaced_job("support-train", namespace)
+
+    cluster.batch.delete_namespaced_job("support-train", namespace, propagation_policy="Background")
+
+    def recreated() -> bool:
+        try:
+            return bool(
+                cluster.batch.read_namespaced_job("support-train", namespace).metadata.uid != first.metadata.uid
+            )
+        except client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    wait_until(recreated, timeout=30, what="the deleted Job to be restored")
+
+    custom.delete("FineTuneJob", "support")
+
+    def collected() -> bool:
+        jobs = cluster.batch.list_namespaced_job(namespace).items
+        maps = cluster.core.list_namespaced_config_map(namespace, label_selector="lorafleet.io/finetunejob").items
+        return not jobs and not maps
+
+    wait_until(collected, timeout=60, what="the garbage collector to delete the Job and ConfigMap")
+
+
+def test_adapterdeployment_becomes_ready_and_follows_replicas(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_manifest(objects.base_model(), namespace))
+    ad = _manifest(objects.adapter_deployment(), namespace)
+    ad["spec"].update(adapters=[], replicas=1)
+    custom.create(ad)
+
+    ready = custom.wait_status("AdapterDeployment", "chat", _phase("Ready"), what="AdapterDeployment Ready")
+    assert ready["status"]["readyReplicas"] == 1
+    assert ready["status"]["endpoint"] == f"http://chat.{namespace}.svc:8000/v1"
+    assert cluster.apps.read_namespaced_deployment("chat-vllm", namespace).spec.replicas == 1
+    service = cluster.core.read_namespaced_service("chat", namespace)
+    assert service.spec.ports[0].target_port == "http"
+
+    custom.patch("AdapterDeployment", "chat", {"spec": {"replicas": 2}})
+    scaled = custom.wait_status(
+        "AdapterDeployment",
+        "chat",
+        lambda s, o: s.get("readyReplicas") == 2 and s.get("observedGeneration") == 2 and s.get("phase") == "Ready",
+        what="two ready replicas",
+    )
+    assert scaled["metadata"]["generation"] == 2
+    pdb = client.PolicyV1Api(cluster.api_client).read_namespaced_pod_disruption_budget("chat-pdb", namespace)
+    assert pdb.spec.max_unavailable == 1
+
+    cluster.apps.delete_namespaced_deployment("chat-vllm", namespace)
+    wait_until(lambda: cluster.apps.list_namespaced_deployment(namespace).items, timeout=30, what="Deployment restored")
+
+
+def test_adapter_waits_for_its_finetunejob(cluster: ClusterHandle, operator: OperatorProcess, namespace: str) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_manifest(objects.base_model(), namespace))
+    ad = _manifest(objects.adapter_deployment(), namespace)
+    ad["spec"].update(replicas=1, adapters=[{"name": "support-bot", "fineTuneJobRef": {"name": "support"}}])
+    custom.create(ad)
+    status = custom.wait_status(
+        "AdapterDeployment", "chat", lambda s, o: (s.get("adapters") or [{}])[0].get("reason") == "FineTuneJobNotFound"
+    )["status"]
+    assert status["adapters"][0]["state"] == "Pending"
+
+
+def test_restarted_operator_converges_without_duplicates(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+) -> None:
+    """The operator dies after creating a Job and before writing status: on restart, one Job, status converges."""
+    custom = Custom(cluster, namespace)
+    operator.stop(kill=True)
+    try:
+        custom.create(_manifest(objects.base_model(), namespace))
+        ftj = custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
+        base = custom.get("BaseModel", "tiny-llama")
+        assert base is not None
+        base["status"] = {"phase": "Ready"}
+        # What the dead operator had done: the children exist, the status was never written.
+        settings = OperatorSettings(store_endpoint="http://s3.lorafleet-tests.invalid:9000", store_uri="s3://lorafleet")
+        children, error = ftj_controller.plan(ftj, base, settings)
+        assert error is None
+        k8s.use_api_client(cluster.api_client)
+        for child in children:
+            k8s.apply(child, field_manager=settings.field_manager)
+        assert custom.get("FineTuneJob", "support").get("status") is None  # type: ignore[union-attr]
+    finally:
+        operator.start()
+
+    custom.wait_status("FineTuneJob", "support", _phase("Running"), what="status after restart")
+    jobs = cluster.batch.list_namespaced_job(namespace).items
+    assert [j.metadata.name for j in jobs] == [ftj_res.names("support").job]
+    assert jobs[0].metadata.uid == cluster.batch.read_namespaced_job("support-train", namespace).metadata.uid

@@ -1,0 +1,155 @@
+"""The real API server rejects bad input with the field path and what is allowed (docs/bad-inputs.md), accepts
+every example, and refuses any change to a FineTuneJob's spec."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+
+from lorafleet.dev.testing import ClusterHandle
+from tests.integration.operator_fixtures import Custom
+from tests.unit import objects
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of obj with the dotted path set (value DELETE removes the key)."""
+    out = copy.deepcopy(obj)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last: Any = int(keys[-1]) if isinstance(node, list) else keys[-1]
+    if value == "DELETE":
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+def _clean(obj: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    out["metadata"] = {"name": out["metadata"]["name"]}
+    return out
+
+
+BM = _clean(objects.base_model())
+FTJ = _clean(objects.fine_tune_job())
+AD = _clean(objects.adapter_deployment())
+
+# (id, manifest, substring the error must contain: the field path)
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    ("bm-unknown-field", _set(BM, "spec.sourse", {"uri": "s3://a/b"}), "spec.sourse"),
+    ("bm-bad-scheme", _set(BM, "spec.source.uri", "http://example.com/model"), "spec.source.uri"),
+    ("bm-hf-without-permission", _set(BM, "spec.source.uri", "hf://meta-llama/Llama-3.1-8B"), "spec.source.uri"),
+    ("bm-bad-digest", _set(BM, "spec.source.digest", "md5:abc"), "spec.source.digest"),
+    ("bm-bad-endpoint", _set(BM, "spec.source.store", {"endpoint": "minio:9000"}), "spec.source.store.endpoint"),
+    (
+        "bm-store-on-pvc",
+        _set(_set(BM, "spec.source.uri", "pvc://models/x"), "spec.source.store", {"endpoint": "http://m:9000"}),
+        "spec.source.store",
+    ),
+    ("bm-unknown-family", _set(BM, "spec.family", "gpt"), "spec.family"),
+    ("bm-bad-dtype", _set(BM, "spec.dtype", "int4"), "spec.dtype"),
+    ("ftj-no-output", _set(FTJ, "spec.output", "DELETE"), "spec.output"),
+    ("ftj-no-base", _set(FTJ, "spec.baseModelRef", "DELETE"), "spec.baseModelRef"),
+    ("ftj-dataset-http", _set(FTJ, "spec.dataset.uri", "https://example.com/d.jsonl"), "spec.dataset.uri"),
+    ("ftj-dataset-format", _set(FTJ, "spec.dataset.format", "parquet"), "spec.dataset.format"),
+    (
+        "ftj-eval-both",
+        _set(_set(FTJ, "spec.dataset.evalSplit", 0.1), "spec.dataset.evalUri", "s3://data/eval.jsonl"),
+        "spec.dataset",
+    ),
+    ("ftj-eval-split-too-big", _set(FTJ, "spec.dataset.evalSplit", 0.9), "spec.dataset.evalSplit"),
+    ("ftj-method", _set(FTJ, "spec.method", "full"), "spec.method"),
+    (
+        "ftj-qlora-on-cpu",
+        _set(_set(FTJ, "spec.method", "qlora"), "spec.resources.gpusPerNode", 0),
+        "spec.method",
+    ),
+    ("ftj-rank-zero", _set(FTJ, "spec.lora.r", 0), "spec.lora.r"),
+    ("ftj-dropout-one", _set(FTJ, "spec.lora.dropout", 1.0), "spec.lora.dropout"),
+    ("ftj-epochs-and-steps", _set(FTJ, "spec.training.epochs", 2), "spec.training"),
+    ("ftj-learning-rate", _set(FTJ, "spec.training.learningRate", 5), "spec.training.learningRate"),
+    ("ftj-adapter-name", _set(FTJ, "spec.output.adapterName", "Support Bot!"), "spec.output.adapterName"),
+    ("ftj-version-slash", _set(FTJ, "spec.output.version", "v1/../../x"), "spec.output.version"),
+    ("ftj-negative-backoff", _set(FTJ, "spec.backoffLimit", -1), "spec.backoffLimit"),
+    ("ftj-gpus", _set(FTJ, "spec.resources.gpusPerNode", 64), "spec.resources.gpusPerNode"),
+    (
+        "ad-both-sources",
+        _set(AD, "spec.adapters.0.artifact", {"uri": "s3://lorafleet/adapters/a/v1"}),
+        "spec.adapters[0]",
+    ),
+    ("ad-no-source", _set(AD, "spec.adapters.0.fineTuneJobRef", "DELETE"), "spec.adapters[0]"),
+    (
+        "ad-duplicate-adapter",
+        _set(AD, "spec.adapters.1", {"name": "support-bot", "fineTuneJobRef": {"name": "other"}}),
+        "spec.adapters[1]",
+    ),
+    ("ad-rank", _set(AD, "spec.engine.maxLoraRank", 48), "spec.engine.maxLoraRank"),
+    (
+        "ad-cpu-loras",
+        _set(AD, "spec.engine", {"maxLoras": 8, "maxCpuLoras": 4}),
+        "spec.engine.maxCpuLoras",
+    ),
+    ("ad-replicas", _set(AD, "spec.replicas", -1), "spec.replicas"),
+    ("ad-port", _set(AD, "spec.service.port", 70000), "spec.service.port"),
+    (
+        "ad-artifact-digest",
+        _set(AD, "spec.adapters.1.artifact.digest", "sha256:xyz"),
+        "spec.adapters[1].artifact.digest",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "manifest", "field"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifest_is_rejected_with_its_field(
+    cluster: ClusterHandle, crds: None, namespace: str, case: str, manifest: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ApiException) as raised:
+        Custom(cluster, namespace).create(manifest)
+    assert raised.value.status in (400, 422), raised.value.body
+    assert field in raised.value.body, f"{case}: {field!r} not in {raised.value.body}"
+
+
+def test_there_are_at_least_twenty_cases() -> None:
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_passes_server_side_dry_run(cluster: ClusterHandle, crds: None, namespace: str, path: Path) -> None:
+    custom = Custom(cluster, namespace)
+    for doc in yaml.safe_load_all(path.read_text()):
+        custom.api.create_namespaced_custom_object(
+            "lorafleet.io",
+            "v1alpha1",
+            namespace,
+            custom.plural(doc["kind"]),
+            doc,
+            dry_run="All",
+            field_validation="Strict",
+        )
+
+
+def test_valid_objects_are_accepted(cluster: ClusterHandle, crds: None, namespace: str) -> None:
+    custom = Custom(cluster, namespace)
+    for obj in (BM, FTJ, AD):
+        created = custom.create(obj)
+        assert created["metadata"]["generation"] == 1
+
+
+def test_finetunejob_spec_is_immutable(cluster: ClusterHandle, crds: None, namespace: str) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(FTJ)
+    with pytest.raises(ApiException) as raised:
+        custom.patch("FineTuneJob", FTJ["metadata"]["name"], {"spec": {"training": {"maxSteps": 5}}})
+    assert raised.value.status == 422
+    assert "spec is immutable" in raised.value.body
+    # Metadata stays editable (labels, annotations).
+    custom.patch("FineTuneJob", FTJ["metadata"]["name"], {"metadata": {"labels": {"team": "support"}}})
