@@ -19,6 +19,7 @@ from tests.unit import objects
 
 SETTINGS = OperatorSettings(store_endpoint="http://minio:9000", store_uri="s3://lorafleet")
 NO_STORE = OperatorSettings()
+RBAC = ["ServiceAccount", "Role", "RoleBinding"]
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
@@ -37,14 +38,14 @@ def test_finetunejob_waits_for_a_base_model_that_is_not_ready() -> None:
 def test_finetunejob_renders_config_job_and_policy_when_base_is_ready() -> None:
     children, error = ftj_controller.plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
     assert error is None
-    assert _kinds(children) == ["ConfigMap", "Job", "NetworkPolicy"]
+    assert _kinds(children) == ["ConfigMap", *RBAC, "Job", "NetworkPolicy"]
 
 
 def test_distributed_finetunejob_adds_a_headless_service() -> None:
     ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 1})
     children, _ = ftj_controller.plan(ftj, objects.ready(objects.base_model()), SETTINGS)
-    assert _kinds(children) == ["ConfigMap", "Service", "Job", "NetworkPolicy"]
-    assert children[1]["spec"]["clusterIP"] == "None"
+    assert _kinds(children) == ["ConfigMap", *RBAC, "Service", "Job", "NetworkPolicy"]
+    assert children[4]["spec"]["clusterIP"] == "None"
 
 
 def test_finished_finetunejob_is_never_restarted() -> None:
@@ -132,3 +133,18 @@ def test_controller_owner_matches_only_our_controller_reference() -> None:
     }
     assert controller_owner(child, "FineTuneJob") == "z"
     assert controller_owner({"metadata": {}}, "FineTuneJob") is None
+
+
+def test_live_progress_annotation_is_used_until_a_final_report_exists() -> None:
+    running = {
+        "metadata": {
+            "creationTimestamp": "2026-11-22T10:00:00Z",
+            "annotations": {"lorafleet.io/progress": json.dumps({"step": 7, "totalSteps": 100, "loss": 1.5})},
+        },
+        "status": {"containerStatuses": [{"name": "trainer", "state": {"running": {}}}]},
+    }
+    assert ftj_controller.trainer_report([running]) == {"progress": {"step": 7, "totalSteps": 100, "loss": 1.5}}
+    final = _pod(json.dumps({"progress": {"step": 100}, "metrics": {"train_loss": 0.1}}), "2026-11-22T11:00:00Z")
+    assert ftj_controller.trainer_report([running, final])["metrics"] == {"train_loss": 0.1}  # type: ignore[index]
+    broken = {"metadata": {"annotations": {"lorafleet.io/progress": "{not json"}}}
+    assert ftj_controller.trainer_report([broken]) is None

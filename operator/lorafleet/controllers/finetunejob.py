@@ -29,21 +29,37 @@ KIND = "FineTuneJob"
 TERMINAL = ("Succeeded", "Failed")
 
 
+PROGRESS_ANNOTATION = "lorafleet.io/progress"
+
+
+def _json_object(text: str | None) -> Obj | None:
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def trainer_report(pods: list[Obj]) -> Obj | None:
-    """The newest JSON termination message the trainer container left (see lorafleet.trainer's status file)."""
-    reports: list[tuple[str, Obj]] = []
+    """What the trainer last said: its newest JSON termination message (final status), else the live progress
+    it posts on its running pod (annotation lorafleet.io/progress)."""
+    finals: list[tuple[str, Obj]] = []
+    live: list[tuple[str, Obj]] = []
     for pod in pods:
+        progress = _json_object(((pod.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION))
+        if progress is not None:
+            live.append((str((pod.get("metadata") or {}).get("creationTimestamp") or ""), {"progress": progress}))
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
             if container.get("name") != builders.TRAINER_CONTAINER:
                 continue
             terminated = (container.get("state") or {}).get("terminated") or {}
-            try:
-                report = json.loads(terminated.get("message") or "")
-            except ValueError:
-                continue
-            if isinstance(report, dict):
-                reports.append((str(terminated.get("finishedAt") or ""), report))
-    return max(reports, key=lambda r: r[0])[1] if reports else None
+            report = _json_object(terminated.get("message"))
+            if report is not None:
+                finals.append((str(terminated.get("finishedAt") or ""), report))
+    for reports in (finals, live):
+        if reports:
+            return max(reports, key=lambda r: r[0])[1]
+    return None
 
 
 def plan(body: Obj, base: Obj | None, settings: OperatorSettings) -> tuple[list[Obj], RenderError | None]:

@@ -50,6 +50,7 @@ class FineTuneJobNames:
     job: str
     service: str
     network_policy: str
+    service_account: str
 
 
 def names(ftj_name: str) -> FineTuneJobNames:
@@ -58,6 +59,7 @@ def names(ftj_name: str) -> FineTuneJobNames:
         job=child_name(ftj_name, "train"),
         service=child_name(ftj_name, "rdzv"),
         network_policy=child_name(ftj_name, "egress"),
+        service_account=child_name(ftj_name, "trainer"),
     )
 
 
@@ -210,7 +212,10 @@ def build_job(
         "restartPolicy": "Never",
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "automountServiceAccountToken": False,
+        # The trainer reports live progress on its own Pod (annotation lorafleet.io/progress); its account may
+        # do nothing else.
+        "serviceAccountName": job_names.service_account,
+        "automountServiceAccountToken": True,
         "initContainers": _model_fetch(base, config, config.image, fetch_env, mounts),
         "containers": [
             {
@@ -276,6 +281,32 @@ def _pod_metadata(ftj: Obj, spec: FineTuneJobSpec, selector_labels: dict[str, st
     return metadata
 
 
+def build_progress_rbac(ftj: Obj) -> list[Obj]:
+    """A ServiceAccount that may only read and patch pods of its namespace (to post its progress)."""
+    meta = ftj["metadata"]
+    name = names(meta["name"]).service_account
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": object_meta(ftj, name, COMPONENT),
+        "automountServiceAccountToken": False,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": object_meta(ftj, name, COMPONENT),
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": object_meta(ftj, name, COMPONENT),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": meta["namespace"]}],
+    }
+    return [account, role, binding]
+
+
 def build_rendezvous_service(ftj: Obj) -> Obj:
     meta = ftj["metadata"]
     return {
@@ -301,7 +332,7 @@ def desired_children(ftj: Obj, base_model: Obj | None, settings: OperatorSetting
         )
     base = BaseModelSpec.model_validate(base_model["spec"])
     config = trainer_config(ftj, spec, base_model["metadata"]["name"], base, settings)
-    children = [build_config_map(ftj, config)]
+    children = [build_config_map(ftj, config), *build_progress_rbac(ftj)]
     if is_distributed(spec):
         children.append(build_rendezvous_service(ftj))
     children.append(build_job(ftj, spec, base, config, settings))
