@@ -34,6 +34,12 @@ def _operator(args: argparse.Namespace) -> int:
     return run()
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lorafleet.dev.demo import main as demo
+
+    return demo(["--keep"] if args.keep else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator (settings from LORAFLEET_* variables)")
     op.set_defaults(func=_operator)
+
+    demo = sub.add_parser("demo", help="run the three kinds end to end on a local cluster")
+    demo.add_argument("--keep", action="store_true", help="leave the local cluster running")
+    demo.set_defaults(func=_demo)
     return parser
 
 

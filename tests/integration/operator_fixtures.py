@@ -6,100 +6,24 @@ can stop and restart it. It watches the whole cluster; tests work in their own n
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lorafleet import GROUP, VERSION
+from lorafleet.dev.operator import OperatorProcess, install_crds
 from lorafleet.dev.testing import ClusterHandle, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-RESYNC_SECONDS = "3"
-
-
-def install_crds(cluster: ClusterHandle) -> None:
-    ext = client.ApiextensionsV1Api(cluster.api_client)
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        ext.patch_custom_resource_definition(
-            crd["metadata"]["name"],
-            crd,
-            field_manager="lorafleet-tests",
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
-
-    def established() -> bool:
-        for path in (REPO / "crds").glob("*.yaml"):
-            name = yaml.safe_load(path.read_text())["metadata"]["name"]
-            conditions = ext.read_custom_resource_definition(name).status.conditions or []
-            if not any(c.type == "Established" and c.status == "True" for c in conditions):
-                return False
-        return True
-
-    wait_until(established, timeout=30, what="CRDs Established")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OperatorProcess:
-    """The operator as a subprocess, with its log kept for failure reports."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.kubeconfig = kubeconfig
-        self.log_path = log_path
-        self.extra_env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "LORAFLEET_RESYNC_SECONDS": RESYNC_SECONDS,
-            "LORAFLEET_STORE_ENDPOINT": "http://s3.lorafleet-tests.invalid:9000",
-            "LORAFLEET_STORE_URI": "s3://lorafleet",
-            "LORAFLEET_LOG_FORMAT": "text",
-            "LORAFLEET_METRICS_PORT": str(_free_port()),
-            "LORAFLEET_HEALTH_PORT": str(_free_port()),
-            **self.extra_env,
-        }
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+# The store is never contacted here (kwok pods run nothing); the operator only needs a default to render.
+OPERATOR_ENV = {
+    "LORAFLEET_RESYNC_SECONDS": "3",
+    "LORAFLEET_STORE_ENDPOINT": "http://s3.lorafleet-tests.invalid:9000",
+    "LORAFLEET_STORE_URI": "s3://lorafleet",
+}
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +33,7 @@ def crds(cluster: ClusterHandle) -> None:
 
 @pytest.fixture(scope="session")
 def operator(cluster: ClusterHandle, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", OPERATOR_ENV)
     op.start()
     time.sleep(1)
     assert op.alive(), f"the operator exited at start:\n{op.log_tail()}"

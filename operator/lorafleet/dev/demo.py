@@ -1,0 +1,164 @@
+"""`lorafleet demo`: the three kinds reconciled end to end on a local cluster.
+
+Starts the local control plane (built from upstream sources, kwok GPU and CPU nodes) unless
+LORAFLEET_CLUSTER=external points at another cluster, installs the CRDs, runs the operator, applies a
+BaseModel, a FineTuneJob and an AdapterDeployment, and shows their status live until they settle.
+
+On kwok nodes pods do not execute: the training Job "completes" on a fake GPU node, so no adapter is written
+and the AdapterDeployment honestly reports it Pending (ArtifactNotRecorded). Real training and serving on a
+real node is the e2e path (docs/e2e.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+
+from lorafleet import GROUP, VERSION
+from lorafleet.dev.operator import OperatorProcess, install_crds
+from lorafleet.dev.testing import ClusterHandle
+
+NAMESPACE = "lorafleet-demo"
+STORE = {"LORAFLEET_STORE_ENDPOINT": "http://minio.lorafleet-demo.svc:9000", "LORAFLEET_STORE_URI": "s3://lorafleet"}
+
+BASE_MODEL: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "BaseModel",
+    "metadata": {"name": "tiny-llama"},
+    "spec": {"family": "llama", "source": {"uri": "s3://models/tiny-llama/r1"}, "maxContextLength": 512},
+}
+FINE_TUNE_JOB: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "support-bot-v1"},
+    "spec": {
+        "baseModelRef": {"name": "tiny-llama"},
+        "dataset": {"uri": "s3://datasets/support-chat.jsonl", "format": "chat"},
+        "training": {"maxSteps": 60, "checkpointInterval": 20},
+        "resources": {"gpusPerNode": 1, "podAnnotations": {"lorafleet.io/kwok-duration": "8s"}},
+        "output": {"adapterName": "support-bot", "version": "v1"},
+    },
+}
+ADAPTER_DEPLOYMENT: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "AdapterDeployment",
+    "metadata": {"name": "assistants"},
+    "spec": {
+        "baseModelRef": {"name": "tiny-llama"},
+        "replicas": 2,
+        "adapters": [{"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}}],
+    },
+}
+
+
+def _cluster() -> tuple[ClusterHandle, bool]:
+    if os.environ.get("LORAFLEET_CLUSTER") == "external":
+        kubeconfig = Path(os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]).expanduser()
+        return ClusterHandle(kubeconfig, config.new_client_from_config(), local=False), False
+    from lorafleet.dev.cluster import LocalCluster
+
+    local = LocalCluster()
+    started = local.up()
+    return ClusterHandle(local.kubeconfig, config.new_client_from_config(str(local.kubeconfig)), local=True), started
+
+
+def _row(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    extra = ""
+    if obj["kind"] == "AdapterDeployment":
+        extra = f" replicas {status.get('readyReplicas', 0)}/{obj['spec']['replicas']}"
+        extra += "".join(f" | {a['name']}: {a['state']} ({a.get('reason', '')})" for a in status.get("adapters") or [])
+    if obj["kind"] == "FineTuneJob" and status.get("jobName"):
+        extra = f" job {status['jobName']}"
+    return (
+        f"{obj['kind']:<18} {obj['metadata']['name']:<16} {status.get('phase', '-'):<12} "
+        f"{ready.get('reason', '-'):<24}{extra}"
+    )
+
+
+def run(keep: bool) -> int:
+    t0 = time.monotonic()
+    timings: list[tuple[str, float]] = []
+    print("lorafleet demo: starting the cluster (the first run builds Kubernetes from source)...", flush=True)
+    cluster, started = _cluster()
+    timings.append(("cluster up", time.monotonic() - t0))
+    install_crds(cluster)
+    core = client.CoreV1Api(cluster.api_client)
+    custom = client.CustomObjectsApi(cluster.api_client)
+    if not any(ns.metadata.name == NAMESPACE for ns in core.list_namespace().items):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+    log = Path(tempfile.gettempdir()) / "lorafleet-demo-operator.log"
+    operator = OperatorProcess(cluster.kubeconfig, log, {**STORE, "LORAFLEET_RESYNC_SECONDS": "5"})
+    operator.start()
+    t_apply = time.monotonic()
+    try:
+        for obj in (ADAPTER_DEPLOYMENT, FINE_TUNE_JOB, BASE_MODEL):  # dependents first: they wait, then move
+            plural = obj["kind"].lower() + "s"
+            try:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, obj["metadata"]["name"])
+                time.sleep(1)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, obj)
+            print(f"applied {obj['kind']}/{obj['metadata']['name']}", flush=True)
+        seen: dict[str, float] = {}
+        last = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            objs = [
+                custom.get_namespaced_custom_object(
+                    GROUP, VERSION, NAMESPACE, o["kind"].lower() + "s", o["metadata"]["name"]
+                )
+                for o in (BASE_MODEL, FINE_TUNE_JOB, ADAPTER_DEPLOYMENT)
+            ]
+            table = "\n".join(_row(o) for o in objs)
+            if table != last:
+                print(f"--- t+{time.monotonic() - t_apply:5.1f}s\n{table}", flush=True)
+                last = table
+            for o in objs:
+                key = f"{o['kind']} {(o.get('status') or {}).get('phase')}"
+                seen.setdefault(key, time.monotonic() - t_apply)
+            ad_status = objs[2].get("status") or {}
+            if (objs[1].get("status") or {}).get("phase") in ("Succeeded", "Failed") and ad_status.get(
+                "readyReplicas"
+            ) == ADAPTER_DEPLOYMENT["spec"]["replicas"]:
+                break
+            if not operator.alive():
+                print(f"the operator exited:\n{operator.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+        else:
+            print(f"timed out; operator log:\n{operator.log_tail()}", file=sys.stderr)
+            return 1
+        timings += sorted(seen.items(), key=lambda kv: kv[1])
+    finally:
+        operator.stop()
+        if started and not keep:
+            from lorafleet.dev.cluster import LocalCluster
+
+            LocalCluster().down()
+    print("\ntimings (seconds since apply, cluster start from launch):")
+    for what, seconds in timings:
+        print(f"  {what:<32} {seconds:6.1f}")
+    print(
+        "\nThe training Job ran on a fake (kwok) GPU node, so no adapter was produced: the AdapterDeployment "
+        "reports it Pending instead of pretending. See docs/e2e.md for the real-node run."
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorafleet demo", description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="leave the local cluster running")
+    args = parser.parse_args(argv)
+    return run(args.keep)
