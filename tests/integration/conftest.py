@@ -1,8 +1,9 @@
 """Fixtures for tests against a real Kubernetes API server (docs/cluster.md).
 
-* ``cluster`` (session): by default starts the local control plane of ``lorafleet.dev.cluster`` (built from
-  source on first use, then cached) and stops it at the end unless it was already running or
-  ``LORAFLEET_KEEP_CLUSTER=1``. With ``LORAFLEET_CLUSTER=external`` it uses ``$KUBECONFIG`` as is.
+* ``cluster`` (session): by default uses the local control plane of ``lorafleet.dev.cluster`` (built from
+  source on first use, then cached), starting it if needed. At the end it is stopped unless ``hack/cluster up``
+  started it, another pytest session still uses it, or ``LORAFLEET_KEEP_CLUSTER=1``.
+  With ``LORAFLEET_CLUSTER=external`` it uses ``$KUBECONFIG`` as is.
   If the cluster cannot be started the tests FAIL; ``LORAFLEET_SKIP_INTEGRATION=1`` skips them instead.
 * ``namespace``: a fresh namespace per test (with its default ServiceAccount), deleted afterwards.
 
@@ -47,9 +48,9 @@ def cluster() -> Iterator[ClusterHandle]:
 
     from lorafleet.dev.cluster import LocalCluster
 
-    local = LocalCluster()
+    local = LocalCluster()  # LORAFLEET_CLUSTER_NAME picks another one (default "lorafleet")
     try:
-        started = local.up()
+        local.acquire()
     except Exception as e:  # a missing Go toolchain, a failed build, a component that did not start
         pytest.fail(
             f"could not start the local Kubernetes cluster: {e}\n"
@@ -62,8 +63,8 @@ def cluster() -> Iterator[ClusterHandle]:
         yield ClusterHandle(local.kubeconfig, api, local=True)
     finally:
         api.close()
-        if started and os.environ.get("LORAFLEET_KEEP_CLUSTER") != "1":
-            local.down()
+        # Stops the cluster unless `hack/cluster up` started it or another session still uses it.
+        local.release(keep=os.environ.get("LORAFLEET_KEEP_CLUSTER") == "1")
 
 
 @pytest.fixture

@@ -184,9 +184,7 @@ class Builder:
                 self._go_install("kwok", KWOK_VERSION, [])
                 self._copy_kwok_stages()
             else:
-                self._go_install(
-                    "helm", HELM_VERSION, [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
-                )
+                self._go_install("helm", HELM_VERSION, [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"])
             took = time.monotonic() - start
             self.log(f"built {', '.join(names)} in {took:.0f}s")
             self._record_time(names, took)

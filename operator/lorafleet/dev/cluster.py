@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ def _alive(pid: int, start_ticks: int | None = None) -> bool:
     return start_ticks is None or int(stat[19]) == start_ticks
 
 
+def _me() -> str:
+    pid = os.getpid()
+    return f"{pid}-{_start_ticks(pid)}"
+
+
+def _user_alive(user: str) -> bool:
+    pid, _, ticks = user.partition("-")
+    return pid.isdigit() and ticks.isdigit() and _alive(int(pid), int(ticks))
+
+
 def _client_flags(kubeconfig: Path) -> list[str]:
     """Flags shared by kube-controller-manager and kube-scheduler."""
     return [
@@ -143,11 +154,14 @@ class State:
     ports: dict[str, int]
     processes: dict[str, Proc] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # Started by `hack/cluster up` (kept until `down`) rather than by a test session (stopped by its last user).
+    persistent: bool = True
 
     def dump(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "ports": self.ports,
+            "persistent": self.persistent,
             "versions": self.versions,
             "processes": {k: vars(p) for k, p in self.processes.items()},
         }
@@ -155,7 +169,7 @@ class State:
     @classmethod
     def load(cls, data: dict[str, Any]) -> State:
         procs = {k: Proc(**v) for k, v in data.get("processes", {}).items()}
-        return cls(data["name"], data["ports"], procs, data.get("versions", {}))
+        return cls(data["name"], data["ports"], procs, data.get("versions", {}), data.get("persistent", True))
 
 
 class LocalCluster:
@@ -169,9 +183,7 @@ class LocalCluster:
         log: Callable[[str], None] = _log,
     ) -> None:
         self.name = name
-        self.dir = state_dir or Path(
-            os.environ.get("LORAFLEET_CLUSTER_STATE") or cache_dir() / "cluster" / name
-        )
+        self.dir = state_dir or Path(os.environ.get("LORAFLEET_CLUSTER_STATE") or cache_dir() / "cluster" / name)
         self.log = log
         self.builder = builder or Builder(log=log)
         self.pki = PKI(self.dir / "pki")
@@ -241,30 +253,75 @@ class LocalCluster:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    def up(self, timeout: float = 180.0) -> bool:
-        """Start the cluster unless it already runs. Returns True if this call started it."""
-        if self.is_up():
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise up/down/acquire/release between processes (e.g. concurrent pytest sessions)."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.parent / f".{self.dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def up(self, timeout: float = 180.0, persistent: bool = True) -> bool:
+        """Start the cluster unless it already runs. Returns True if this call started it.
+
+        ``persistent=False`` (test sessions, via ``acquire``) lets the last ``release`` stop it; a persistent
+        cluster (``hack/cluster up``) runs until ``down``.
+        """
+        with self._locked():
+            return self._up(timeout, persistent)
+
+    def _up(self, timeout: float, persistent: bool) -> bool:
+        st = self.state()
+        if st and self.is_up():
+            if persistent and not st.persistent:
+                st.persistent = True
+                self._save(st)
             self.log(f"cluster {self.name!r} already up; KUBECONFIG={self.kubeconfig}")
             return False
         if self.dir.exists():
             self.log(f"cleaning up leftovers of a previous run in {self.dir}")
-            self.down()
+            self._down()
         t0 = time.monotonic()
         bins = self._binaries()
         t_bins = time.monotonic() - t0
         deadline = time.monotonic() + timeout
         try:
-            self._start(bins, deadline)
+            self._start(bins, deadline, persistent)
         except BaseException:
             self._dump_logs()
             self.log("start failed: stopping what was started")
-            self.down()
+            self._down()
             raise
         self.log(
             f"cluster {self.name!r} ready in {time.monotonic() - t0:.1f}s "
             f"(binaries {t_bins:.1f}s); KUBECONFIG={self.kubeconfig}"
         )
         return True
+
+    def _users(self) -> Path:
+        return self.dir / "users"
+
+    def acquire(self, timeout: float = 180.0) -> bool:
+        """Use the cluster from this process (start it, non-persistent, if needed). Pair with ``release``."""
+        with self._locked():
+            started = self._up(timeout, persistent=False)
+            self._users().mkdir(exist_ok=True)
+            (self._users() / _me()).touch()
+            return started
+
+    def release(self, keep: bool = False) -> bool:
+        """Stop using it; stop the cluster if it is not persistent and no other live process uses it."""
+        with self._locked():
+            with contextlib.suppress(FileNotFoundError):
+                (self._users() / _me()).unlink()
+            st = self.state()
+            if keep or not st or st.persistent:
+                return False
+            users = self._users().iterdir() if self._users().exists() else []
+            if any(_user_alive(u.name) for u in users):
+                return False
+            self._down()
+            return True
 
     def _binaries(self) -> dict[str, Path]:
         bins = self.builder.ensure([c for c in CONTROL_PLANE if c != "etcd"])
@@ -278,12 +335,13 @@ class LocalCluster:
             bins["etcd"] = Path(fallback)
         return bins
 
-    def _start(self, bins: dict[str, Path], deadline: float) -> None:
+    def _start(self, bins: dict[str, Path], deadline: float, persistent: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
         state = State(self.name, dict(zip(names, _free_ports(len(names)), strict=True)))
         state.versions = {c: self.builder.version(c) for c in CONTROL_PLANE}
+        state.persistent = persistent
         self._save(state)
         p = state.ports
         server = f"https://{LOOPBACK}:{p['apiserver']}"
@@ -313,6 +371,7 @@ class LocalCluster:
 
         serving_crt, serving_key = pki.pair("apiserver")
         kubelet_crt, kubelet_key = pki.pair("apiserver-kubelet-client")
+        proxy_crt, proxy_key = pki.pair("front-proxy-client")
         self._spawn(
             state,
             "kube-apiserver",
@@ -328,6 +387,16 @@ class LocalCluster:
                 f"--client-ca-file={pki.ca_crt}",
                 f"--kubelet-client-certificate={kubelet_crt}",
                 f"--kubelet-client-key={kubelet_key}",
+                # Front-proxy (aggregated APIs such as metrics-server); also lets the controller-manager
+                # and scheduler read the requestheader CA they look for.
+                f"--requestheader-client-ca-file={pki.ca_crt}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={proxy_crt}",
+                f"--proxy-client-key-file={proxy_key}",
+                "--enable-aggregator-routing=true",  # no kube-proxy: reach aggregated APIs via endpoints
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
@@ -407,9 +476,7 @@ class LocalCluster:
         self._until(
             deadline,
             "default ServiceAccount",
-            lambda: (
-                self._get(f"{server}/api/v1/namespaces/default/serviceaccounts/default", admin=True)[0] == 200
-            ),
+            lambda: self._get(f"{server}/api/v1/namespaces/default/serviceaccounts/default", admin=True)[0] == 200,
             state,
         )
 
@@ -429,9 +496,8 @@ class LocalCluster:
             ),
             ips=(LOOPBACK, SERVICE_IP),
         )
-        pki.issue(
-            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",), client=True
-        )
+        pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",), client=True)
+        pki.issue("front-proxy-client", "front-proxy-client", client=True)
         pki.issue("admin", "lorafleet-admin", ("system:masters",), client=True)
         pki.issue("controller-manager", "system:kube-controller-manager", client=True)
         pki.issue("scheduler", "system:kube-scheduler", client=True)
@@ -443,9 +509,7 @@ class LocalCluster:
             "controller-manager",
             self.name,
         )
-        pki.kubeconfig(
-            self.dir / "scheduler.kubeconfig", server, "system:kube-scheduler", "scheduler", self.name
-        )
+        pki.kubeconfig(self.dir / "scheduler.kubeconfig", server, "system:kube-scheduler", "scheduler", self.name)
 
     def _spawn(self, state: State, name: str, args: list[str], health: str) -> None:
         log = self.dir / "logs" / f"{name}.log"
@@ -478,15 +542,11 @@ class LocalCluster:
     def _wait(self, state: State, names: list[str], deadline: float) -> None:
         t0 = time.monotonic()
         for n in names:
-            self._until(
-                deadline, f"{n} to become healthy", lambda n=n: self.healthy(state.processes[n]), state
-            )
+            self._until(deadline, f"{n} to become healthy", lambda n=n: self.healthy(state.processes[n]), state)
         self.log(f"{', '.join(names)} healthy ({time.monotonic() - t0:.1f}s)")
 
     def kubectl(self, kubectl: str, *args: str) -> str:
-        proc = subprocess.run(
-            [kubectl, f"--kubeconfig={self.kubeconfig}", *args], capture_output=True, text=True
-        )
+        proc = subprocess.run([kubectl, f"--kubeconfig={self.kubeconfig}", *args], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
@@ -500,6 +560,10 @@ class LocalCluster:
 
     def down(self, grace: float = 10.0) -> None:
         """Stop every recorded process group (SIGTERM, then SIGKILL) and delete the state directory."""
+        with self._locked():
+            self._down(grace)
+
+    def _down(self, grace: float = 10.0) -> None:
         st = self.state()
         procs = [st.processes[n] for n in reversed(PROCESSES) if st and n in st.processes]
         for proc in procs:
@@ -542,6 +606,8 @@ class LocalCluster:
             "up": self.is_up(),
             "server": f"https://{LOOPBACK}:{st.ports['apiserver']}",
             "kubeconfig": str(self.kubeconfig),
+            "persistent": st.persistent,
+            "users": sorted(u.name for u in self._users().iterdir()) if self._users().exists() else [],
             "versions": st.versions,
             "processes": procs,
         }

@@ -18,9 +18,7 @@ _VALIDITY = dt.timedelta(days=365)
 
 def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
     path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.chmod(0o600)
 
@@ -92,9 +90,7 @@ class PKI:
         sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write_key(sa, self.sa_key)
         self.sa_pub.write_bytes(
-            sa.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
 
     def issue(
@@ -145,9 +141,7 @@ class PKI:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         )
         if dns or ips:
             sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
@@ -159,9 +153,7 @@ class PKI:
         crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return crt_path, key_path
 
-    def kubeconfig(
-        self, path: Path, server: str, user: str, cert_name: str, cluster: str = "lorafleet"
-    ) -> Path:
+    def kubeconfig(self, path: Path, server: str, user: str, cert_name: str, cluster: str = "lorafleet") -> Path:
         """Self-contained kubeconfig (certificates inlined) authenticating with the named client cert."""
         crt, key = self.pair(cert_name)
 
@@ -177,9 +169,7 @@ class PKI:
                     "cluster": {"server": server, "certificate-authority-data": b64(self.ca_crt)},
                 }
             ],
-            "users": [
-                {"name": user, "user": {"client-certificate-data": b64(crt), "client-key-data": b64(key)}}
-            ],
+            "users": [{"name": user, "user": {"client-certificate-data": b64(crt), "client-key-data": b64(key)}}],
             "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user}}],
             "current-context": cluster,
             "preferences": {},
