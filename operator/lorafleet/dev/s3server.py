@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="is it running?")
     sub.add_parser("env", help="print the environment of the running server")
     args = parser.parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - stdout is kept for `eval "$(... up)"`
+
+    def log(msg: str) -> None:  # stdout is kept for `eval "$(... up)"`
+        print(msg, file=sys.stderr)
 
     try:
         if args.command == "build":

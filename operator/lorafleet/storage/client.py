@@ -1,0 +1,131 @@
+"""The boto3 client for the store, and the mapping of botocore errors to lorafleet's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    SSLError,
+)
+from botocore.handlers import add_expect_header
+
+from lorafleet.storage.errors import (
+    AccessDenied,
+    BadCredentials,
+    BucketNotFound,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+from lorafleet.storage.settings import StoreSettings
+
+_BAD_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+}
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
+PRECONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def make_client(settings: StoreSettings) -> Any:
+    """An S3 client: path-style (MinIO, Ceph RGW and on-prem DNS need it), standard retries with backoff."""
+    try:
+        from lorafleet import __version__ as version
+    except ImportError:  # pragma: no cover - the package always defines it
+        version = "unknown"
+    config = Config(
+        region_name=settings.region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        # "standard" retries throttling, 5xx and connection errors with exponential backoff and jitter.
+        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        # One pooled connection per concurrent ranged GET / part upload, plus a few for metadata calls.
+        max_pool_connections=max(10, settings.transfer.max_concurrency * 2 + 4),
+        user_agent_extra=f"lorafleet/{version}",
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        aws_session_token=settings.session_token,
+        region_name=settings.region,
+    )
+    client = session.client("s3", endpoint_url=settings.endpoint, verify=settings.verify, config=config)
+    # botocore sends uploads with "Expect: 100-continue" and waits only 1 s for the 100: a busy server answering
+    # later desynchronises the response parsing (seen with MinIO under load: "Failed to parse headers", then
+    # KeyError 'ETag' in s3transfer). The header only saves a rejected body's bandwidth; send bodies directly.
+    client.meta.events.unregister("before-call.s3", add_expect_header)
+    return client
+
+
+def error_code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def http_status(e: ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def is_precondition_failed(e: Exception) -> bool:
+    return isinstance(e, ClientError) and (error_code(e) in PRECONDITION_FAILED or http_status(e) in (409, 412))
+
+
+def translate(e: Exception, settings: StoreSettings, bucket: str, key: str | None, action: str) -> StoreError:
+    """A lorafleet error for a botocore one, naming what was being done, on which object, and the fix."""
+    if isinstance(e, StoreError):
+        return e
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    endpoint = settings.describe()
+    if isinstance(e, ClientError):
+        code, message = error_code(e), e.response.get("Error", {}).get("Message", "")
+        if code == "NoSuchBucket":
+            return BucketNotFound(
+                f"bucket {bucket!r} does not exist at {endpoint} (while trying to {action} {where}): create it, "
+                "or fix the bucket in the URI"
+            )
+        if code in _BAD_CREDENTIALS:
+            return BadCredentials(
+                f"{endpoint} refused the credentials ({code}) while trying to {action} {where}: check "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the store's credentialsSecretRef)"
+            )
+        if code in ("AccessDenied", "403", "Forbidden") or http_status(e) == 403:
+            return AccessDenied(
+                f"access denied to {action} {where} at {endpoint}: the credentials are wrong, or their policy "
+                f"lacks the permission for this bucket/prefix ({message or code})"
+            )
+        if code in _NOT_FOUND or http_status(e) == 404:
+            return ObjectNotFound(f"{where} does not exist at {endpoint} (while trying to {action} it)")
+        return StoreError(f"could not {action} {where} at {endpoint}: {code}: {message}")
+    if isinstance(e, NoCredentialsError | PartialCredentialsError):
+        return BadCredentials(
+            f"no credentials to {action} {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+            "LORAFLEET_STORE_CREDENTIALS_DIR to a mounted Secret"
+        )
+    if isinstance(e, SSLError):
+        return StoreError(
+            f"TLS failed while trying to {action} {where} at {endpoint}: {e}; set AWS_CA_BUNDLE to the CA that "
+            "signed the store's certificate (caBundleSecretRef)"
+        )
+    if isinstance(e, EndpointConnectionError | ConnectTimeoutError | ConnectionClosedError | ReadTimeoutError):
+        return StoreUnavailable(
+            f"could not reach {endpoint} to {action} {where} after {settings.max_attempts} attempts: {e}; check "
+            "LORAFLEET_STORE_ENDPOINT and that the store is up"
+        )
+    if isinstance(e, BotoCoreError):
+        return StoreError(f"could not {action} {where} at {endpoint}: {e}")
+    return StoreError(f"could not {action} {where} at {endpoint}: {type(e).__name__}: {e}")

@@ -1,0 +1,824 @@
+"""ArtifactStore: immutable, checksummed adapter and model versions in any S3-compatible store.
+
+The write protocol (docs/storage.md has the full argument):
+
+1. If ``manifest.json`` exists, hash the local files: the same content is a no-op, other content is refused.
+2. Upload every file under ``<version>/data/<upload-id>/`` (unique per writer; multipart and parallel through
+   boto3's TransferManager) while hashing the files in another thread.
+3. Create ``<version>/manifest.json`` with ``If-None-Match: *``. That PUT is the commit: exactly one writer
+   succeeds; a loser deletes its own upload and gets VersionExists (or a no-op if it uploaded the same content).
+
+Files of two writers never share a key, so nothing is ever overwritten or mixed, and a version without a manifest
+(interrupted upload) is invisible: list skips it, pull refuses it, gc removes it once old enough.
+
+Downloads fetch ranged chunks in parallel into a partial file whose completed chunks are journaled, so an
+interrupted pull resumes where it stopped; the sha256 is computed in order as chunks land, and a file is moved into
+place only when its size and sha256 match the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+from lorafleet import __version__
+from lorafleet.storage.client import is_precondition_failed, make_client, translate
+from lorafleet.storage.errors import (
+    ChecksumMismatch,
+    IncompleteVersion,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+    VersionExists,
+)
+from lorafleet.storage.layout import Location, VersionFolder, new_upload_id, upload_time
+from lorafleet.storage.manifest import (
+    DATA_DIR,
+    MANIFEST_NAME,
+    RESERVED_DIR,
+    ArtifactKind,
+    BaseModelRef,
+    DatasetRef,
+    FileEntry,
+    Manifest,
+    check_digest,
+    check_relative_path,
+    digest_of,
+    now_rfc3339,
+    parse_manifest,
+)
+from lorafleet.storage.settings import MiB, StoreSettings
+
+log = logging.getLogger("lorafleet.storage")
+
+_HASH_BLOCK = 8 * MiB
+_STREAM_BLOCK = 1 * MiB
+
+
+# -- results --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    folder: VersionFolder
+    manifest: Manifest
+    digest: str
+    created: bool  # False: the same content was already there (a no-op)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    folder: VersionFolder
+    dest: Path
+    manifest: Manifest
+    digest: str
+    downloaded_bytes: int
+    reused_bytes: int  # already in place (verified) or resumed from a partial download
+
+
+@dataclass
+class VersionInfo:
+    folder: VersionFolder
+    complete: bool
+    manifest: Manifest | None = None
+    digest: str | None = None
+    uploads: list[str] = field(default_factory=list)  # upload ids under data/
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # relative, POSIX
+    abspath: Path
+    size: int
+    mtime_ns: int
+
+
+# -- local files ----------------------------------------------------------------------------------------------
+
+
+def scan_folder(src: Path) -> list[LocalFile]:
+    """Regular files under src (symlinks followed, as in a Hugging Face snapshot), sorted by path."""
+    if not src.is_dir():
+        raise StoreError(f"{src} is not a folder: push takes the folder holding the adapter or model files")
+    out: list[LocalFile] = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(src)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d != RESERVED_DIR]  # a pulled folder's bookkeeping
+        for name in filenames:
+            p = Path(dirpath) / name
+            st = p.stat()
+            rel = (rel_dir / name).as_posix()
+            try:
+                check_relative_path(rel)
+            except ValueError as e:
+                raise StoreError(f"cannot push {p}: {e}") from e
+            out.append(LocalFile(rel, p, st.st_size, st.st_mtime_ns))
+    if not out:
+        raise StoreError(f"{src} holds no files: nothing to push")
+    return sorted(out, key=lambda f: f.path)
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers: hashing overlaps the transfers
+    return h.hexdigest()
+
+
+def verify_local(path: Path, entry: FileEntry) -> bool:
+    try:
+        return path.stat().st_size == entry.size and hash_file(path) == entry.sha256
+    except FileNotFoundError:
+        return False
+
+
+# -- the store ------------------------------------------------------------------------------------------------
+
+
+class ArtifactStore:
+    """Push, pull, verify, list and garbage-collect artifact versions on one S3-compatible endpoint."""
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        *,
+        client: Any | None = None,
+        conditional_writes: bool | None = None,
+    ) -> None:
+        """conditional_writes: None probes the server once per bucket; False forces the weaker fallback."""
+        self.settings = settings
+        self.client = client or make_client(settings)
+        self._conditional: dict[str, bool] = {}
+        self._forced_conditional = conditional_writes
+        self._transfer_config = TransferConfig(
+            multipart_threshold=settings.transfer.multipart_threshold,
+            multipart_chunksize=settings.transfer.multipart_chunksize,
+            max_concurrency=settings.transfer.max_concurrency,
+            preferred_transfer_client="classic",
+        )
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ArtifactStore:
+        return cls(StoreSettings.from_env(env))
+
+    # -- small helpers --------------------------------------------------------------------------------------
+
+    def _err(self, e: Exception, bucket: str, key: str | None, action: str) -> StoreError:
+        return translate(e, self.settings, bucket, key, action)
+
+    def _sse(self) -> dict[str, str]:
+        return {"ServerSideEncryption": self.settings.sse} if self.settings.sse else {}
+
+    def _get_bytes(self, bucket: str, key: str, action: str = "read") -> bytes:
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                return body
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:  # botocore does not retry a body cut mid-stream
+                if attempt == self.settings.max_attempts:
+                    raise self._err(e, bucket, key, action) from e
+                _backoff(attempt)
+            except (ClientError, BotoCoreError) as e:
+                raise self._err(e, bucket, key, action) from e
+        raise AssertionError("unreachable")
+
+    def _list(self, bucket: str, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        try:
+            yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, bucket, prefix, "list") from e
+
+    def _keys(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        return [obj for page in self._list(bucket, prefix) for obj in page.get("Contents", [])]
+
+    def _delete_keys(self, bucket: str, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            try:
+                resp = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError) as e:
+                raise self._err(e, bucket, batch[0]["Key"], "delete") from e
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StoreError(
+                    f"could not delete {len(resp['Errors'])} objects in s3://{bucket}, first "
+                    f"{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
+                )
+
+    def _abort_multipart(self, bucket: str, prefix: str, older_than: datetime | None = None) -> int:
+        """Abort unfinished multipart uploads under prefix (their parts use space but are invisible)."""
+        aborted = 0
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+                for up in page.get("Uploads", []):
+                    if older_than is not None and up["Initiated"] > older_than:
+                        continue
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    aborted += 1
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, bucket, prefix, "abort multipart uploads under") from e
+        return aborted
+
+    # -- manifests ------------------------------------------------------------------------------------------
+
+    def read_manifest(self, folder: VersionFolder) -> tuple[Manifest, str, bytes]:
+        """(manifest, digest, raw bytes). IncompleteVersion when files exist without a manifest."""
+        try:
+            raw = self._get_bytes(folder.bucket, folder.manifest_key, "read the manifest")
+        except ObjectNotFound:
+            if self._keys_exist(folder.bucket, folder.location.key("") + "/"):
+                raise IncompleteVersion(
+                    f"{folder.uri} has files but no {MANIFEST_NAME}: an upload was interrupted or is still "
+                    "running, so it is not a version yet; push it again, or remove it with "
+                    f"`lorafleet artifacts gc {folder.uri} --older-than 1h`"
+                ) from None
+            raise ObjectNotFound(
+                f"no version at {folder.uri} (no {MANIFEST_NAME}): check the URI, or push it first"
+            ) from None
+        try:
+            manifest, digest = parse_manifest(raw)
+        except ValueError as e:
+            raise StoreError(f"{folder.uri}/{MANIFEST_NAME} is not a valid lorafleet manifest: {e}") from e
+        return manifest, digest, raw
+
+    def _keys_exist(self, bucket: str, prefix: str) -> bool:
+        try:
+            resp = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, bucket, prefix, "list") from e
+        return bool(resp.get("KeyCount") or resp.get("Contents"))
+
+    def _existing(self, folder: VersionFolder) -> tuple[Manifest, str] | None:
+        try:
+            manifest, digest, _ = self.read_manifest(folder)
+        except (ObjectNotFound, IncompleteVersion):
+            return None  # an incomplete version is not a version: a new writer may still claim it
+        return manifest, digest
+
+    def supports_conditional_writes(self, folder: VersionFolder) -> bool:
+        """Whether the server honours If-None-Match: * on PUT (AWS since 2024-08, MinIO, recent Ceph RGW).
+
+        Probed once per bucket: create an object twice under a throwaway upload id; the second must be refused.
+        """
+        if self._forced_conditional is not None:
+            return self._forced_conditional
+        if folder.bucket in self._conditional:
+            return self._conditional[folder.bucket]
+        key = folder.data_key(f"{DATA_DIR}/{new_upload_id()}", f"{RESERVED_DIR}/probe")
+        supported = False
+        try:
+            for i in range(2):
+                try:
+                    self.client.put_object(Bucket=folder.bucket, Key=key, Body=b"probe", IfNoneMatch="*", **self._sse())
+                except ClientError as e:
+                    if i == 1 and is_precondition_failed(e):
+                        supported = True
+                        break
+                    if i == 0 and (e.response.get("Error", {}).get("Code") in ("NotImplemented", "501")):
+                        break
+                    raise
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, folder.bucket, key, "probe conditional writes with") from e
+        finally:
+            with contextlib.suppress(ClientError, BotoCoreError):  # a stray probe is harmless; gc removes it
+                self.client.delete_object(Bucket=folder.bucket, Key=key)
+        if not supported:
+            log.warning(
+                "%s ignores If-None-Match on PUT: concurrent pushes of one version are detected after the fact "
+                "(see docs/storage.md)",
+                self.settings.describe(),
+            )
+        self._conditional[folder.bucket] = supported
+        return supported
+
+    # -- push -----------------------------------------------------------------------------------------------
+
+    def push(
+        self,
+        src: Path,
+        folder: VersionFolder,
+        *,
+        kind: ArtifactKind,
+        name: str,
+        version: str,
+        base_model: BaseModelRef | None = None,
+        dataset: DatasetRef | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        trainer_image: str | None = None,
+        on_file: Callable[[str], None] | None = None,
+    ) -> PushResult:
+        """Upload src as an immutable version. Same content again: no-op; other content: VersionExists."""
+        files = scan_folder(Path(src))
+
+        def manifest_for(entries: list[FileEntry], data_prefix: str) -> Manifest:
+            return Manifest(
+                kind=kind,
+                name=name,
+                version=version,
+                data_prefix=data_prefix,
+                files=entries,
+                total_size=sum(e.size for e in entries),
+                base_model=base_model,
+                dataset=dataset,
+                hyperparameters=hyperparameters or {},
+                metrics=metrics or {},
+                trainer_image=trainer_image,
+                lorafleet_version=__version__,
+                created_at=now_rfc3339(),
+            )
+
+        existing = self._existing(folder)
+        if existing is not None:
+            entries = [FileEntry(path=f.path, sha256=hash_file(f.abspath), size=f.size) for f in files]
+            return self._same_or_refuse(folder, manifest_for(entries, existing[0].data_prefix), *existing)
+
+        conditional = self.supports_conditional_writes(folder)
+        upload_id = new_upload_id()
+        data_prefix = f"{DATA_DIR}/{upload_id}"
+        try:
+            entries = self._upload_files(files, folder, data_prefix, on_file)
+        except BaseException:
+            # Interrupted or failed before the commit: the version stays invisible. Remove what this writer
+            # staged; if even that fails (store down), gc removes it later.
+            self._cleanup_upload(folder, data_prefix)
+            raise
+        manifest = manifest_for(entries, data_prefix)
+        body = manifest.canonical_bytes()
+        # No cleanup if the commit itself fails: the PUT may have landed with its response lost, and deleting
+        # the data of a committed manifest would break the version. gc removes the upload if it is unreferenced.
+        if self._commit(folder, body, conditional):
+            return PushResult(folder, manifest, digest_of(body), created=True)
+        winner, winner_digest, _ = self.read_manifest(folder)
+        if winner.data_prefix == data_prefix:
+            # Our own PUT landed, its response was lost, and botocore's retry hit our manifest.
+            return PushResult(folder, winner, winner_digest, created=True)
+        # Another writer committed first: our upload is garbage whatever the outcome.
+        self._cleanup_upload(folder, data_prefix)
+        return self._same_or_refuse(folder, manifest, winner, winner_digest, raced=True)
+
+    def _same_or_refuse(
+        self, folder: VersionFolder, ours: Manifest, theirs: Manifest, their_digest: str, raced: bool = False
+    ) -> PushResult:
+        if ours.identity() == theirs.identity():
+            return PushResult(folder, theirs, their_digest, created=False)
+        differs = _describe_difference(ours, theirs)
+        when = "was committed by another writer while this one uploaded" if raced else "already exists"
+        raise VersionExists(
+            f"{folder.uri} {when} with different content ({differs}; existing digest {their_digest}, created "
+            f"{theirs.created_at}): versions are immutable, push under a new version"
+        )
+
+    def _upload_files(
+        self, files: list[LocalFile], folder: VersionFolder, data_prefix: str, on_file: Callable[[str], None] | None
+    ) -> list[FileEntry]:
+        """Upload through TransferManager (multipart, parallel) while hashing in a second thread."""
+        extra = self._sse()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-hash") as hasher:
+            hashes = [hasher.submit(hash_file, f.abspath) for f in files]
+            tm = create_transfer_manager(self.client, self._transfer_config)
+            futures = []
+            try:
+                for f in files:
+                    key = folder.data_key(data_prefix, f.path)
+                    futures.append(tm.upload(str(f.abspath), folder.bucket, key, extra_args=extra))
+                for f, fut in zip(files, futures, strict=True):
+                    try:
+                        fut.result()
+                    except (ClientError, BotoCoreError, OSError) as e:
+                        raise self._err(e, folder.bucket, folder.data_key(data_prefix, f.path), "upload") from e
+                    if on_file:
+                        on_file(f.path)
+            except BaseException as e:
+                tm.shutdown(cancel=True, cancel_msg=str(e) or type(e).__name__)
+                for h in hashes:
+                    h.cancel()
+                raise
+            tm.shutdown()
+            entries = [
+                FileEntry(path=f.path, sha256=h.result(), size=f.size) for f, h in zip(files, hashes, strict=True)
+            ]
+        for f in files:
+            st = f.abspath.stat()
+            if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+                raise StoreError(f"{f.abspath} changed while it was uploaded: push again once it is complete")
+        return entries
+
+    def _commit(self, folder: VersionFolder, body: bytes, conditional: bool) -> bool:
+        """Create manifest.json; False when another writer's manifest is already there."""
+        key = folder.manifest_key
+        args: dict[str, Any] = {
+            "Bucket": folder.bucket,
+            "Key": key,
+            "Body": body,
+            "ContentType": "application/json",
+            **self._sse(),
+        }
+        if conditional:
+            try:
+                self.client.put_object(**args, IfNoneMatch="*")
+            except ClientError as e:
+                if is_precondition_failed(e):
+                    return False
+                raise self._err(e, folder.bucket, key, "write the manifest") from e
+            except BotoCoreError as e:
+                raise self._err(e, folder.bucket, key, "write the manifest") from e
+            return True
+        # Fallback for servers without conditional writes: check, write, read back. Two writers racing in the
+        # gap both write, the last one's manifest stands and the other sees it on read-back: each manifest only
+        # references its own upload, so files are never mixed, but the loser learns it lost after the fact.
+        if self._existing(folder) is not None:
+            return False
+        try:
+            self.client.put_object(**args)
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, folder.bucket, key, "write the manifest") from e
+        time.sleep(0.5)  # let a racing writer's PUT land before the read-back
+        _, digest, raw = self.read_manifest(folder)
+        if raw != body:
+            log.warning("manifest of %s was overwritten by a concurrent writer (%s)", folder.uri, digest)
+            return False
+        return True
+
+    def _cleanup_upload(self, folder: VersionFolder, data_prefix: str) -> None:
+        prefix = folder.location.key(data_prefix) + "/"
+        try:
+            self._delete_keys(folder.bucket, [o["Key"] for o in self._keys(folder.bucket, prefix)])
+            self._abort_multipart(folder.bucket, prefix)
+        except StoreError as e:
+            log.warning("could not remove the staged upload %s/%s (gc will): %s", folder.uri, data_prefix, e)
+
+    # -- pull -----------------------------------------------------------------------------------------------
+
+    def pull(self, folder: VersionFolder, dest: Path, *, digest: str | None = None) -> PullResult:
+        """Download a version into dest, verifying every file; resumes an interrupted pull into the same dest."""
+        manifest, actual, raw = self.read_manifest(folder)
+        if digest is not None and check_digest(digest) != actual:
+            raise ChecksumMismatch(
+                f"{folder.uri} has digest {actual}, not the pinned {digest}: the version was replaced or the pin "
+                "is wrong; fix the digest in the spec, or push under a new version"
+            )
+        dest = Path(dest)
+        work = dest / RESERVED_DIR
+        partial_dir = work / "partial"
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        todo: list[FileEntry] = []
+        reused = 0
+        for entry in manifest.files:
+            if verify_local(dest / entry.path, entry):
+                reused += entry.size
+            else:
+                todo.append(entry)
+        downloader = _Downloader(self, folder, manifest, dest, partial_dir)
+        downloaded, resumed = downloader.run(todo)
+        (work / MANIFEST_NAME).write_bytes(raw)
+        (work / "digest").write_text(actual + "\n")
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        return PullResult(folder, dest, manifest, actual, downloaded, reused + resumed)
+
+    # -- verify ---------------------------------------------------------------------------------------------
+
+    def verify(self, folder: VersionFolder, *, digest: str | None = None) -> tuple[Manifest, str]:
+        """Re-hash every remote file against the manifest (no local copy). ChecksumMismatch lists all bad files."""
+        manifest, actual, _ = self.read_manifest(folder)
+        problems: list[str] = []
+        if digest is not None and check_digest(digest) != actual:
+            problems.append(f"manifest digest is {actual}, not {digest}")
+        with ThreadPoolExecutor(max_workers=self.settings.transfer.max_concurrency) as pool:
+            results = pool.map(lambda e: (e, self._remote_hash(folder, manifest, e)), manifest.files)
+            for entry, (sha, size) in results:
+                if size != entry.size:
+                    problems.append(f"{entry.path}: {size} bytes, manifest says {entry.size}")
+                elif sha != entry.sha256:
+                    problems.append(f"{entry.path}: sha256 {sha}, manifest says {entry.sha256}")
+        if problems:
+            raise ChecksumMismatch(
+                f"{folder.uri} is corrupt: " + "; ".join(problems) + ". Restore it from a backup or push a new version"
+            )
+        return manifest, actual
+
+    def _remote_hash(self, folder: VersionFolder, manifest: Manifest, entry: FileEntry) -> tuple[str, int]:
+        key = folder.data_key(manifest.data_prefix, entry.path)
+        for attempt in range(1, self.settings.max_attempts + 1):
+            h, size = hashlib.sha256(), 0
+            try:
+                body = self.client.get_object(Bucket=folder.bucket, Key=key)["Body"]
+                for piece in body.iter_chunks(_STREAM_BLOCK):
+                    h.update(piece)
+                    size += len(piece)
+                return h.hexdigest(), size
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                if attempt == self.settings.max_attempts:
+                    raise self._err(e, folder.bucket, key, "read") from e
+                _backoff(attempt)
+            except (ClientError, BotoCoreError) as e:
+                err = self._err(e, folder.bucket, key, "read")
+                if isinstance(err, ObjectNotFound):
+                    raise ChecksumMismatch(f"{folder.uri} is missing {entry.path} (s3://{folder.bucket}/{key})") from e
+                raise err from e
+        raise AssertionError("unreachable")
+
+    # -- listing, deletion, gc ------------------------------------------------------------------------------
+
+    def walk(self, root: Location, max_depth: int = 6) -> Iterator[VersionInfo]:
+        """Every version folder under root (complete or not): a folder with a manifest.json or a data/ folder."""
+        prefix = root.key("") + "/" if root.prefix else ""
+        yield from self._walk(root.bucket, prefix, max_depth)
+
+    def _walk(self, bucket: str, prefix: str, depth: int) -> Iterator[VersionInfo]:
+        children: list[str] = []
+        has_manifest = False
+        uploads: list[str] = []
+        for page in self._list(bucket, prefix, "/"):
+            for obj in page.get("Contents", []):
+                if obj["Key"] == prefix + MANIFEST_NAME:
+                    has_manifest = True
+            for cp in page.get("CommonPrefixes", []):
+                children.append(cp["Prefix"])
+        if prefix + DATA_DIR + "/" in children:
+            for page in self._list(bucket, prefix + DATA_DIR + "/", "/"):
+                uploads += [cp["Prefix"][len(prefix) + len(DATA_DIR) + 1 : -1] for cp in page.get("CommonPrefixes", [])]
+        if has_manifest or uploads:
+            folder = VersionFolder(Location(bucket, prefix.rstrip("/")))
+            info = VersionInfo(folder, complete=has_manifest, uploads=sorted(uploads))
+            if has_manifest:
+                try:
+                    info.manifest, info.digest, _ = self.read_manifest(folder)
+                except ObjectNotFound:  # deleted between list and read
+                    info.complete = False
+            yield info
+            return  # a version folder holds no other versions
+        if depth > 0:
+            for child in sorted(children):
+                yield from self._walk(bucket, child, depth - 1)
+
+    def list_versions(self, root: Location, *, include_incomplete: bool = False) -> list[VersionInfo]:
+        return [v for v in self.walk(root) if v.complete or include_incomplete]
+
+    def delete_version(self, folder: VersionFolder) -> int:
+        """Remove a version: manifest first (it stops being served at once), then its data. Returns objects removed."""
+        try:
+            self.client.delete_object(Bucket=folder.bucket, Key=folder.manifest_key)
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, folder.bucket, folder.manifest_key, "delete") from e
+        keys = [o["Key"] for o in self._keys(folder.bucket, folder.location.key("") + "/")]
+        self._delete_keys(folder.bucket, keys)
+        self._abort_multipart(folder.bucket, folder.location.key("") + "/")
+        return len(keys) + 1
+
+    def gc(self, root: Location, older_than: timedelta, *, dry_run: bool = False) -> list[str]:
+        """Remove uploads that no manifest references and that are older than older_than: interrupted pushes,
+        losers of a race. Returns the data prefixes (s3:// URIs) removed (or that would be, with dry_run).
+
+        Age is the newest of: the upload id's time, its newest object, its newest unfinished multipart upload;
+        keep older_than above the longest push, or gc may remove an upload that is still running.
+        """
+        cutoff = datetime.now(UTC) - older_than
+        removed: list[str] = []
+        for info in self.walk(root):
+            keep = info.manifest.data_prefix if info.manifest else None
+            for upload_id in info.uploads:
+                data_prefix = f"{DATA_DIR}/{upload_id}"
+                if data_prefix == keep:
+                    continue
+                prefix = info.folder.location.key(data_prefix) + "/"
+                objects = self._keys(info.folder.bucket, prefix)
+                times = [o["LastModified"] for o in objects]
+                started = upload_time(upload_id)
+                if started:
+                    times.append(started)
+                if times and max(times) > cutoff:
+                    continue
+                removed.append(f"{info.folder.uri}/{data_prefix}")
+                if not dry_run:
+                    self._delete_keys(info.folder.bucket, [o["Key"] for o in objects])
+                    self._abort_multipart(info.folder.bucket, prefix)
+            if not dry_run:
+                # Parts of multipart uploads whose objects never appeared (killed mid-part) are not listed above.
+                self._abort_multipart(info.folder.bucket, info.folder.data_root, older_than=cutoff)
+        return removed
+
+
+# -- downloads ------------------------------------------------------------------------------------------------
+
+
+class _Downloader:
+    """Parallel ranged GETs into journaled partial files, hashed in order as the chunks land.
+
+    s3transfer's download cannot resume and writes parts out of order, so this is our own (small) loop; the
+    retries of each request are still botocore's, and a body cut mid-stream is retried here from where it stopped.
+    """
+
+    def __init__(
+        self, store: ArtifactStore, folder: VersionFolder, manifest: Manifest, dest: Path, partial_dir: Path
+    ) -> None:
+        self.store = store
+        self.folder = folder
+        self.manifest = manifest
+        self.dest = dest
+        self.partial_dir = partial_dir
+        self.chunk = store.settings.transfer.download_chunksize
+        self._lock = threading.Lock()
+        self._failed = threading.Event()
+
+    def run(self, entries: list[FileEntry]) -> tuple[int, int]:
+        downloaded = resumed = 0
+        if not entries:
+            return 0, 0
+        pool = ThreadPoolExecutor(max_workers=self.store.settings.transfer.max_concurrency, thread_name_prefix="lf-get")
+        jobs: list[_FileJob] = []
+        try:
+            for entry in entries:  # submitted in order, so chunks land roughly in the order the hasher wants
+                job = _FileJob(self, entry)
+                jobs.append(job)
+                job.start(pool)
+            for job in jobs:
+                resumed += job.resumed_bytes
+                downloaded += job.finish()
+                if job.retry_from_scratch:
+                    # A resumed partial held bad bytes (e.g. lost on a node crash): fetch it again once, cleanly.
+                    retry = _FileJob(self, job.entry, fresh=True)
+                    retry.start(pool)
+                    resumed -= job.resumed_bytes
+                    downloaded += retry.finish()
+        except BaseException:
+            self._failed.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for job in jobs:
+                job.close()
+            raise
+        pool.shutdown(wait=True)
+        return downloaded, resumed
+
+
+class _FileJob:
+    def __init__(self, dl: _Downloader, entry: FileEntry, fresh: bool = False) -> None:
+        self.dl = dl
+        self.entry = entry
+        self.key = dl.folder.data_key(dl.manifest.data_prefix, entry.path)
+        self.part = dl.partial_dir / entry.sha256
+        self.journal = dl.partial_dir / f"{entry.sha256}.json"
+        self.size = entry.size
+        self.n = (entry.size + dl.chunk - 1) // dl.chunk
+        self.done: set[int] = set() if fresh else self._load_journal()
+        self.resumed_bytes = sum(self._span(i)[1] - self._span(i)[0] + 1 for i in self.done)
+        self.retry_from_scratch = False
+        self.futures: dict[int, Future[None]] = {}
+        self.fd = -1
+        if fresh:
+            self.part.unlink(missing_ok=True)
+
+    def _span(self, i: int) -> tuple[int, int]:
+        start = i * self.dl.chunk
+        return start, min(start + self.dl.chunk, self.size) - 1
+
+    def _load_journal(self) -> set[int]:
+        try:
+            state = json.loads(self.journal.read_text())
+        except (OSError, ValueError):
+            return set()
+        if (
+            state.get("sha256") != self.entry.sha256
+            or state.get("size") != self.size
+            or state.get("chunk") != self.dl.chunk
+            or not self.part.exists()
+        ):
+            return set()
+        return {i for i in state.get("done", []) if isinstance(i, int) and 0 <= i < self.n}
+
+    def _save_journal(self) -> None:
+        state = {"sha256": self.entry.sha256, "size": self.size, "chunk": self.dl.chunk, "done": sorted(self.done)}
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.journal)
+
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        if not self.done:
+            self.journal.unlink(missing_ok=True)
+        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, self.size)  # sparse; chunks are written in place
+        for i in range(self.n):
+            if i not in self.done:
+                self.futures[i] = pool.submit(self._fetch, i)
+
+    def _fetch(self, i: int) -> None:
+        start, end = self._span(i)
+        pos = start
+        settings = self.dl.store.settings
+        bucket = self.dl.folder.bucket
+        attempt = 0
+        while True:
+            if self.dl._failed.is_set():
+                raise StoreError("cancelled")
+            try:
+                resp = self.dl.store.client.get_object(Bucket=bucket, Key=self.key, Range=f"bytes={pos}-{end}")
+                for piece in resp["Body"].iter_chunks(_STREAM_BLOCK):
+                    os.pwrite(self.fd, piece, pos)
+                    pos += len(piece)
+                if pos != end + 1:
+                    raise ConnectionError(f"short read: got bytes {start}-{pos - 1} of {start}-{end}")
+                break
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                # The body was cut (server restarted, connection reset): continue from the last byte written.
+                attempt += 1
+                if attempt >= settings.max_attempts:
+                    raise StoreUnavailable(
+                        f"download of s3://{bucket}/{self.key} kept failing ({attempt} attempts): {e}"
+                    ) from e
+                log.info("retrying s3://%s/%s from byte %d after %s", bucket, self.key, pos, e)
+                _backoff(attempt)
+            except (ClientError, BotoCoreError) as e:
+                raise self.dl.store._err(e, bucket, self.key, "download") from e
+        with self.dl._lock:
+            self.done.add(i)
+            self._save_journal()
+
+    def finish(self) -> int:
+        """Hash the chunks in order as they complete; move the file into place if it matches. Returns bytes fetched."""
+        h = hashlib.sha256()
+        buf = bytearray(min(self.dl.chunk, max(self.size, 1)))
+        fetched = 0
+        try:
+            for i in range(self.n):
+                fut = self.futures.get(i)
+                if fut is not None:
+                    try:
+                        fut.result()
+                    except StoreError as e:
+                        raise type(e)(
+                            f"{e}. The {len(self.done) * self.dl.chunk // MiB} MiB downloaded so far are kept in "
+                            f"{self.dl.partial_dir}: run the same pull again to resume"
+                        ) from e
+                    fetched += self._span(i)[1] - self._span(i)[0] + 1
+                start, end = self._span(i)
+                view = memoryview(buf)[: end - start + 1]
+                n = os.preadv(self.fd, [view], start)
+                h.update(view[:n])
+        except BaseException:
+            # Leave the fd open: other chunks of this file may still be writing; run() closes it after the pool.
+            raise
+        self.close()
+        if h.hexdigest() != self.entry.sha256:
+            self.part.unlink(missing_ok=True)
+            self.journal.unlink(missing_ok=True)
+            if self.resumed_bytes:
+                self.retry_from_scratch = True
+                return fetched
+            raise ChecksumMismatch(
+                f"{self.dl.folder.uri}: {self.entry.path} (s3://{self.dl.folder.bucket}/{self.key}) has sha256 "
+                f"{h.hexdigest()}, the manifest says {self.entry.sha256}: the stored object is corrupt; run "
+                f"`lorafleet artifacts verify {self.dl.folder.uri}` and restore it or push a new version"
+            )
+        target = self.dl.dest / self.entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.part, target)
+        self.journal.unlink(missing_ok=True)
+        return fetched
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(20.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+
+
+def _describe_difference(ours: Manifest, theirs: Manifest) -> str:
+    a, b = ours.identity(), theirs.identity()
+    if a.get("files") != b.get("files"):
+        ours_f = {f.path: f.sha256 for f in ours.files}
+        theirs_f = {f.path: f.sha256 for f in theirs.files}
+        changed = sorted(p for p in ours_f.keys() | theirs_f.keys() if ours_f.get(p) != theirs_f.get(p))
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        return "files differ: " + ", ".join(changed[:5]) + more
+    fields = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return "lineage differs: " + ", ".join(fields)
