@@ -384,7 +384,8 @@ def crd_manifest(
                 "type": "string",
                 "description": "Kind is the REST resource this object represents.",
             },
-            "metadata": {"type": "object", "description": "Standard Kubernetes object metadata."},
+            # The API server allows nothing but type here (it documents metadata itself).
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
