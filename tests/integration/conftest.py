@@ -12,6 +12,7 @@ Every test in this directory is marked ``integration``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -25,20 +26,36 @@ from kubernetes.client.rest import ApiException
 from lorafleet.dev.testing import ClusterHandle, wait_until
 
 HERE = Path(__file__).parent
+SKIP = os.environ.get("LORAFLEET_SKIP_INTEGRATION") == "1"
+EXTERNAL = os.environ.get("LORAFLEET_CLUSTER") == "external"
+_build_errors: list[str] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip = os.environ.get("LORAFLEET_SKIP_INTEGRATION") == "1"
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
-            if skip:
+            if SKIP:
                 item.add_marker(pytest.mark.skip(reason="LORAFLEET_SKIP_INTEGRATION=1"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build missing binaries before any test runs, so a cold build (minutes) is not cut by pytest-timeout."""
+    if SKIP or EXTERNAL or not any(HERE in item.path.parents for item in session.items):
+        return
+    from lorafleet.dev.cluster import LocalCluster
+
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        try:
+            LocalCluster().binaries()
+        except Exception as e:  # reported by the cluster fixture, as a failure
+            _build_errors.append(str(e))
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterHandle]:
-    if os.environ.get("LORAFLEET_CLUSTER") == "external":
+    if EXTERNAL:
         paths = os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)
         kubeconfig = Path(paths[0]).expanduser()
         api = config.new_client_from_config()  # honours every path in $KUBECONFIG
@@ -50,6 +67,8 @@ def cluster() -> Iterator[ClusterHandle]:
 
     local = LocalCluster()  # LORAFLEET_CLUSTER_NAME picks another one (default "lorafleet")
     try:
+        if _build_errors:
+            raise RuntimeError(_build_errors[0])
         local.acquire()
     except Exception as e:  # a missing Go toolchain, a failed build, a component that did not start
         pytest.fail(

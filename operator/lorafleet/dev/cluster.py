@@ -108,8 +108,6 @@ def _alive(pid: int, start_ticks: int | None = None) -> bool:
     if stat is None:
         return False
     if stat[0] == "Z":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         return False
     return start_ticks is None or int(stat[19]) == start_ticks
 
@@ -143,9 +141,6 @@ class Proc:
     log: str
     args: list[str]
     health: str = ""  # URL polled for readiness
-
-    def alive(self) -> bool:
-        return _alive(self.pid, self.start_ticks)
 
 
 @dataclass
@@ -239,6 +234,12 @@ class LocalCluster:
         except (OSError, ssl.SSLError) as e:
             return 0, str(e)
 
+    def alive(self, proc: Proc) -> bool:
+        child = self._children.get(proc.pid)
+        if child is not None:  # our own child: poll() also reaps it and keeps its exit code
+            return child.poll() is None
+        return _alive(proc.pid, proc.start_ticks)
+
     def healthy(self, proc: Proc) -> bool:
         code, body = self._get(proc.health, admin=proc.name == "kube-apiserver")
         if proc.name == "etcd":
@@ -249,7 +250,7 @@ class LocalCluster:
         st = self.state()
         if not st or set(st.processes) != set(PROCESSES):
             return False
-        return all(p.alive() for p in st.processes.values()) and self.healthy(st.processes["kube-apiserver"])
+        return all(self.alive(p) for p in st.processes.values()) and self.healthy(st.processes["kube-apiserver"])
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -282,7 +283,7 @@ class LocalCluster:
             self.log(f"cleaning up leftovers of a previous run in {self.dir}")
             self._down()
         t0 = time.monotonic()
-        bins = self._binaries()
+        bins = self.binaries()
         t_bins = time.monotonic() - t0
         deadline = time.monotonic() + timeout
         try:
@@ -323,7 +324,8 @@ class LocalCluster:
             self._down()
             return True
 
-    def _binaries(self) -> dict[str, Path]:
+    def binaries(self) -> dict[str, Path]:
+        """Paths of the control-plane binaries, built first if missing (Debian etcd as a fallback)."""
         bins = self.builder.ensure([c for c in CONTROL_PLANE if c != "etcd"])
         try:
             bins.update(self.builder.ensure(["etcd"]))
@@ -532,7 +534,7 @@ class LocalCluster:
             if ok():
                 return
             for name, proc in state.processes.items():
-                if not proc.alive():
+                if not self.alive(proc):
                     code = self._children[proc.pid].poll() if proc.pid in self._children else None
                     raise ClusterError(f"{name} exited (code {code}) while waiting for {what}")
             if time.monotonic() > deadline:
@@ -567,14 +569,14 @@ class LocalCluster:
         st = self.state()
         procs = [st.processes[n] for n in reversed(PROCESSES) if st and n in st.processes]
         for proc in procs:
-            if proc.alive():
+            if self.alive(proc):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         end = time.monotonic() + grace
         for proc in procs:
-            while proc.alive() and time.monotonic() < end:
+            while self.alive(proc) and time.monotonic() < end:
                 time.sleep(0.1)
-            if proc.alive():
+            if self.alive(proc):
                 self.log(f"{proc.name} did not stop in {grace:.0f}s: SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -594,8 +596,8 @@ class LocalCluster:
         procs = {
             n: {
                 "pid": p.pid,
-                "alive": p.alive(),
-                "healthy": p.alive() and self.healthy(p),
+                "alive": self.alive(p),
+                "healthy": self.alive(p) and self.healthy(p),
                 "health": p.health,
                 "log": p.log,
             }
