@@ -52,6 +52,12 @@ class DistributedSettings(ApiModel):
     backend: Literal["nccl", "gloo"] = Field(default="nccl", description="torch.distributed backend.")
     master_addr: str | None = Field(default=None, description="Rendezvous host (pod 0 via the headless Service).")
     master_port: int = Field(default=29500, description="Rendezvous port.")
+    # Not dumped while it has its default, so rendered configs (and the golden files) stay as they were.
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp replicates the model on every process; fsdp shards it (models that do not fit one GPU).",
+        exclude_if=lambda value: value == "ddp",
+    )
 
 
 class TrainerConfig(ApiModel):
