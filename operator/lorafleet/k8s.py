@@ -53,6 +53,7 @@ NETWORK_DELAY = 10.0
 UNKNOWN_KIND_DELAY = 30.0
 MAX_RETRY_AFTER = 300.0
 
+POOL_SIZE = 32
 _lock = threading.RLock()
 _configured = False
 _api_client: k8s_client.ApiClient | None = None
@@ -103,7 +104,11 @@ def dynamic_client() -> Any:
             if not _configured:
                 load_client_config()
             if _api_client is None:
-                _api_client = k8s_client.ApiClient()
+                configuration = k8s_client.Configuration.get_default_copy()
+                # kopf runs up to MAX_WORKERS sync handlers at once; urllib3's default pool of 10 would
+                # discard connections under that load.
+                configuration.connection_pool_maxsize = POOL_SIZE
+                _api_client = k8s_client.ApiClient(configuration)
             # A per-process cache file: the default one is keyed by host only and outlives the process, so
             # a test cluster recreated on the same address would be served stale resource lists.
             cache_file = os.path.join(tempfile.gettempdir(), f"lorafleet-discovery-{os.getpid()}.json")
@@ -338,9 +343,7 @@ def list_(
 ) -> list[dict[str, Any]]:
     """Objects of a kind, in one namespace or (namespace None) everywhere; items carry apiVersion and kind."""
     res = resource(api_version, kind)
-    result = dynamic_client().get(
-        res, namespace=namespace if res.namespaced else None, label_selector=label_selector
-    )
+    result = dynamic_client().get(res, namespace=namespace if res.namespaced else None, label_selector=label_selector)
     return cast(list[dict[str, Any]], _to_dict(result).get("items") or [])
 
 

@@ -113,5 +113,5 @@ def fine_tune_job_changed(body: kopf.Body, **kwargs: Any) -> None:
     """A FineTuneJob succeeding puts its adapter into the deployments that serve it, without a restart."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     index: kopf.Index[Any, str] = kwargs["adapterdeployments_by_fine_tune_job"]
-    for name in index.get(key, ()):
+    for name in list(index.get(key, ())):  # kopf mutates indexes concurrently
         reconcile_by_name(reconcile, KIND, name, key[0])

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from lorafleet import API_VERSION, k8s
 from lorafleet.config import OperatorSettings
@@ -119,7 +120,14 @@ def reconcile_by_name(reconcile: Reconciler, kind: str, name: str, namespace: st
     body = get_custom(kind, name, namespace)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
-    reconcile_and_write(reconcile, body, None)
+    try:
+        reconcile_and_write(reconcile, body, None)
+    except kopf.TemporaryError as exc:
+        # The object's own handlers and timer retry; the handler that triggered us has nothing to retry.
+        log.warning("reconciling %s %s/%s failed, will resync: %s", kind, namespace, name, exc)
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile (with its namespace, say): nothing left to reconcile
+            raise
 
 
 def controller_owner(child: Obj, kind: str) -> str | None:

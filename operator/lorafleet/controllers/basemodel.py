@@ -40,7 +40,7 @@ def wake_dependents(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> Non
     if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
         return
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    for name in kwargs["finetunejobs_by_base_model"].get(key, ()):
+    for name in list(kwargs["finetunejobs_by_base_model"].get(key, ())):  # kopf mutates it concurrently
         reconcile_by_name(finetunejob.reconcile, finetunejob.KIND, name, key[0])
-    for name in kwargs["adapterdeployments_by_base_model"].get(key, ()):
+    for name in list(kwargs["adapterdeployments_by_base_model"].get(key, ())):
         reconcile_by_name(adapterdeployment.reconcile, adapterdeployment.KIND, name, key[0])

@@ -53,9 +53,7 @@ def kopf_settings(ops: OperatorSettings, *, instance: str = "lorafleet") -> dict
         # Annotations, not status.kopf: structural schemas prune unknown status fields (kopf PR 527).
         # v1=False: a new operator has no legacy v1 keys to read, so write only one set of annotations.
         "persistence.progress_storage": kopf.AnnotationsProgressStorage(prefix=GROUP, v1=False),
-        "persistence.diffbase_storage": kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key=DIFFBASE_KEY, v1=False
-        ),
+        "persistence.diffbase_storage": kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key=DIFFBASE_KEY, v1=False),
         "persistence.finalizer": FINALIZER,
         # Standalone: peering is not leader election (docs/peering.rst). Running several replicas needs
         # peering turned on with a distinct priority each; the name is ours in case someone does.
