@@ -4,6 +4,7 @@ every example, and refuses any change to a FineTuneJob's spec."""
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
-from lorafleet.dev.testing import ClusterHandle
+from lorafleet.dev.build import Builder
+from lorafleet.dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.unit import objects
 
@@ -153,3 +155,18 @@ def test_finetunejob_spec_is_immutable(cluster: ClusterHandle, crds: None, names
     assert "spec is immutable" in raised.value.body
     # Metadata stays editable (labels, annotations).
     custom.patch("FineTuneJob", FTJ["metadata"]["name"], {"metadata": {"labels": {"team": "support"}}})
+
+
+def test_kubectl_explain_documents_the_fields(cluster: ClusterHandle, crds: None) -> None:
+    kubectl = [str(Builder().path("kubectl")), "--kubeconfig", str(cluster.kubeconfig)]
+
+    def explain() -> str | None:
+        # Discovery lags CRD installation by a moment; kubectl then answers "doesn't have a resource type".
+        done = subprocess.run([*kubectl, "explain", "ftj.spec.training"], capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else None
+
+    out = wait_until(explain, timeout=30, interval=1, what="kubectl explain ftj.spec.training")
+    assert "Optimisation settings." in out
+    assert "checkpointInterval" in out and "Optimizer steps between checkpoints" in out
+    # The category resolves to the three kinds.
+    subprocess.run([*kubectl, "get", "lorafleet", "-A"], capture_output=True, text=True, check=True)
