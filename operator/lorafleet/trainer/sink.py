@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from lorafleet import __version__
 from lorafleet.trainer.config import TrainerConfig
 from lorafleet.trainer.errors import (
     ADAPTER_VERSION_EXISTS,
@@ -35,6 +37,7 @@ from lorafleet.trainer.errors import (
 from lorafleet.uris import parse
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("lorafleet.trainer")
 CHECKPOINT_PREFIX = "checkpoint-"
 LOCAL_STORE_ENV = "LORAFLEET_LOCAL_STORE"
 PVC_ROOT_ENV = "LORAFLEET_PVC_ROOT"
@@ -48,6 +51,8 @@ class DatasetFile:
     path: Path
     uri: str
     sha256: str
+    etag: str | None = None
+    version_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,8 @@ def folder_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[s
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    """Canonical JSON, as lorafleet.storage writes it: the digest is sha256 of exactly these bytes."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def sink_for(config: TrainerConfig) -> ArtifactSink:
@@ -223,7 +229,19 @@ class LocalSink:
     def publish_adapter(self, local_dir: Path, lineage: dict[str, Any]) -> PublishedArtifact:
         uri = adapter_uri(self.config)
         target = self._path(uri)
-        manifest = folder_manifest(local_dir, lineage)
+        out = self.config.output
+        manifest = folder_manifest(
+            local_dir,
+            {
+                "schemaVersion": 1,
+                "kind": "adapter",
+                "name": out.adapter_name,
+                "version": out.version,
+                **lineage,
+                "lorafleetVersion": __version__,
+                "createdAt": _now(),
+            },
+        )
         existing = self.existing_adapter()
         if existing is not None:
             if existing.lineage["files"] == manifest["files"]:
@@ -248,47 +266,163 @@ class LocalSink:
 
 
 class S3Sink:
-    """The S3 artifact store through lorafleet.storage.
+    """The S3 artifact store through lorafleet.storage.ArtifactStore (settings from the LORAFLEET_STORE_* and
+    AWS_* variables the operator sets). Checkpoints are versions named checkpoint-<step> under the job's
+    checkpoint URI; unlike adapters they are scratch: a checkpoint of the same step with other bytes (a retry
+    that resumed from an older one) replaces the old one."""
 
-    NOT DONE: lorafleet.storage (issue 4) has no public push/pull API yet; every method raises
-    StoreUnavailable saying so. Wire it to storage's ArtifactStore once that is committed.
-    """
-
-    def __init__(self, config: TrainerConfig) -> None:
+    def __init__(self, config: TrainerConfig, store: Any | None = None) -> None:
         self.config = config
+        self._store = store
 
-    def _missing(self) -> TrainerError:
-        return TrainerError(
-            STORE_UNAVAILABLE,
-            "the S3 artifact store is not wired into the trainer yet (lorafleet.storage pending); "
-            f"set {LOCAL_STORE_ENV} to use a local folder",
-        )
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from lorafleet.storage import ArtifactStore
+
+            try:
+                self._store = ArtifactStore.from_env()
+            except Exception as e:  # StoreError: bad settings in the environment
+                raise _store_error(e, "configure the artifact store") from e
+        return self._store
 
     def fetch_dataset(self, uri: str, work_dir: Path) -> DatasetFile:
-        if parse(uri).scheme == "pvc":
+        location = parse(uri)
+        if location.scheme == "pvc":
             path = pvc_path(uri)
             if not path.is_file():
                 raise TrainerError(DATASET_NOT_FOUND, f"dataset {uri} does not exist (looked at {path})")
             return DatasetFile(path, uri, sha256_file(path))
-        raise self._missing()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from lorafleet.storage import BucketNotFound, ObjectNotFound
+        from lorafleet.storage.client import translate
+
+        store = self.store
+        bucket, key = location.authority, location.path
+        target = work_dir / Path(key).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            head = store.client.head_object(Bucket=bucket, Key=key)
+            store.client.download_file(bucket, key, str(target))
+        except (ClientError, BotoCoreError, OSError) as e:
+            error = e if isinstance(e, OSError) else translate(e, store.settings, bucket, key, "download the dataset")
+            if isinstance(error, ObjectNotFound | BucketNotFound):
+                raise TrainerError(DATASET_NOT_FOUND, f"dataset {uri} does not exist: {error}") from e
+            raise _store_error(error, f"download the dataset {uri}") from e
+        etag = str(head.get("ETag", "")).strip('"') or None
+        return DatasetFile(target, uri, sha256_file(target), etag=etag, version_id=head.get("VersionId"))
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _root(self) -> Any:
+        from lorafleet.storage import Location
+
+        return Location.parse(self.config.output.checkpoint_uri)
+
+    def _folder(self, step: int) -> Any:
+        from lorafleet.storage import VersionFolder
+
+        return VersionFolder(self._root().child(f"{CHECKPOINT_PREFIX}{step}"))
+
+    def _complete(self) -> dict[int, Any]:
+        try:
+            versions = self.store.list_versions(self._root())
+        except Exception as e:
+            raise _store_error(e, "list the checkpoints") from e
+        steps = {}
+        for version in versions:
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", version.folder.uri.rsplit("/", 1)[-1])
+            if match:
+                steps[int(match.group(1))] = version.folder
+        return steps
 
     def latest_checkpoint(self) -> int | None:
-        raise self._missing()
+        steps = self._complete()
+        return max(steps) if steps else None
 
     def download_checkpoint(self, step: int, dest: Path) -> Path:
-        raise self._missing()
+        target = dest / f"{CHECKPOINT_PREFIX}{step}"
+        try:
+            self.store.pull(self._folder(step), target)
+        except Exception as e:
+            raise _store_error(e, f"download checkpoint {step}") from e
+        return target
 
     def save_checkpoint(self, step: int, local_dir: Path) -> str:
-        raise self._missing()
+        from lorafleet.storage import VersionExists
+
+        folder = self._folder(step)
+        push = {"kind": "adapter", "name": self.config.output.adapter_name, "version": f"{CHECKPOINT_PREFIX}{step}"}
+        try:
+            try:
+                self.store.push(local_dir, folder, metrics={"step": step}, **push)
+            except VersionExists:
+                self.store.delete_version(folder)
+                self.store.push(local_dir, folder, metrics={"step": step}, **push)
+        except Exception as e:
+            raise _store_error(e, f"store checkpoint {step}", UPLOAD_FAILED) from e
+        return str(folder.uri)
 
     def prune_checkpoints(self, keep: int) -> None:
-        raise self._missing()
+        steps = sorted(self._complete())
+        for step in steps[: max(len(steps) - keep, 0)]:
+            try:
+                self.store.delete_version(self._folder(step))
+            except Exception as e:  # pruning is housekeeping: gc catches up
+                log.warning("could not delete checkpoint %s: %s", step, e)
+
+    # -- adapter ---------------------------------------------------------------------------------------------------
+
+    def _adapter_folder(self) -> Any:
+        from lorafleet.storage import version_folder
+
+        out = self.config.output
+        return version_folder(out.uri, "adapter", out.adapter_name, out.version)
 
     def existing_adapter(self) -> PublishedArtifact | None:
-        raise self._missing()
+        from lorafleet.storage import IncompleteVersion, ObjectNotFound
+
+        folder = self._adapter_folder()
+        try:
+            manifest, digest, _ = self.store.read_manifest(folder)
+        except (ObjectNotFound, IncompleteVersion):
+            return None
+        except Exception as e:
+            raise _store_error(e, "read the adapter's manifest") from e
+        return PublishedArtifact(str(folder.uri), digest, manifest.total_size, manifest.to_json_obj())
 
     def publish_adapter(self, local_dir: Path, lineage: dict[str, Any]) -> PublishedArtifact:
-        raise self._missing()
+        from lorafleet.storage import BaseModelRef, DatasetRef, VersionExists
+
+        folder = self._adapter_folder()
+        out = self.config.output
+        try:
+            result = self.store.push(
+                local_dir,
+                folder,
+                kind="adapter",
+                name=out.adapter_name,
+                version=out.version,
+                base_model=BaseModelRef.model_validate(lineage["baseModel"]),
+                dataset=DatasetRef.model_validate(lineage["dataset"]),
+                hyperparameters=lineage["hyperparameters"],
+                metrics=lineage["metrics"],
+                trainer_image=lineage.get("trainerImage"),
+            )
+        except VersionExists as e:
+            raise TrainerError(ADAPTER_VERSION_EXISTS, f"{e}; set a new output.version") from e
+        except Exception as e:
+            raise _store_error(e, "upload the adapter", UPLOAD_FAILED) from e
+        manifest = result.manifest
+        return PublishedArtifact(str(folder.uri), result.digest, manifest.total_size, manifest.to_json_obj())
+
+
+def _store_error(e: Exception, action: str, reason: str = STORE_UNAVAILABLE) -> TrainerError:
+    """A TrainerError (retried: exit 1) for a storage error."""
+    if isinstance(e, TrainerError):
+        return e
+    return TrainerError(reason, f"could not {action}: {e}")
 
 
 def _matches(folder: Path, manifest: dict[str, Any]) -> bool:

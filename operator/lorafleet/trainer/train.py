@@ -14,7 +14,6 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,7 +35,6 @@ from transformers import (
 from transformers import logging as hf_logging
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-import lorafleet
 from lorafleet.trainer import data
 from lorafleet.trainer.config import TrainerConfig
 from lorafleet.trainer.errors import (
@@ -416,14 +414,18 @@ class LorafleetCallback(TrainerCallback):
 def _lineage(
     config: TrainerConfig, datasets: Datasets, metrics: dict[str, float], state: TrainerState
 ) -> dict[str, Any]:
+    """The manifest's lineage: base model, dataset, hyperparameters (and the job), metrics with the loss curves."""
     import peft
     import transformers
 
     curve = [[e["step"], round(e["loss"], 6)] for e in state.log_history if "loss" in e]
     eval_curve = [[e["step"], round(e["eval_loss"], 6)] for e in state.log_history if "eval_loss" in e]
+    train_file = datasets.train_file
     dataset: dict[str, Any] = {
-        "uri": datasets.train_file.uri,
-        "sha256": datasets.train_file.sha256,
+        "uri": train_file.uri,
+        "sha256": train_file.sha256,
+        "etag": train_file.etag,
+        "versionId": train_file.version_id,
         "format": config.dataset.format,
         "fields": config.dataset.fields.model_dump(by_alias=True),
         "train": datasets.report.summary(),
@@ -436,30 +438,28 @@ def _lineage(
         }
     elif config.dataset.eval_split:
         dataset["eval"] = {"split": config.dataset.eval_split, "samples": len(datasets.eval)}
+    base = config.base_model
     return {
-        "kind": "adapter",
-        "name": config.output.adapter_name,
-        "version": config.output.version,
-        "job": config.job.model_dump(by_alias=True),
-        "baseModel": {"name": config.base_model.name, "uri": config.base_model.uri, "digest": config.base_model.digest},
-        "dataset": dataset,
-        "method": config.method,
+        "baseModel": {k: v for k, v in {"name": base.name, "uri": base.uri, "digest": base.digest}.items() if v},
+        "dataset": {k: v for k, v in dataset.items() if v is not None},
         "hyperparameters": {
+            "method": config.method,
             "lora": config.lora.model_dump(by_alias=True),
-            "training": config.training.model_dump(by_alias=True),
+            "training": config.training.model_dump(by_alias=True, exclude_none=True),
             "distributed": {
                 "nodes": config.distributed.nodes,
                 "processesPerNode": config.distributed.processes_per_node,
                 "strategy": config.distributed.strategy,
             },
+            "job": config.job.model_dump(by_alias=True),
+            "frameworks": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
         },
-        "metrics": metrics,
-        "lossCurve": curve,
-        "evalLossCurve": eval_curve,
+        "metrics": {**metrics, "lossCurve": curve, "evalLossCurve": eval_curve},
         "trainerImage": config.image,
-        "lorafleetVersion": lorafleet.__version__,
-        "frameworks": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
@@ -512,13 +512,13 @@ def run(
 
     existing = _broadcast(sink.existing_adapter() if ranks.is_main else None)
     if existing is not None:
-        if (existing.lineage.get("job") or {}).get("uid") == config.job.uid:
+        if existing.lineage.get("hyperparameters", {}).get("job", {}).get("uid") == config.job.uid:
             reporter.event("published", uri=existing.uri, digest=existing.digest, note="by an earlier attempt")
+            stored = existing.lineage.get("metrics", {})
+            scalars = {k: float(v) for k, v in stored.items() if isinstance(v, int | float)}
+            steps = int(scalars.get("steps", 0))
             return RunResult(
-                progress=existing.lineage.get("progress") or {},
-                metrics=existing.lineage.get("metrics") or {},
-                artifact=existing,
-                skipped=True,
+                progress={"step": steps, "totalSteps": steps}, metrics=scalars, artifact=existing, skipped=True
             )
         raise TrainerError(
             ADAPTER_VERSION_EXISTS,
@@ -643,7 +643,6 @@ def run(
     artifact = None
     if ranks.is_main:
         lineage = _lineage(config, datasets, metrics, state)
-        lineage["progress"] = progress
         artifact = sink.publish_adapter(adapter_dir, lineage)
         reporter.event("published", uri=artifact.uri, digest=artifact.digest, sizeBytes=artifact.size_bytes)
     artifact = _broadcast(artifact)
