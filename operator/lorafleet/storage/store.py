@@ -233,9 +233,10 @@ class ArtifactStore:
         """Abort unfinished multipart uploads under prefix (their parts use space but are invisible)."""
         aborted = 0
         try:
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            # Listed bucket-wide and filtered here: MinIO lists multipart uploads only for an exact key or no prefix.
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
                 for up in page.get("Uploads", []):
-                    if older_than is not None and up["Initiated"] > older_than:
+                    if not up["Key"].startswith(prefix) or (older_than is not None and up["Initiated"] > older_than):
                         continue
                     self.client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                     aborted += 1
@@ -400,25 +401,26 @@ class ArtifactStore:
         extra = self._sse()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-hash") as hasher:
             hashes = [hasher.submit(hash_file, f.abspath) for f in files]
-            tm = create_transfer_manager(self.client, self._transfer_config)
-            futures = []
+            # The context manager cancels in-flight parts on any exception (s3transfer 0.17's shutdown(cancel=True)
+            # passes its arguments in the wrong order, so it is not called directly).
             try:
-                for f in files:
-                    key = folder.data_key(data_prefix, f.path)
-                    futures.append(tm.upload(str(f.abspath), folder.bucket, key, extra_args=extra))
-                for f, fut in zip(files, futures, strict=True):
-                    try:
-                        fut.result()
-                    except (ClientError, BotoCoreError, OSError) as e:
-                        raise self._err(e, folder.bucket, folder.data_key(data_prefix, f.path), "upload") from e
-                    if on_file:
-                        on_file(f.path)
-            except BaseException as e:
-                tm.shutdown(cancel=True, cancel_msg=str(e) or type(e).__name__)
+                with create_transfer_manager(self.client, self._transfer_config) as tm:
+                    futures = [
+                        tm.upload(str(f.abspath), folder.bucket, folder.data_key(data_prefix, f.path), extra_args=extra)
+                        for f in files
+                    ]
+                    for f, fut in zip(files, futures, strict=True):
+                        try:
+                            fut.result()
+                        except (ClientError, BotoCoreError, OSError) as e:
+                            key = folder.data_key(data_prefix, f.path)
+                            raise self._err(e, folder.bucket, key, "upload") from e
+                        if on_file:
+                            on_file(f.path)
+            except BaseException:
                 for h in hashes:
                     h.cancel()
                 raise
-            tm.shutdown()
             entries = [
                 FileEntry(path=f.path, sha256=h.result(), size=f.size) for f, h in zip(files, hashes, strict=True)
             ]
