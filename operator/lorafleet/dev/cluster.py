@@ -205,13 +205,6 @@ class LocalCluster:
         tmp.write_text(json.dumps(state.dump(), indent=2) + "\n")
         tmp.replace(self.state_file)
 
-    @property
-    def server(self) -> str:
-        st = self.state()
-        if not st:
-            raise ClusterError(f"cluster {self.name!r} is not up")
-        return f"https://{LOOPBACK}:{st.ports['apiserver']}"
-
     # -- health -----------------------------------------------------------------------------------------
 
     def _ssl_admin(self) -> ssl.SSLContext:
@@ -225,7 +218,9 @@ class LocalCluster:
             ctx = self._ssl_admin()
         elif url.startswith("https://"):
             # kube-controller-manager / kube-scheduler serve self-signed certs; loopback only.
-            ctx = ssl._create_unverified_context()
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         try:
             with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:
                 return resp.status, resp.read().decode(errors="replace")

@@ -126,12 +126,19 @@ def run(keep: bool) -> int:
                 print(f"--- t+{time.monotonic() - t_apply:5.1f}s\n{table}", flush=True)
                 last = table
             for o in objs:
-                key = f"{o['kind']} {(o.get('status') or {}).get('phase')}"
-                seen.setdefault(key, time.monotonic() - t_apply)
+                phase = (o.get("status") or {}).get("phase")
+                if phase:
+                    seen.setdefault(f"{o['kind']} {phase}", time.monotonic() - t_apply)
             ad_status = objs[2].get("status") or {}
-            if (objs[1].get("status") or {}).get("phase") in ("Succeeded", "Failed") and ad_status.get(
-                "readyReplicas"
-            ) == ADAPTER_DEPLOYMENT["spec"]["replicas"]:
+            waiting_on_job = any(
+                a.get("reason") in ("FineTuneJobNotFound", "FineTuneJobNotSucceeded")
+                for a in ad_status.get("adapters") or []
+            )
+            if (
+                (objs[1].get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                and ad_status.get("readyReplicas") == ADAPTER_DEPLOYMENT["spec"]["replicas"]
+                and not waiting_on_job
+            ):
                 break
             if not operator.alive():
                 print(f"the operator exited:\n{operator.log_tail()}", file=sys.stderr)
@@ -152,7 +159,7 @@ def run(keep: bool) -> int:
         print(f"  {what:<32} {seconds:6.1f}")
     print(
         "\nThe training Job ran on a fake (kwok) GPU node, so no adapter was produced: the AdapterDeployment "
-        "reports it Pending instead of pretending. See docs/e2e.md for the real-node run."
+        "reports it Pending instead of pretending to serve it."
     )
     return 0
 
