@@ -66,7 +66,7 @@ def writer_files(tag: str, big: int = 12 * MiB) -> dict[str, bytes]:
 
 
 def small_parts(settings: StoreSettings) -> StoreSettings:
-    return settings.with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, download_chunksize=4 * MiB)
+    return settings.with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, block_size=4 * MiB)
 
 
 def objects_under(store: ArtifactStore, folder: VersionFolder) -> list[str]:
@@ -97,7 +97,7 @@ def test_corrupted_object_is_detected_by_pull_and_verify(
     artifact_store.client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
 
     with pytest.raises(
-        ChecksumMismatch, match=r"adapter_model.safetensors .* has sha256 [0-9a-f]{64}, the manifest says"
+        ChecksumMismatch, match=r"adapter_model.safetensors \(s3://.*\) has sha256 [0-9a-f]{64}, the manifest says"
     ):
         artifact_store.pull(folder, tmp_path / "dst")
     assert not (tmp_path / "dst" / "adapter_model.safetensors").exists()  # a bad file is never put in place
@@ -350,7 +350,7 @@ def test_server_stopped_mid_download_fails_clearly_then_resumes(private_s3_serve
     server = private_s3_server
     server.create_bucket("models")
     settings = replace(small_parts(server.store_settings()), max_attempts=3).with_transfer(
-        download_chunksize=2 * MiB, max_concurrency=2
+        block_size=2 * MiB, max_concurrency=2
     )
     store = ArtifactStore(settings)
     files = {"config.json": b"{}", "model.safetensors": os.urandom(48 * MiB)}

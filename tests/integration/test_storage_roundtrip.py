@@ -70,7 +70,7 @@ def test_round_trip_with_lineage_multipart_and_ranged_chunks(
 ) -> None:
     # Small part and chunk sizes so that a 23 MiB file goes multipart and is pulled in many ranged GETs.
     store = ArtifactStore(
-        store_settings.with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, download_chunksize=MiB)
+        store_settings.with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, block_size=MiB)
     )
     files = adapter_files(big=23 * MiB)
     src = write_tree(tmp_path / "src", files)

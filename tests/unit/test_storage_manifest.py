@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ from lorafleet.storage.manifest import (
     check_relative_path,
     parse_manifest,
 )
+from lorafleet.storage.store import FileHasher, hash_file
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -129,3 +132,37 @@ def test_digest_syntax() -> None:
     for bad in ("sha256:" + "A" * 64, "md5:" + SHA_A, SHA_A, "sha256:abc"):
         with pytest.raises(ValueError):
             check_digest(bad)
+
+
+def test_files_larger_than_a_block_list_each_block() -> None:
+    mib = 1024 * 1024
+    big = FileEntry(path="w.bin", sha256=SHA_A, size=2 * mib + 1, blocks=[SHA_A, SHA_B, SHA_A])
+    common = {"files": [big], "total_size": 2 * mib + 1, "block_size": mib}
+    m = manifest(**common)
+    assert json.loads(m.canonical_bytes())["files"][0]["blocks"] == [SHA_A, SHA_B, SHA_A]
+    # Block hashes depend on the writer's block size, not on the content's identity.
+    other = manifest(
+        files=[FileEntry(path="w.bin", sha256=SHA_A, size=2 * mib + 1)], total_size=2 * mib + 1, block_size=4 * mib
+    )
+    assert other.identity() == m.identity() and other.digest != m.digest
+    with pytest.raises(ValidationError, match="3 blocks"):
+        manifest(**{**common, "files": [FileEntry(path="w.bin", sha256=SHA_A, size=2 * mib + 1, blocks=[SHA_A])]})
+    with pytest.raises(ValidationError, match="3 blocks"):
+        manifest(**{**common, "files": [FileEntry(path="w.bin", sha256=SHA_A, size=2 * mib + 1)]})
+    with pytest.raises(ValidationError, match="1 blocks"):
+        manifest(files=[FileEntry(path="a", sha256=SHA_A, size=3, blocks=[SHA_A])], total_size=3)
+
+
+def test_file_hasher_matches_hashlib_whatever_the_piece_sizes(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    block = 1024 * 1024
+    expected_blocks = [hashlib.sha256(data[i : i + block]).hexdigest() for i in range(0, len(data), block)]
+    for piece in (1000, 65536, block - 1, block, 5 * block):
+        hasher = FileHasher(block)
+        for i in range(0, len(data), piece):
+            hasher.update(data[i : i + piece])
+        assert hasher.result() == (hashlib.sha256(data).hexdigest(), expected_blocks)
+    (tmp_path / "f").write_bytes(data)
+    assert hash_file(tmp_path / "f", block) == (hashlib.sha256(data).hexdigest(), expected_blocks)
+    # One block or less: no block list (the file's own sha256 covers it).
+    assert hash_file(tmp_path / "f", 4 * block) == (hashlib.sha256(data).hexdigest(), None)

@@ -7,7 +7,10 @@ which are exactly the bytes stored as ``manifest.json``::
 
 where ``manifest`` is the camelCase JSON object with absent optional fields left out (not ``null``). So
 ``sha256sum manifest.json`` prints the digest, and any language can recompute it from the parsed object.
-The manifest lists every file with its sha256 and size, so the digest pins every byte of the version.
+The manifest lists every file with its sha256 and size, so the digest pins every byte of the version. A file
+larger than ``blockSize`` also lists the sha256 of each block (``blocks``): a pull fetches blocks in parallel and
+checks each one as it streams in, so verification runs in parallel with the download instead of after it (sha256
+itself cannot be parallelised), and a resumed pull re-checks only the blocks it kept.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import math
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -39,10 +42,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
 
+DEFAULT_BLOCK_SIZE = 16 * 1024 * 1024
+
+
 class FileEntry(_Model):
     path: str = Field(description="POSIX path relative to the version folder.")
     sha256: str = Field(pattern=_HEX64)
     size: int = Field(ge=0)
+    blocks: list[Annotated[str, Field(pattern=_HEX64)]] | None = Field(
+        default=None, description="sha256 of each blockSize slice; only for files larger than one block."
+    )
 
     @field_validator("path")
     @classmethod
@@ -72,6 +81,7 @@ class Manifest(_Model):
     data_prefix: str = Field(description="Where the file bytes are, relative to the version folder.")
     files: list[FileEntry]
     total_size: int = Field(ge=0)
+    block_size: int = Field(default=DEFAULT_BLOCK_SIZE, ge=1024 * 1024, description="Size of the hashed blocks.")
     base_model: BaseModelRef | None = None
     dataset: DatasetRef | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
@@ -95,6 +105,10 @@ class Manifest(_Model):
             raise ValueError("files must be sorted by path and unique")
         if self.total_size != sum(f.size for f in self.files):
             raise ValueError(f"totalSize {self.total_size} is not the sum of the file sizes")
+        for f in self.files:
+            n = block_count(f.size, self.block_size)
+            if (f.blocks is None and n > 1) or (f.blocks is not None and (n <= 1 or len(f.blocks) != n)):
+                raise ValueError(f"{f.path}: {n} blocks of {self.block_size} bytes, blocks lists {len(f.blocks or [])}")
         _check_finite(self.metrics, "metrics")
         _check_finite(self.hyperparameters, "hyperparameters")
         return self
@@ -113,8 +127,11 @@ class Manifest(_Model):
     def identity(self) -> dict[str, Any]:
         """What makes two uploads "the same version": everything but when, by which writer, and where staged."""
         obj = self.to_json_obj()
-        for key in ("createdAt", "dataPrefix", "lorafleetVersion"):
+        # Block hashes are derived from the files (and depend on the writer's blockSize): not identity.
+        for key in ("createdAt", "dataPrefix", "lorafleetVersion", "blockSize"):
             obj.pop(key, None)
+        for f in obj["files"]:
+            f.pop("blocks", None)
         return obj
 
     def file(self, path: str) -> FileEntry:
@@ -122,6 +139,10 @@ class Manifest(_Model):
             if f.path == path:
                 return f
         raise KeyError(path)
+
+
+def block_count(size: int, block_size: int) -> int:
+    return (size + block_size - 1) // block_size
 
 
 def canonical_json(obj: Any) -> bytes:

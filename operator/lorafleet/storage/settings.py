@@ -51,7 +51,9 @@ class TransferSettings:
     multipart_threshold: int = 16 * MiB
     multipart_chunksize: int = 16 * MiB
     max_concurrency: int = 8  # parallel part uploads/ranged GETs per store
-    download_chunksize: int = 16 * MiB  # ranged GET size; also the unit of resume
+    # Written into the manifest at push (each block's sha256 is listed); a pull fetches, verifies and resumes
+    # in units of the manifest's block size, whatever its own setting.
+    block_size: int = 16 * MiB
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from lorafleet.storage.manifest import (
     DatasetRef,
     FileEntry,
     Manifest,
+    block_count,
     check_digest,
     check_relative_path,
     digest_of,
@@ -70,6 +71,7 @@ log = logging.getLogger("lorafleet.storage")
 
 _HASH_BLOCK = 8 * MiB
 _STREAM_BLOCK = 1 * MiB
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 # -- results --------------------------------------------------------------------------------------------------
@@ -136,19 +138,58 @@ def scan_folder(src: Path) -> list[LocalFile]:
     return sorted(out, key=lambda f: f.path)
 
 
-def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
+class FileHasher:
+    """sha256 of a whole stream and, with a block size, of each block of it, fed in pieces of any size."""
+
+    def __init__(self, block_size: int | None = None) -> None:
+        self.file = hashlib.sha256()
+        self.block_size = block_size
+        self.blocks: list[str] = []
+        self._block = hashlib.sha256()
+        self._in_block = 0
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.file.update(data)  # hashlib releases the GIL on large buffers: this overlaps the transfer threads
+        self.size += len(data)
+        if not self.block_size:
+            return
+        pos, n = 0, len(data)
+        while pos < n:
+            take = min(n - pos, self.block_size - self._in_block)
+            self._block.update(data[pos : pos + take])
+            self._in_block += take
+            pos += take
+            if self._in_block == self.block_size:
+                self.blocks.append(self._block.hexdigest())
+                self._block, self._in_block = hashlib.sha256(), 0
+
+    def result(self) -> tuple[str, list[str] | None]:
+        blocks = self.blocks + ([self._block.hexdigest()] if self._in_block else [])
+        return self.file.hexdigest(), (blocks if len(blocks) > 1 else None)
+
+
+def hash_file(path: Path, block_size: int | None = None) -> tuple[str, list[str] | None]:
+    """sha256 of the file and, when it spans several blocks, of each block, in one read."""
+    size = path.stat().st_size
+    # Block hashes only for files of several blocks (the manifest lists none otherwise): half the CPU for the rest.
+    hasher = FileHasher(block_size if block_size and size > block_size else None)
     buf = bytearray(_HASH_BLOCK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            h.update(view[:n])  # hashlib releases the GIL on large buffers: hashing overlaps the transfers
-    return h.hexdigest()
+            hasher.update(view[:n])
+    return hasher.result()
+
+
+def file_entry(f: LocalFile, block_size: int) -> FileEntry:
+    sha, blocks = hash_file(f.abspath, block_size)
+    return FileEntry(path=f.path, sha256=sha, size=f.size, blocks=blocks)
 
 
 def verify_local(path: Path, entry: FileEntry) -> bool:
     try:
-        return path.stat().st_size == entry.size and hash_file(path) == entry.sha256
+        return path.stat().st_size == entry.size and hash_file(path)[0] == entry.sha256
     except FileNotFoundError:
         return False
 
@@ -246,12 +287,13 @@ class ArtifactStore:
 
     # -- manifests ------------------------------------------------------------------------------------------
 
-    def read_manifest(self, folder: VersionFolder) -> tuple[Manifest, str, bytes]:
-        """(manifest, digest, raw bytes). IncompleteVersion when files exist without a manifest."""
+    def read_manifest(self, folder: VersionFolder, *, explain: bool = True) -> tuple[Manifest, str, bytes]:
+        """(manifest, digest, raw bytes). IncompleteVersion when files exist without a manifest (with explain;
+        without, ObjectNotFound either way, and one request less)."""
         try:
             raw = self._get_bytes(folder.bucket, folder.manifest_key, "read the manifest")
         except ObjectNotFound:
-            if self._keys_exist(folder.bucket, folder.location.key("") + "/"):
+            if explain and self._keys_exist(folder.bucket, folder.location.key("") + "/"):
                 raise IncompleteVersion(
                     f"{folder.uri} has files but no {MANIFEST_NAME}: an upload was interrupted or is still "
                     "running, so it is not a version yet; push it again, or remove it with "
@@ -275,8 +317,8 @@ class ArtifactStore:
 
     def _existing(self, folder: VersionFolder) -> tuple[Manifest, str] | None:
         try:
-            manifest, digest, _ = self.read_manifest(folder)
-        except (ObjectNotFound, IncompleteVersion):
+            manifest, digest, _ = self.read_manifest(folder, explain=False)
+        except ObjectNotFound:
             return None  # an incomplete version is not a version: a new writer may still claim it
         return manifest, digest
 
@@ -335,6 +377,7 @@ class ArtifactStore:
     ) -> PushResult:
         """Upload src as an immutable version. Same content again: no-op; other content: VersionExists."""
         files = scan_folder(Path(src))
+        block_size = self.settings.transfer.block_size
 
         def manifest_for(entries: list[FileEntry], data_prefix: str) -> Manifest:
             return Manifest(
@@ -344,6 +387,7 @@ class ArtifactStore:
                 data_prefix=data_prefix,
                 files=entries,
                 total_size=sum(e.size for e in entries),
+                block_size=block_size,
                 base_model=base_model,
                 dataset=dataset,
                 hyperparameters=hyperparameters or {},
@@ -355,7 +399,7 @@ class ArtifactStore:
 
         existing = self._existing(folder)
         if existing is not None:
-            entries = [FileEntry(path=f.path, sha256=hash_file(f.abspath), size=f.size) for f in files]
+            entries = [file_entry(f, block_size) for f in files]
             return self._same_or_refuse(folder, manifest_for(entries, existing[0].data_prefix), *existing)
 
         conditional = self.supports_conditional_writes(folder)
@@ -400,7 +444,7 @@ class ArtifactStore:
         """Upload through TransferManager (multipart, parallel) while hashing in a second thread."""
         extra = self._sse()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-hash") as hasher:
-            hashes = [hasher.submit(hash_file, f.abspath) for f in files]
+            hashes = [hasher.submit(file_entry, f, self.settings.transfer.block_size) for f in files]
             # The context manager cancels in-flight parts on any exception (s3transfer 0.17's shutdown(cancel=True)
             # passes its arguments in the wrong order, so it is not called directly).
             try:
@@ -421,9 +465,7 @@ class ArtifactStore:
                 for h in hashes:
                     h.cancel()
                 raise
-            entries = [
-                FileEntry(path=f.path, sha256=h.result(), size=f.size) for f, h in zip(files, hashes, strict=True)
-            ]
+            entries = [h.result() for h in hashes]
         for f in files:
             st = f.abspath.stat()
             if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
@@ -512,27 +554,30 @@ class ArtifactStore:
             problems.append(f"manifest digest is {actual}, not {digest}")
         with ThreadPoolExecutor(max_workers=self.settings.transfer.max_concurrency) as pool:
             results = pool.map(lambda e: (e, self._remote_hash(folder, manifest, e)), manifest.files)
-            for entry, (sha, size) in results:
+            for entry, (size, sha, blocks) in results:
                 if size != entry.size:
                     problems.append(f"{entry.path}: {size} bytes, manifest says {entry.size}")
                 elif sha != entry.sha256:
                     problems.append(f"{entry.path}: sha256 {sha}, manifest says {entry.sha256}")
+                elif blocks != entry.blocks:
+                    problems.append(f"{entry.path}: the manifest's block hashes do not match the content")
         if problems:
             raise ChecksumMismatch(
                 f"{folder.uri} is corrupt: " + "; ".join(problems) + ". Restore it from a backup or push a new version"
             )
         return manifest, actual
 
-    def _remote_hash(self, folder: VersionFolder, manifest: Manifest, entry: FileEntry) -> tuple[str, int]:
+    def _remote_hash(
+        self, folder: VersionFolder, manifest: Manifest, entry: FileEntry
+    ) -> tuple[int, str, list[str] | None]:
         key = folder.data_key(manifest.data_prefix, entry.path)
         for attempt in range(1, self.settings.max_attempts + 1):
-            h, size = hashlib.sha256(), 0
+            hasher = FileHasher(manifest.block_size if entry.blocks else None)
             try:
                 body = self.client.get_object(Bucket=folder.bucket, Key=key)["Body"]
                 for piece in body.iter_chunks(_STREAM_BLOCK):
-                    h.update(piece)
-                    size += len(piece)
-                return h.hexdigest(), size
+                    hasher.update(piece)
+                return (hasher.size, *hasher.result())
             except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
                 if attempt == self.settings.max_attempts:
                     raise self._err(e, folder.bucket, key, "read") from e
@@ -629,10 +674,12 @@ class ArtifactStore:
 
 
 class _Downloader:
-    """Parallel ranged GETs into journaled partial files, hashed in order as the chunks land.
+    """Parallel ranged GETs, one per manifest block, into journaled partial files; each block's sha256 is computed
+    as it streams in, in its own thread, so verification overlaps the transfer.
 
-    s3transfer's download cannot resume and writes parts out of order, so this is our own (small) loop; the
-    retries of each request are still botocore's, and a body cut mid-stream is retried here from where it stopped.
+    s3transfer's download cannot resume, and writes ranges out of order so a file-wide sha256 would need a second
+    pass after the download; hence this small loop. Each request still gets botocore's retries; a body cut
+    mid-stream is continued here from the last byte written.
     """
 
     def __init__(
@@ -643,163 +690,169 @@ class _Downloader:
         self.manifest = manifest
         self.dest = dest
         self.partial_dir = partial_dir
-        self.chunk = store.settings.transfer.download_chunksize
-        self._lock = threading.Lock()
-        self._failed = threading.Event()
+        self.block = manifest.block_size
+        self.failed = threading.Event()
 
     def run(self, entries: list[FileEntry]) -> tuple[int, int]:
-        downloaded = resumed = 0
         if not entries:
             return 0, 0
+        jobs = [_FileJob(self, entry) for entry in entries]
         pool = ThreadPoolExecutor(max_workers=self.store.settings.transfer.max_concurrency, thread_name_prefix="lf-get")
-        jobs: list[_FileJob] = []
         try:
-            for entry in entries:  # submitted in order, so chunks land roughly in the order the hasher wants
-                job = _FileJob(self, entry)
-                jobs.append(job)
+            for job in jobs:  # submitted file by file, block by block
                 job.start(pool)
             for job in jobs:
-                resumed += job.resumed_bytes
-                downloaded += job.finish()
-                if job.retry_from_scratch:
-                    # A resumed partial held bad bytes (e.g. lost on a node crash): fetch it again once, cleanly.
-                    retry = _FileJob(self, job.entry, fresh=True)
-                    retry.start(pool)
-                    resumed -= job.resumed_bytes
-                    downloaded += retry.finish()
+                job.finish()
         except BaseException:
-            self._failed.set()
+            self.failed.set()  # running blocks stop at their next piece
             pool.shutdown(wait=True, cancel_futures=True)
             for job in jobs:
                 job.close()
             raise
         pool.shutdown(wait=True)
-        return downloaded, resumed
+        return sum(j.fetched for j in jobs), sum(j.resumed for j in jobs)
 
 
 class _FileJob:
-    def __init__(self, dl: _Downloader, entry: FileEntry, fresh: bool = False) -> None:
+    def __init__(self, dl: _Downloader, entry: FileEntry) -> None:
         self.dl = dl
         self.entry = entry
         self.key = dl.folder.data_key(dl.manifest.data_prefix, entry.path)
+        self.where = f"{entry.path} (s3://{dl.folder.bucket}/{self.key})"
         self.part = dl.partial_dir / entry.sha256
         self.journal = dl.partial_dir / f"{entry.sha256}.json"
         self.size = entry.size
-        self.n = (entry.size + dl.chunk - 1) // dl.chunk
-        self.done: set[int] = set() if fresh else self._load_journal()
-        self.resumed_bytes = sum(self._span(i)[1] - self._span(i)[0] + 1 for i in self.done)
-        self.retry_from_scratch = False
-        self.futures: dict[int, Future[None]] = {}
+        self.n = block_count(entry.size, dl.block)
+        self.done: set[int] = self._load_journal()
+        self.futures: list[Future[None]] = []
+        self.fetched = 0
+        self.resumed = 0
         self.fd = -1
-        if fresh:
-            self.part.unlink(missing_ok=True)
+        self._lock = threading.Lock()
 
     def _span(self, i: int) -> tuple[int, int]:
-        start = i * self.dl.chunk
-        return start, min(start + self.dl.chunk, self.size) - 1
+        start = i * self.dl.block
+        return start, min(start + self.dl.block, self.size)  # [start, end)
+
+    def _expected(self, i: int) -> str:
+        return self.entry.blocks[i] if self.entry.blocks else self.entry.sha256
 
     def _load_journal(self) -> set[int]:
         try:
             state = json.loads(self.journal.read_text())
         except (OSError, ValueError):
             return set()
-        if (
-            state.get("sha256") != self.entry.sha256
-            or state.get("size") != self.size
-            or state.get("chunk") != self.dl.chunk
-            or not self.part.exists()
+        if (state.get("sha256"), state.get("size"), state.get("block")) != (
+            self.entry.sha256,
+            self.size,
+            self.dl.block,
         ):
+            return set()
+        if not self.part.exists():
             return set()
         return {i for i in state.get("done", []) if isinstance(i, int) and 0 <= i < self.n}
 
-    def _save_journal(self) -> None:
-        state = {"sha256": self.entry.sha256, "size": self.size, "chunk": self.dl.chunk, "done": sorted(self.done)}
-        tmp = self.journal.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.journal)
+    def _mark_done(self, i: int) -> None:
+        with self._lock:
+            self.done.add(i)
+            state = {"sha256": self.entry.sha256, "size": self.size, "block": self.dl.block, "done": sorted(self.done)}
+            tmp = self.journal.with_suffix(f".{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.journal)
 
     def start(self, pool: ThreadPoolExecutor) -> None:
         if not self.done:
             self.journal.unlink(missing_ok=True)
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, self.size)  # sparse; chunks are written in place
+        os.ftruncate(self.fd, self.size)  # sparse; blocks are written in place
         for i in range(self.n):
-            if i not in self.done:
-                self.futures[i] = pool.submit(self._fetch, i)
+            task = self._recheck if i in self.done else self._fetch
+            self.futures.append(pool.submit(task, i))
 
-    def _fetch(self, i: int) -> None:
+    def _recheck(self, i: int) -> None:
+        """A block kept from an interrupted pull: trust it only if it still hashes right (a node crash can lose
+        page-cache writes that the journal already recorded)."""
         start, end = self._span(i)
-        pos = start
+        data = os.pread(self.fd, end - start, start)
+        if len(data) == end - start and hashlib.sha256(data).hexdigest() == self._expected(i):
+            with self._lock:
+                self.resumed += end - start
+            return
+        with self._lock:
+            self.done.discard(i)
+        self._fetch(i)
+
+    def _fetch(self, i: int, verify_attempts: int = 2) -> None:
+        start, end = self._span(i)
         settings = self.dl.store.settings
         bucket = self.dl.folder.bucket
-        attempt = 0
-        while True:
-            if self.dl._failed.is_set():
-                raise StoreError("cancelled")
-            try:
-                resp = self.dl.store.client.get_object(Bucket=bucket, Key=self.key, Range=f"bytes={pos}-{end}")
-                for piece in resp["Body"].iter_chunks(_STREAM_BLOCK):
-                    os.pwrite(self.fd, piece, pos)
-                    pos += len(piece)
-                if pos != end + 1:
-                    raise ConnectionError(f"short read: got bytes {start}-{pos - 1} of {start}-{end}")
-                break
-            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
-                # The body was cut (server restarted, connection reset): continue from the last byte written.
-                attempt += 1
-                if attempt >= settings.max_attempts:
-                    raise StoreUnavailable(
-                        f"download of s3://{bucket}/{self.key} kept failing ({attempt} attempts): {e}"
-                    ) from e
-                log.info("retrying s3://%s/%s from byte %d after %s", bucket, self.key, pos, e)
-                _backoff(attempt)
-            except (ClientError, BotoCoreError) as e:
-                raise self.dl.store._err(e, bucket, self.key, "download") from e
-        with self.dl._lock:
-            self.done.add(i)
-            self._save_journal()
-
-    def finish(self) -> int:
-        """Hash the chunks in order as they complete; move the file into place if it matches. Returns bytes fetched."""
-        h = hashlib.sha256()
-        buf = bytearray(min(self.dl.chunk, max(self.size, 1)))
-        fetched = 0
-        try:
-            for i in range(self.n):
-                fut = self.futures.get(i)
-                if fut is not None:
-                    try:
-                        fut.result()
-                    except StoreError as e:
-                        raise type(e)(
-                            f"{e}. The {len(self.done) * self.dl.chunk // MiB} MiB downloaded so far are kept in "
-                            f"{self.dl.partial_dir}: run the same pull again to resume"
+        for verify_attempt in range(1, verify_attempts + 1):
+            h = hashlib.sha256()
+            pos = start
+            attempt = 0
+            while pos < end:
+                if self.dl.failed.is_set():
+                    raise StoreError("cancelled")
+                try:
+                    resp = self.dl.store.client.get_object(Bucket=bucket, Key=self.key, Range=f"bytes={pos}-{end - 1}")
+                    for piece in resp["Body"].iter_chunks(_STREAM_BLOCK):
+                        if pos + len(piece) > end:
+                            raise ChecksumMismatch(f"{self.where} is larger than the manifest says ({self.size} bytes)")
+                        os.pwrite(self.fd, piece, pos)
+                        h.update(piece)  # in this thread, while the other blocks stream in
+                        pos += len(piece)
+                        if self.dl.failed.is_set():
+                            raise StoreError("cancelled")
+                    if pos < end:
+                        raise ConnectionError(f"short read: {pos - start} of {end - start} bytes")
+                except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                    # The body was cut (server restarted, connection reset): go on from the last byte written;
+                    # the hash object already holds every byte before it.
+                    attempt += 1
+                    if attempt >= settings.max_attempts:
+                        raise StoreUnavailable(
+                            f"download of s3://{bucket}/{self.key} kept failing ({attempt} attempts): {e}"
                         ) from e
-                    fetched += self._span(i)[1] - self._span(i)[0] + 1
-                start, end = self._span(i)
-                view = memoryview(buf)[: end - start + 1]
-                n = os.preadv(self.fd, [view], start)
-                h.update(view[:n])
-        except BaseException:
-            # Leave the fd open: other chunks of this file may still be writing; run() closes it after the pool.
-            raise
+                    log.info("retrying s3://%s/%s from byte %d after %s", bucket, self.key, pos, e)
+                    _backoff(attempt)
+                except (ClientError, BotoCoreError) as e:
+                    err = self.dl.store._err(e, bucket, self.key, "download")
+                    if isinstance(err, ObjectNotFound):
+                        raise ChecksumMismatch(f"{self.dl.folder.uri} is missing {self.where}") from e
+                    raise err from e
+            actual = h.hexdigest()
+            if actual == self._expected(i):
+                with self._lock:
+                    self.fetched += end - start
+                self._mark_done(i)
+                return
+            if verify_attempt < verify_attempts:
+                log.warning("%s bytes %d-%d failed their sha256, fetching them again", self.where, start, end - 1)
+        what = f"bytes {start}-{end - 1} of {self.where} have" if self.entry.blocks else f"{self.where} has"
+        raise ChecksumMismatch(
+            f"{self.dl.folder.uri}: {what} sha256 {actual}, the manifest says {self._expected(i)}: the stored "
+            f"object is corrupt; run `lorafleet artifacts verify {self.dl.folder.uri}` and restore it or push a new "
+            "version"
+        )
+
+    def finish(self) -> None:
+        """Wait for every block; move the file into place once all of them verified."""
+        if self.n == 0 and self.entry.sha256 != _EMPTY_SHA256:
+            raise ChecksumMismatch(f"{self.where}: the manifest lists 0 bytes with the sha256 of non-empty content")
+        for fut in self.futures:
+            try:
+                fut.result()
+            except StoreUnavailable as e:
+                kept = len(self.done) * self.dl.block // MiB
+                raise StoreUnavailable(
+                    f"{e}. The {kept} MiB of verified blocks downloaded so far are kept in {self.dl.partial_dir}: run "
+                    "the same pull again to resume"
+                ) from e
         self.close()
-        if h.hexdigest() != self.entry.sha256:
-            self.part.unlink(missing_ok=True)
-            self.journal.unlink(missing_ok=True)
-            if self.resumed_bytes:
-                self.retry_from_scratch = True
-                return fetched
-            raise ChecksumMismatch(
-                f"{self.dl.folder.uri}: {self.entry.path} (s3://{self.dl.folder.bucket}/{self.key}) has sha256 "
-                f"{h.hexdigest()}, the manifest says {self.entry.sha256}: the stored object is corrupt; run "
-                f"`lorafleet artifacts verify {self.dl.folder.uri}` and restore it or push a new version"
-            )
         target = self.dl.dest / self.entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part, target)
         self.journal.unlink(missing_ok=True)
-        return fetched
 
     def close(self) -> None:
         if self.fd >= 0:

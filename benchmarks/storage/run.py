@@ -1,0 +1,158 @@
+"""Throughput of lorafleet.storage push/pull (with sha256 verification) against raw boto3 TransferManager.
+
+    python benchmarks/storage/run.py [--sizes 8,80,320] [--reps 5] [--json out.json]
+
+Starts its own MinIO (lorafleet.dev.s3server, built on first use) on loopback, unless --use-env points it at the
+server in LORAFLEET_STORE_* / AWS_* variables. For each size (MiB) it writes one random file, then alternates
+raw and lorafleet runs `reps` times on the same client, TransferConfig and files:
+
+* upload: raw = TransferManager.upload of the file; lorafleet = ArtifactStore.push of a folder holding it (hash,
+  existence check, upload, conditional manifest PUT), each rep to a new version.
+* download: raw = TransferManager.download of the object; lorafleet = ArtifactStore.pull of that version into an
+  empty folder (manifest read, ranged GETs, sha256 of every byte, rename into place).
+
+Reports median MiB/s and the ratio lorafleet/raw (target >= 0.9). Not a test: run on demand; results go to
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from boto3.s3.transfer import create_transfer_manager
+
+from lorafleet.dev.s3server import MINIO_VERSION, S3Server, build
+from lorafleet.storage import ArtifactStore, StoreSettings, version_folder
+from lorafleet.storage.settings import MiB
+
+
+def random_file(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()[0]
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}, load average {load:.1f}"
+
+
+def bench(store: ArtifactStore, bucket: str, work: Path, size_mib: int, reps: int) -> dict[str, Any]:
+    size = size_mib * MiB
+    src = work / f"src-{size_mib}" / "model.safetensors"
+    random_file(src, size)
+    tc = store._transfer_config  # the same TransferConfig for both sides
+    raw_key = f"raw/{size_mib}/model.safetensors"
+    times: dict[str, list[float]] = {"raw_up": [], "lf_up": [], "raw_down": [], "lf_down": []}
+    raw_dest = work / "raw-dl" / "model.safetensors"
+    lf_dest = work / "lf-dl"
+    for rep in range(reps):
+        folder = version_folder(f"s3://{bucket}", "model", f"bench-{size_mib}", f"r{rep}")
+        with create_transfer_manager(store.client, tc) as tm:
+            t0 = time.perf_counter()
+            tm.upload(str(src), bucket, raw_key).result()
+            times["raw_up"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        store.push(src.parent, folder, kind="model", name=f"bench-{size_mib}", version=f"r{rep}")
+        times["lf_up"].append(time.perf_counter() - t0)
+        raw_dest.parent.mkdir(parents=True, exist_ok=True)
+        with create_transfer_manager(store.client, tc) as tm:
+            t0 = time.perf_counter()
+            tm.download(bucket, raw_key, str(raw_dest)).result()
+            times["raw_down"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        store.pull(folder, lf_dest)
+        times["lf_down"].append(time.perf_counter() - t0)
+        shutil.rmtree(raw_dest.parent)
+        shutil.rmtree(lf_dest)
+    shutil.rmtree(src.parent)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "size_mib": size_mib,
+        "reps": reps,
+        "raw_upload_mib_s": size_mib / med["raw_up"],
+        "lorafleet_upload_mib_s": size_mib / med["lf_up"],
+        "upload_ratio": med["raw_up"] / med["lf_up"],
+        "raw_download_mib_s": size_mib / med["raw_down"],
+        "lorafleet_download_mib_s": size_mib / med["lf_down"],
+        "download_ratio": med["raw_down"] / med["lf_down"],
+        "samples_s": times,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="8,80,320", help="file sizes in MiB (default 8,80,320)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--use-env", action="store_true", help="use the server in LORAFLEET_STORE_*/AWS_* instead")
+    parser.add_argument("--bucket", default="lorafleet-bench")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    server: S3Server | None = None
+    try:
+        if args.use_env:
+            settings = StoreSettings.from_env()
+        else:
+            server = S3Server(data_dir=work / "minio" / "data", binary=build(log=lambda m: print(m, file=sys.stderr)))
+            server.start()
+            settings = server.store_settings()
+        store = ArtifactStore(settings)
+        with contextlib.suppress(store.client.exceptions.BucketAlreadyOwnedByYou):
+            store.client.create_bucket(Bucket=args.bucket)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        results = [bench(store, args.bucket, work, size, args.reps) for size in sizes]
+        t = settings.transfer
+        report = {
+            "machine": machine(),
+            "server": f"MinIO {MINIO_VERSION} (single drive, loopback)" if server else settings.describe(),
+            "transfer": f"multipart {t.multipart_chunksize // MiB} MiB parts, {t.max_concurrency} threads, "
+            f"{t.block_size // MiB} MiB blocks (ranged GETs, sha256 each)",
+            "results": results,
+        }
+        print(f"machine: {report['machine']}\nserver: {report['server']}\ntransfer: {report['transfer']}\n")
+        print("| size | raw upload | lorafleet push | ratio | raw download | lorafleet pull (verified) | ratio |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(
+                f"| {r['size_mib']} MiB | {r['raw_upload_mib_s']:.0f} MiB/s | {r['lorafleet_upload_mib_s']:.0f} MiB/s "
+                f"| {r['upload_ratio']:.2f}x | {r['raw_download_mib_s']:.0f} MiB/s "
+                f"| {r['lorafleet_download_mib_s']:.0f} MiB/s | {r['download_ratio']:.2f}x |"
+            )
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    finally:
+        if server:
+            server.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
