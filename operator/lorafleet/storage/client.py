@@ -38,7 +38,8 @@ _BAD_CREDENTIALS = {
     "AuthorizationHeaderMalformed",
 }
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
-PRECONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+PRECONDITION_FAILED = {"PreconditionFailed", "412"}
+CONDITIONAL_CONFLICT = {"ConditionalRequestConflict", "409"}
 
 
 def make_client(settings: StoreSettings) -> Any:
@@ -82,7 +83,13 @@ def http_status(e: ClientError) -> int:
 
 
 def is_precondition_failed(e: Exception) -> bool:
-    return isinstance(e, ClientError) and (error_code(e) in PRECONDITION_FAILED or http_status(e) in (409, 412))
+    """412: the object exists, a conditional create lost."""
+    return isinstance(e, ClientError) and (error_code(e) in PRECONDITION_FAILED or http_status(e) == 412)
+
+
+def is_conditional_conflict(e: Exception) -> bool:
+    """409: AWS answers this while another conditional write of the key is in flight; retry, then it is 412 or 200."""
+    return isinstance(e, ClientError) and (error_code(e) in CONDITIONAL_CONFLICT or http_status(e) == 409)
 
 
 def translate(e: Exception, settings: StoreSettings, bucket: str, key: str | None, action: str) -> StoreError:

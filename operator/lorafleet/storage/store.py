@@ -39,7 +39,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from lorafleet import __version__
-from lorafleet.storage.client import is_precondition_failed, make_client, translate
+from lorafleet.storage.client import is_conditional_conflict, is_precondition_failed, make_client, translate
 from lorafleet.storage.errors import (
     ChecksumMismatch,
     IncompleteVersion,
@@ -483,15 +483,19 @@ class ArtifactStore:
             **self._sse(),
         }
         if conditional:
-            try:
-                self.client.put_object(**args, IfNoneMatch="*")
-            except ClientError as e:
-                if is_precondition_failed(e):
-                    return False
-                raise self._err(e, folder.bucket, key, "write the manifest") from e
-            except BotoCoreError as e:
-                raise self._err(e, folder.bucket, key, "write the manifest") from e
-            return True
+            for attempt in range(1, self.settings.max_attempts + 1):
+                try:
+                    self.client.put_object(**args, IfNoneMatch="*")
+                    return True
+                except ClientError as e:
+                    if is_precondition_failed(e):
+                        return False
+                    if is_conditional_conflict(e) and attempt < self.settings.max_attempts:
+                        _backoff(attempt)
+                        continue
+                    raise self._err(e, folder.bucket, key, "write the manifest") from e
+                except BotoCoreError as e:
+                    raise self._err(e, folder.bucket, key, "write the manifest") from e
         # Fallback for servers without conditional writes: check, write, read back. Two writers racing in the
         # gap both write, the last one's manifest stands and the other sees it on read-back: each manifest only
         # references its own upload, so files are never mixed, but the loser learns it lost after the fact.
