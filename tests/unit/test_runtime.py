@@ -114,12 +114,26 @@ def test_missing_handler_module_is_a_clear_error() -> None:
         runtime.import_handlers(("lorafleet.controllers.nosuchthing",))
 
 
-def test_handler_modules_are_the_three_controllers() -> None:
+def test_handler_modules_are_the_controllers_and_the_resync_loop() -> None:
     assert set(runtime.HANDLER_MODULES) == {
         "lorafleet.controllers.basemodel",
         "lorafleet.controllers.finetunejob",
         "lorafleet.controllers.adapterdeployment",
+        "lorafleet.controllers.resync",
     }
+
+
+def test_no_handler_puts_a_finalizer_on_objects() -> None:
+    """Finalizers without a running operator block namespace deletion and uninstall (kopf pitfall 3); kopf adds
+    one for every delete handler, timer and daemon, so there must be none until external clean-up needs it."""
+    runtime.import_handlers()
+    registry = kopf.get_default_registry()
+    handlers = [
+        *registry._changing.get_all_handlers(),  # kopf has no public listing
+        *registry._spawning.get_all_handlers(),
+    ]
+    assert handlers, "the handler modules registered nothing"
+    assert [str(h) for h in handlers if getattr(h, "requires_finalizer", False)] == []
 
 
 def test_json_logs_are_json() -> None:
@@ -181,9 +195,7 @@ def test_caller_may_name_a_more_specific_result(metrics: Metrics) -> None:
         (kopf.PermanentError("never"), "permanent_error", "PermanentError"),
     ],
 )
-def test_failures_are_counted_by_result_and_reason(
-    metrics: Metrics, exc: Exception, result: str, reason: str
-) -> None:
+def test_failures_are_counted_by_result_and_reason(metrics: Metrics, exc: Exception, result: str, reason: str) -> None:
     with pytest.raises(type(exc)), observe("FineTuneJob", metrics):
         raise exc
     assert value(metrics, "lorafleet_reconcile_total", kind="FineTuneJob", result=result) == 1

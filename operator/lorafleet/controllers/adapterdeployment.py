@@ -96,7 +96,6 @@ def adapterdeployments_by_fine_tune_job(body: kopf.Body, **_: Any) -> dict[Any, 
 @kopf.on.resume(GROUP, VERSION, "adapterdeployments", id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, "adapterdeployments", id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, "adapterdeployments", id="reconcile-update")
-@kopf.timer(GROUP, VERSION, "adapterdeployments", id="resync", interval=SETTINGS.resync_seconds)
 def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile_and_write(reconcile, dict(body), patch)
 

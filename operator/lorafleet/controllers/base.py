@@ -24,7 +24,7 @@ from lorafleet.resources.stores import RenderError
 Obj = dict[str, Any]
 log = logging.getLogger("lorafleet.controllers")
 
-# kopf reads these at import time (timer intervals); runtime.run() loads the client config before importing us.
+# Read once at import; runtime.run() loads the client config before importing the handler modules.
 SETTINGS = OperatorSettings()
 MANAGED_CHILDREN = {"app.kubernetes.io/managed-by": "lorafleet"}
 
@@ -123,7 +123,7 @@ def reconcile_by_name(reconcile: Reconciler, kind: str, name: str, namespace: st
     try:
         reconcile_and_write(reconcile, body, None)
     except kopf.TemporaryError as exc:
-        # The object's own handlers and timer retry; the handler that triggered us has nothing to retry.
+        # The object's own handlers and the resync loop retry; the triggering handler has nothing to retry.
         log.warning("reconciling %s %s/%s failed, will resync: %s", kind, namespace, name, exc)
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile (with its namespace, say): nothing left to reconcile

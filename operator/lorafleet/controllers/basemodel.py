@@ -29,7 +29,6 @@ def reconcile(body: Obj) -> Obj:
 @kopf.on.resume(GROUP, VERSION, "basemodels", id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, "basemodels", id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, "basemodels", id="reconcile-update")
-@kopf.timer(GROUP, VERSION, "basemodels", id="resync", interval=SETTINGS.resync_seconds)
 def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile_and_write(reconcile, dict(body), patch)
 

@@ -96,7 +96,6 @@ def finetunejobs_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs", id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, "finetunejobs", id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, "finetunejobs", id="reconcile-update")
-@kopf.timer(GROUP, VERSION, "finetunejobs", id="resync", interval=SETTINGS.resync_seconds)
 def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile_and_write(reconcile, dict(body), patch)
 

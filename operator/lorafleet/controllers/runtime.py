@@ -26,6 +26,7 @@ HANDLER_MODULES = (
     "lorafleet.controllers.basemodel",
     "lorafleet.controllers.finetunejob",
     "lorafleet.controllers.adapterdeployment",
+    "lorafleet.controllers.resync",
 )
 
 FINALIZER = f"{GROUP}/finalizer"

@@ -291,6 +291,10 @@ def finetunejob_status(
         elif _job_condition(job, "Suspended") is not None:
             phase, reason = "Pending", Reason.JOB_SUSPENDED
             message = f'training Job "{job_name}" is suspended (waiting for admission to a queue)'
+        elif not _dig(job, "status", "startTime"):
+            # Created, but the Job controller has not started it: not Running yet (status must not run ahead).
+            phase, reason = "Pending", Reason.JOB_CREATING
+            message = f'training Job "{job_name}" created; waiting for the Job controller to start it'
         else:
             phase, reason = "Running", Reason.JOB_RUNNING
             active = _int(_dig(job, "status", "active")) or 0
