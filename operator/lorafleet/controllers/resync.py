@@ -30,7 +30,8 @@ def resync_once(namespaces: list[str] | None = None) -> int:
     """Reconcile every object once; returns how many were reconciled. Failures are logged, never raised."""
     done = 0
     for kind, reconcile in RECONCILERS:
-        for namespace in namespaces or [None]:
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]  # None: the whole cluster
+        for namespace in scopes:
             try:
                 objects = k8s.list_(API_VERSION, kind, namespace)
             except Exception as exc:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 
@@ -59,20 +59,34 @@ ADAPTER_DEPLOYMENT: dict[str, Any] = {
 }
 
 
+def _api_client(kubeconfig: str | None) -> client.ApiClient:
+    loader: Any = config.new_client_from_config  # untyped in the client library
+    api: client.ApiClient = loader(config_file=kubeconfig)
+    return api
+
+
 def _cluster() -> tuple[ClusterHandle, bool]:
     if os.environ.get("LORAFLEET_CLUSTER") == "external":
         kubeconfig = Path(os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]).expanduser()
-        return ClusterHandle(kubeconfig, config.new_client_from_config(), local=False), False
+        return ClusterHandle(kubeconfig, _api_client(None), local=False), False
     from lorafleet.dev.cluster import LocalCluster
 
     local = LocalCluster()
     started = local.up()
-    return ClusterHandle(local.kubeconfig, config.new_client_from_config(str(local.kubeconfig)), local=True), started
+    return ClusterHandle(local.kubeconfig, _api_client(str(local.kubeconfig)), local=True), started
+
+
+def _read(custom: client.CustomObjectsApi, obj: dict[str, Any]) -> dict[str, Any]:
+    plural = obj["kind"].lower() + "s"
+    found: dict[str, Any] = custom.get_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, plural, obj["metadata"]["name"]
+    )
+    return found
 
 
 def _row(obj: dict[str, Any]) -> str:
     status = obj.get("status") or {}
-    ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
     extra = ""
     if obj["kind"] == "AdapterDeployment":
         extra = f" replicas {status.get('readyReplicas', 0)}/{obj['spec']['replicas']}"
@@ -94,7 +108,7 @@ def run(keep: bool) -> int:
     install_crds(cluster)
     core = client.CoreV1Api(cluster.api_client)
     custom = client.CustomObjectsApi(cluster.api_client)
-    if not any(ns.metadata.name == NAMESPACE for ns in core.list_namespace().items):
+    if not any(ns.metadata and ns.metadata.name == NAMESPACE for ns in core.list_namespace().items):
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
     log = Path(tempfile.gettempdir()) / "lorafleet-demo-operator.log"
     operator = OperatorProcess(cluster.kubeconfig, log, {**STORE, "LORAFLEET_RESYNC_SECONDS": "5"})
@@ -115,12 +129,7 @@ def run(keep: bool) -> int:
         last = ""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            objs = [
-                custom.get_namespaced_custom_object(
-                    GROUP, VERSION, NAMESPACE, o["kind"].lower() + "s", o["metadata"]["name"]
-                )
-                for o in (BASE_MODEL, FINE_TUNE_JOB, ADAPTER_DEPLOYMENT)
-            ]
+            objs = [_read(custom, o) for o in (BASE_MODEL, FINE_TUNE_JOB, ADAPTER_DEPLOYMENT)]
             table = "\n".join(_row(o) for o in objs)
             if table != last:
                 print(f"--- t+{time.monotonic() - t_apply:5.1f}s\n{table}", flush=True)

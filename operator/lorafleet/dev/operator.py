@@ -35,7 +35,8 @@ def install_crds(cluster: ClusterHandle) -> None:
     def established() -> bool:
         for path in CRDS.glob("*.yaml"):
             name = yaml.safe_load(path.read_text())["metadata"]["name"]
-            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            status = ext.read_custom_resource_definition(name).status
+            conditions = (status.conditions if status else None) or []
             if not any(c.type == "Established" and c.status == "True" for c in conditions):
                 return False
         return True
