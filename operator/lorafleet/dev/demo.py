@@ -78,10 +78,8 @@ def _cluster() -> tuple[ClusterHandle, bool]:
 
 def _read(custom: client.CustomObjectsApi, obj: dict[str, Any]) -> dict[str, Any]:
     plural = obj["kind"].lower() + "s"
-    found: dict[str, Any] = custom.get_namespaced_custom_object(
-        GROUP, VERSION, NAMESPACE, plural, obj["metadata"]["name"]
-    )
-    return found
+    found = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, obj["metadata"]["name"])
+    return cast(dict[str, Any], found)
 
 
 def _row(obj: dict[str, Any]) -> str:
