@@ -166,3 +166,17 @@ def test_file_hasher_matches_hashlib_whatever_the_piece_sizes(tmp_path: Path) ->
     assert hash_file(tmp_path / "f", block) == (hashlib.sha256(data).hexdigest(), expected_blocks)
     # One block or less: no block list (the file's own sha256 covers it).
     assert hash_file(tmp_path / "f", 4 * block) == (hashlib.sha256(data).hexdigest(), None)
+
+
+def test_file_entry_in_two_threads_equals_one_pass(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorafleet.storage.store import LocalFile, file_entry
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(os.urandom(5 * 1024 * 1024 + 7))
+    local = LocalFile("w.bin", path, path.stat().st_size, 0)
+    with ThreadPoolExecutor(1) as pool:
+        entry = file_entry(local, 1024 * 1024, pool)
+    assert entry == file_entry(local, 1024 * 1024)
+    assert entry.blocks is not None and len(entry.blocks) == 6
