@@ -80,7 +80,15 @@ def build_tokenizer(vocab_size: int = 512) -> object:
     )
 
 
-def build(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 512, layers: int = 2, hidden: int = 128) -> Path:
+def build(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    layers: int = 2,
+    hidden: int = 128,
+    init_range: float = 0.1,
+) -> Path:
     """Write the tiny model and tokenizer to out_dir (created); returns the folder. Deterministic for a seed."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -103,6 +111,9 @@ def build(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 512, layers: 
         eos_token_id=[ids[EOS], ids[IM_END]],
         pad_token_id=ids[PAD],
         tie_word_embeddings=False,
+        # Larger than Llama's 0.02: with hidden 128 the output head's rows would be so short that no logit could
+        # stand out, and a LoRA (which leaves the head alone) could not make the model confident of anything.
+        initializer_range=init_range,
         dtype="float32",
     )
     torch.manual_seed(seed)

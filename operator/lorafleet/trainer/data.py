@@ -116,6 +116,12 @@ class LoadReport:
 def read_jsonl(path: str | Path, *, uri: str | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; DatasetInvalid listing the bad lines."""
     name = uri or str(path)
+    records, errors = _read_lines(path, name)
+    raise_if_errors(name, errors)
+    return records
+
+
+def _read_lines(path: str | Path, name: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -141,8 +147,7 @@ def read_jsonl(path: str | Path, *, uri: str | None = None) -> list[tuple[int, d
             errors.append(f"line {number}: expected a JSON object, got {_json_type(value)}")
             continue
         records.append((number, value))
-    raise_if_errors(name, errors)
-    return records
+    return records, errors
 
 
 def raise_if_errors(name: str, errors: Sequence[str]) -> None:
@@ -321,8 +326,8 @@ def load_examples(
     """Every valid sample of a JSONL file, tokenized and fitted. DatasetInvalid with line numbers when any line
     is bad, DatasetEmpty when nothing is left to train on."""
     name = uri or str(path)
-    records = read_jsonl(path, uri=name)
-    examples, report = build_examples(records, dataset, tokenizer, max_length, completion_only, name)
+    records, errors = _read_lines(path, name)
+    examples, report = build_examples(records, dataset, tokenizer, max_length, completion_only, name, errors)
     if not examples:
         raise TrainerError(DATASET_EMPTY, _empty_message(name, len(records), report, dataset.overlong, max_length))
     return examples, report
@@ -335,9 +340,11 @@ def build_examples(
     max_length: int,
     completion_only: bool,
     name: str,
+    errors: list[str] | None = None,
 ) -> tuple[list[Example], LoadReport]:
+    """Render, tokenize and fit every record; DatasetInvalid listing every bad line (with earlier errors)."""
     report = LoadReport()
-    errors: list[str] = []
+    errors = list(errors or [])
     examples: list[Example] = []
     for line, record in records:
         try:
@@ -361,9 +368,14 @@ def build_examples(
         examples.append(fitted)
         report.tokens += len(fitted)
         report.trained_tokens += fitted.trained_tokens
-    raise_if_errors(name, errors)
+    raise_if_errors(name, sorted(errors, key=_line_of))
     report.samples = len(examples)
     return examples, report
+
+
+def _line_of(error: str) -> int:
+    head = error.split(":", 1)[0]
+    return int(head.removeprefix("line ")) if head.startswith("line ") and head[5:].isdigit() else 0
 
 
 def _empty_message(name: str, records: int, report: LoadReport, overlong: str, max_length: int) -> str:

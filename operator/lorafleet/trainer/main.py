@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.install()
         if local_rank == 0:
             reporter.annotator = PodAnnotator.from_environment()
-        result = run(config, reporter=reporter, stop=stop)
+        try:
+            result = run(config, reporter=reporter, stop=stop)
+        finally:
+            stop.uninstall()
         progress = result.progress
         if rank == 0 or local_rank == 0:
             artifact = result.artifact.status() if result.artifact else None

@@ -67,8 +67,11 @@ class StopSignal:
         self.in_loop = False
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def uninstall(self) -> None:
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.requested is None
@@ -510,6 +513,12 @@ def run(
     precision = _precision(config)
     report = ranks.is_main
 
+    output_dir = work_dir / "checkpoints"
+    # TrainingArguments sets up torch.distributed under torchrun: before anything collective.
+    has_eval = bool(config.dataset.eval_uri or config.dataset.eval_split)
+    args = training_arguments(config, precision, output_dir, has_eval=has_eval)
+    _ = args.device  # process group initialized here
+
     existing = _broadcast(sink.existing_adapter() if ranks.is_main else None)
     if existing is not None:
         if existing.lineage.get("hyperparameters", {}).get("job", {}).get("uid") == config.job.uid:
@@ -526,10 +535,6 @@ def run(
             "overwritten: set a new output.version",
         )
 
-    output_dir = work_dir / "checkpoints"
-    # TrainingArguments sets up torch.distributed under torchrun; built before anything collective.
-    has_eval = bool(config.dataset.eval_uri or config.dataset.eval_split)
-    args = training_arguments(config, precision, output_dir, has_eval=has_eval)
     tokenizer = load_tokenizer(config)
     with _local_main_first(ranks):
         datasets = load_datasets(config, tokenizer, sink, work_dir)
