@@ -777,6 +777,8 @@ class _FileJob:
     def _mark_done(self, i: int) -> None:
         with self._lock:
             self.done.add(i)
+            if self.n == 1:
+                return  # nothing to resume within a single block: spare the journal write
             state = {"sha256": self.entry.sha256, "size": self.size, "block": self.dl.block, "done": sorted(self.done)}
             tmp = self.journal.with_suffix(f".{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(state))
