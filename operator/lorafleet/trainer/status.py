@@ -103,5 +103,5 @@ def write_status(path: str | Path, status: dict[str, Any], *, keep_error: bool =
             tmp.write_text(text)
             os.replace(tmp, target)
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False
