@@ -73,21 +73,34 @@ def bench(store: ArtifactStore, bucket: str, work: Path, size_mib: int, reps: in
     lf_dest = work / "lf-dl"
     for rep in range(reps):
         folder = version_folder(f"s3://{bucket}", "model", f"bench-{size_mib}", f"r{rep}")
-        with create_transfer_manager(store.client, tc) as tm:
+
+        def raw_up() -> None:
+            with create_transfer_manager(store.client, tc) as tm:
+                t0 = time.perf_counter()
+                tm.upload(str(src), bucket, raw_key).result()
+                times["raw_up"].append(time.perf_counter() - t0)
+
+        def lf_up() -> None:
             t0 = time.perf_counter()
-            tm.upload(str(src), bucket, raw_key).result()
-            times["raw_up"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        store.push(src.parent, folder, kind="model", name=f"bench-{size_mib}", version=f"r{rep}")
-        times["lf_up"].append(time.perf_counter() - t0)
-        raw_dest.parent.mkdir(parents=True, exist_ok=True)
-        with create_transfer_manager(store.client, tc) as tm:
+            store.push(src.parent, folder, kind="model", name=f"bench-{size_mib}", version=f"r{rep}")  # noqa: B023
+            times["lf_up"].append(time.perf_counter() - t0)
+
+        def raw_down() -> None:
+            raw_dest.parent.mkdir(parents=True, exist_ok=True)
+            with create_transfer_manager(store.client, tc) as tm:
+                t0 = time.perf_counter()
+                tm.download(bucket, raw_key, str(raw_dest)).result()
+                times["raw_down"].append(time.perf_counter() - t0)
+
+        def lf_down() -> None:
             t0 = time.perf_counter()
-            tm.download(bucket, raw_key, str(raw_dest)).result()
-            times["raw_down"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        store.pull(folder, lf_dest)
-        times["lf_down"].append(time.perf_counter() - t0)
+            store.pull(folder, lf_dest)  # noqa: B023
+            times["lf_down"].append(time.perf_counter() - t0)
+
+        # ABBA order: whoever goes second meets the first one's disk writeback, so alternate who goes first.
+        steps = [raw_up, lf_up, raw_down, lf_down] if rep % 2 == 0 else [lf_up, raw_up, lf_down, raw_down]
+        for step in steps:
+            step()
         shutil.rmtree(raw_dest.parent)
         shutil.rmtree(lf_dest)
     shutil.rmtree(src.parent)
@@ -140,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
         }
         print(f"machine: {report['machine']}\nserver: {report['server']}\ntransfer: {report['transfer']}\n")
-        print(f"medians of {args.reps} interleaved runs; ratio = lorafleet/raw throughput (best-of-{args.reps} ratio)")
+        print(
+            f"medians of {args.reps} interleaved runs (ABBA order); "
+            f"ratio = lorafleet/raw throughput (best-of-{args.reps} ratio)"
+        )
         print("| size | raw upload | lorafleet push | ratio | raw download | lorafleet pull (verified) | ratio |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
