@@ -356,6 +356,7 @@ class LorafleetCallback(TrainerCallback):
         self.checkpoint_uris: dict[int, str] = {}
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
+        self.eval_step: int | None = None
 
     def _stop_requested(self, args: TrainingArguments) -> bool:
         flag = self.stop.requested is not None
@@ -381,7 +382,7 @@ class LorafleetCallback(TrainerCallback):
     def on_log(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         logs: dict[str, Any] = kwargs.get("logs") or {}
         if "eval_loss" in logs:
-            self.eval_loss = logs["eval_loss"]
+            self.eval_loss, self.eval_step = logs["eval_loss"], state.global_step
             if self.report:
                 self.reporter.event("eval", step=state.global_step, evalLoss=logs["eval_loss"])
             return
@@ -630,8 +631,10 @@ def run(
     if callback.last_loss is not None:
         metrics["trainLoss"] = callback.last_loss
     if datasets.eval:
-        eval_metrics = trainer.evaluate()
-        metrics["evalLoss"] = eval_metrics["eval_loss"]
+        if callback.eval_step != state.global_step or callback.eval_loss is None:
+            trainer.evaluate()  # reported through on_log
+        if callback.eval_loss is not None:
+            metrics["evalLoss"] = callback.eval_loss
     runtime = output.metrics.get("train_runtime") or 0.0
     session_tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     metrics.update(
