@@ -109,7 +109,7 @@ def test_loss_drops_and_adapter_changes_the_model(tiny_model_dir: Path, tiny_ada
     assert float((tuned_logits - base_logits).abs().max()) > 1.0
 
     right = 0
-    for (question, answer), sample in zip(MEMORIZE_QA, MEMORIZE_CHAT, strict=True):
+    for (_question, answer), sample in zip(MEMORIZE_QA, MEMORIZE_CHAT, strict=True):
         ids = tokenizer.apply_chat_template(
             sample["messages"][:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
