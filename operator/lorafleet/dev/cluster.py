@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -539,7 +540,8 @@ class LocalCluster:
     def _wait(self, state: State, names: list[str], deadline: float) -> None:
         t0 = time.monotonic()
         for n in names:
-            self._until(deadline, f"{n} to become healthy", lambda n=n: self.healthy(state.processes[n]), state)
+            proc = state.processes[n]
+            self._until(deadline, f"{n} to become healthy", functools.partial(self.healthy, proc), state)
         self.log(f"{', '.join(names)} healthy ({time.monotonic() - t0:.1f}s)")
 
     def kubectl(self, kubectl: str, *args: str) -> str:
