@@ -357,3 +357,16 @@ def test_two_gloo_processes_train_and_keep_exit_codes(trainer_env: TrainerEnv) -
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr
     assert env.status(bad)["error"]["reason"] == "DatasetInvalid"
+
+
+def test_fsdp_on_cpu_exits_2(trainer_env: TrainerEnv) -> None:  # noqa: F811
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    from lorafleet.trainer.main import main
+
+    config = trainer_env.config(name="fsdp")
+    config.distributed.strategy = "fsdp"
+    assert main(["--config", str(trainer_env.write_config(config))]) == 2
+    assert trainer_env.status(config)["error"]["reason"] == "FSDPNeedsGPU"

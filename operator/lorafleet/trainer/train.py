@@ -40,6 +40,7 @@ from lorafleet.trainer.config import TrainerConfig
 from lorafleet.trainer.errors import (
     ADAPTER_VERSION_EXISTS,
     BASE_MODEL_INVALID,
+    FSDP_NEEDS_GPU,
     LORA_TARGETS_INVALID,
     OUT_OF_MEMORY,
     PRECISION_UNSUPPORTED,
@@ -153,6 +154,11 @@ def _precision(config: TrainerConfig) -> str:
             QLORA_NEEDS_GPU,
             "method qlora quantizes the base model to 4 bits with bitsandbytes, which needs a CUDA GPU, and none "
             "is visible; set resources.gpusPerNode >= 1 or use method lora",
+        )
+    if config.distributed.strategy == "fsdp" and not cuda:
+        raise TrainerError(
+            FSDP_NEEDS_GPU,
+            "distributed strategy fsdp needs GPUs (accelerate's FSDP has no CPU backend); use ddp on CPU",
         )
     wanted = config.training.precision
     if wanted == "auto":
@@ -296,9 +302,10 @@ def training_arguments(
     fsdp: dict[str, Any] = {}
     if config.distributed.strategy == "fsdp":
         layers = _decoder_layer_classes(model) if model is not None else []
+        # FSDP2 (per-parameter sharding, fine with frozen base weights and LoRA parameters side by side).
         fsdp = {
             "fsdp": "full_shard auto_wrap",
-            "fsdp_config": {"transformer_layer_cls_to_wrap": layers, "use_orig_params": True, "version": 1},
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layers, "reshard_after_forward": True},
         }
     cuda = torch.cuda.is_available()
     return TrainingArguments(
