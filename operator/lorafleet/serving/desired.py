@@ -28,3 +28,9 @@ class DesiredAdapterSet(ApiModel):
     base_model_digest: str | None = Field(default=None, description="Digest of the base model's manifest.")
     max_lora_rank: int = Field(description="--max-lora-rank of the engine; larger adapters are refused.")
     adapters: list[DesiredAdapter] = Field(default_factory=list, description="Adapters to serve.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Module names adapters may target (lorafleet.serving.checks.supported_target_modules of the "
+        "BaseModel's family); None leaves the check to vLLM at load time.",
+        exclude_if=lambda v: v is None,  # absent, not null, in the ConfigMap: unchanged for older sets
+    )

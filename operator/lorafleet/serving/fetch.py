@@ -1,0 +1,103 @@
+"""Download and check one adapter version from the artifact store (runs in a worker thread of the sidecar)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from lorafleet.serving.checks import Reason, Refusal, check_adapter_config, check_manifest, read_adapter_config
+from lorafleet.serving.desired import DesiredAdapter, DesiredAdapterSet
+from lorafleet.serving.syncer import Prepared
+from lorafleet.storage import (
+    ArtifactStore,
+    BadCredentials,
+    BucketNotFound,
+    ChecksumMismatch,
+    IncompleteVersion,
+    ObjectNotFound,
+    StoreError,
+    StoreSettings,
+    StoreUnavailable,
+    VersionFolder,
+)
+
+log = logging.getLogger("lorafleet.serving.fetch")
+
+
+def version_dir(adapters_dir: Path, name: str, digest: str) -> Path:
+    """One folder per adapter version: vLLM reports it as the adapter's root, which identifies the digest."""
+    return adapters_dir / name / digest.removeprefix("sha256:")
+
+
+class StoreFetcher:
+    """The sidecar's prepare function: manifest checks, verified pull, adapter_config checks.
+
+    Stores are built from the environment (the operator renders the default store's settings and credentials
+    into the sidecar); an adapter naming another endpoint gets the same credentials with that endpoint.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._base = StoreSettings.from_env(env)
+        self._stores: dict[str, ArtifactStore] = {}
+
+    def store_for(self, want: DesiredAdapter) -> ArtifactStore:
+        settings = self._base
+        if want.store is not None:
+            settings = replace(
+                settings,
+                endpoint=want.store.endpoint.rstrip("/"),
+                region=want.store.region,
+                insecure_skip_tls_verify=want.store.insecure_skip_tls_verify,
+                sse=want.store.server_side_encryption,
+            )
+        key = f"{settings.endpoint}|{settings.region}|{settings.insecure_skip_tls_verify}"
+        if key not in self._stores:
+            self._stores[key] = ArtifactStore(settings)
+        return self._stores[key]
+
+    def __call__(self, want: DesiredAdapter, desired: DesiredAdapterSet, adapters_dir: Path) -> Prepared | Refusal:
+        name, uri = want.name, want.uri
+        try:
+            folder = VersionFolder.parse(uri)
+        except ValueError as e:
+            return Refusal(Reason.NOT_FOUND, f"adapter {name!r}: {e}")
+        try:
+            store = self.store_for(want)
+            manifest, digest, _ = store.read_manifest(folder)
+        except (ObjectNotFound, IncompleteVersion, BucketNotFound) as e:
+            return Refusal(Reason.NOT_FOUND, f"adapter {name!r}: {e}")
+        except (StoreUnavailable, BadCredentials) as e:
+            return Refusal(Reason.STORE_UNAVAILABLE, f"adapter {name!r}: {e}")
+        except StoreError as e:
+            return Refusal(Reason.DOWNLOAD_FAILED, f"adapter {name!r}: {e}")
+
+        refusal = check_manifest(name, uri, want.digest, manifest.to_json_obj(), digest, desired)
+        if refusal is not None:
+            return refusal
+
+        dest = version_dir(adapters_dir, name, digest)
+        try:
+            result = store.pull(folder, dest, digest=digest)
+        except ChecksumMismatch as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            return Refusal(Reason.CHECKSUM_MISMATCH, f"adapter {name!r}: {e}")
+        except (ObjectNotFound, IncompleteVersion, BucketNotFound) as e:
+            return Refusal(Reason.NOT_FOUND, f"adapter {name!r}: {e}")
+        except (StoreUnavailable, BadCredentials) as e:
+            return Refusal(Reason.STORE_UNAVAILABLE, f"adapter {name!r}: {e}")
+        except (StoreError, OSError) as e:
+            return Refusal(Reason.DOWNLOAD_FAILED, f"adapter {name!r}: {e}")
+        log.info(
+            "pulled %s %s into %s (%d bytes downloaded, %d reused)",
+            name, digest, dest, result.downloaded_bytes, result.reused_bytes,
+        )
+
+        config, refusal = read_adapter_config(name, dest)
+        if refusal is None and config is not None:
+            refusal = check_adapter_config(name, config, desired.max_lora_rank, desired.target_modules)
+        if refusal is not None:
+            shutil.rmtree(dest, ignore_errors=True)
+            return refusal
+        return Prepared(digest=digest, path=dest)

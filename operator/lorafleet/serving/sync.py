@@ -1,0 +1,96 @@
+"""The adapter-sync sidecar: ``python -m lorafleet.serving.sync``.
+
+Watches the desired adapter set (the mounted ConfigMap file), pulls each adapter from the artifact store with
+checksum verification, checks it, loads it into vLLM on localhost, unloads removed ones, re-loads everything after
+vLLM restarts, and serves the pod's only open port: the inference routes, /health, /lorafleet/ready and
+/lorafleet/state. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from lorafleet.serving.engine import EngineClient
+from lorafleet.serving.gateway import build_app
+from lorafleet.serving.syncer import PrepareFn, Syncer
+
+log = logging.getLogger("lorafleet.serving.sync")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lorafleet.serving.sync", description=__doc__.split("\n\n")[0])
+    p.add_argument("--desired", type=Path, required=True, help="the desired adapter set (JSON, a ConfigMap file)")
+    p.add_argument("--engine", required=True, help="vLLM's URL on localhost, e.g. http://127.0.0.1:8001")
+    p.add_argument("--adapters-dir", type=Path, required=True, help="shared volume for the adapters' files")
+    p.add_argument("--listen", default="0.0.0.0:8000", help="host:port of the gateway (default 0.0.0.0:8000)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between reads of the desired file")
+    p.add_argument("--resync-interval", type=float, default=2.0, help="seconds between checks of vLLM")
+    p.add_argument("--parallel-downloads", type=int, default=2, help="adapters downloaded at once")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, prepare: PrepareFn | None = None) -> None:
+    if prepare is None:
+        from lorafleet.serving.fetch import StoreFetcher
+
+        prepare = StoreFetcher()
+    args.adapters_dir.mkdir(parents=True, exist_ok=True)
+    engine = EngineClient(args.engine)
+    syncer = Syncer(
+        desired_file=args.desired,
+        engine=engine,
+        adapters_dir=args.adapters_dir.resolve(),
+        prepare=prepare,
+        poll_interval=args.poll_interval,
+        resync_interval=args.resync_interval,
+        max_parallel_downloads=args.parallel_downloads,
+    )
+    app = build_app(syncer, engine)
+
+    async def run_syncer(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(syncer.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await engine.close()
+
+    app.cleanup_ctx.append(run_syncer)
+    host, _, port = args.listen.rpartition(":")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or "0.0.0.0", int(port))
+    await site.start()
+    log.info("gateway on %s, vLLM at %s, desired set %s", args.listen, args.engine, args.desired)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: finishing requests in flight")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""The reconciler of the adapter-sync sidecar: makes vLLM serve exactly the desired adapter set.
+
+Level-based: every pass compares the desired set (the mounted ConfigMap file) with what vLLM lists in
+/v1/models and acts on the difference, so a vLLM restart (which forgets runtime-loaded adapters), a lost
+adapter or a missed change is repaired by the next pass without special cases.
+
+Per adapter: read the stored manifest (digest pin, base model, file formats: refused before any download), pull
+it with checksum verification into ``<adapters-dir>/<name>/<digest hex>`` (a folder per version: vLLM's
+/v1/models reports it as the adapter's ``root``, which is how a loaded adapter is matched by digest), check
+adapter_config.json (rank, target modules, plain LoRA), then ``POST /v1/load_lora_adapter``. A new version of a
+loaded adapter is downloaded and checked while the old one serves, then swapped with ``load_inplace`` (no gap).
+Removed adapters are unloaded and their files deleted. Downloads run in threads, several at once; one failing
+adapter never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.serving.checks import (
+    Reason,
+    Refusal,
+    classify_engine_error,
+)
+from lorafleet.serving.desired import DesiredAdapter, DesiredAdapterSet
+from lorafleet.serving.engine import EngineClient, EngineModel, EngineUnavailable
+
+log = logging.getLogger("lorafleet.serving.sync")
+
+PENDING, LOADING, LOADED, FAILED = "Pending", "Loading", "Loaded", "Failed"
+RETRY_MIN_S, RETRY_MAX_S = 5.0, 300.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An adapter version downloaded, verified and checked: ready for vLLM."""
+
+    digest: str
+    path: Path
+
+
+PrepareFn = Callable[[DesiredAdapter, DesiredAdapterSet, Path], "Prepared | Refusal"]
+
+
+@dataclass
+class Adapter:
+    """What the sidecar knows of one desired adapter."""
+
+    want: DesiredAdapter
+    state: str = PENDING
+    reason: str | None = None
+    message: str | None = None
+    prepared: Prepared | None = None
+    refusal: Refusal | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    task: asyncio.Task[Prepared | Refusal] | None = None
+    since: float = field(default_factory=_now)
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        return _key(self.want)
+
+    def set(self, state: str, reason: str | None, message: str | None) -> None:
+        if (state, reason, message) != (self.state, self.reason, self.message):
+            if state != self.state:
+                self.since = _now()
+                log.info("adapter %s: %s -> %s (%s) %s", self.want.name, self.state, state, reason, message or "")
+            self.state, self.reason, self.message = state, reason, message
+
+    def report(self) -> dict[str, Any]:
+        report = {
+            "name": self.want.name,
+            "state": self.state,
+            "reason": self.reason,
+            "message": self.message,
+            "uri": self.want.uri,
+            # The digest being served (or prepared); the pin when nothing is known yet.
+            "digest": self.prepared.digest if self.prepared else self.want.digest,
+            "desiredDigest": self.want.digest,
+            "path": str(self.prepared.path) if self.prepared else None,
+            "since": _rfc3339(self.since),
+            "loadedAt": _rfc3339(self.loaded_at),
+            "loadSeconds": round(self.load_seconds, 4) if self.load_seconds is not None else None,
+        }
+        return {k: v for k, v in report.items() if v is not None}
+
+
+def _key(want: DesiredAdapter) -> tuple[str, str | None, str]:
+    store = want.store.model_dump_json() if want.store is not None else ""
+    return (want.uri, want.digest, store)
+
+
+def _backoff(failures: int) -> float:
+    return float(min(RETRY_MAX_S, RETRY_MIN_S * 2 ** max(0, failures - 1)))
+
+
+class Syncer:
+    """Owns the adapter states; ``run()`` is the loop, ``state()``/``ready()`` feed the gateway."""
+
+    def __init__(
+        self,
+        *,
+        desired_file: Path,
+        engine: EngineClient,
+        adapters_dir: Path,
+        prepare: PrepareFn,
+        poll_interval: float = 0.5,
+        resync_interval: float = 2.0,
+        max_parallel_downloads: int = 2,
+    ) -> None:
+        self.desired_file = desired_file
+        self.engine = engine
+        self.adapters_dir = adapters_dir
+        self._prepare = prepare
+        self.poll_interval = poll_interval
+        self.resync_interval = resync_interval
+        self._downloads = asyncio.Semaphore(max_parallel_downloads)
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.desired: DesiredAdapterSet | None = None
+        self.desired_sha256: str | None = None
+        self.desired_error: str | None = None
+        self.desired_read_at: float | None = None
+        self.adapters: dict[str, Adapter] = {}
+        self.engine_healthy = False
+        self.engine_base: str | None = None
+        self.engine_message: str | None = "not checked yet"
+        self.engine_restarts = 0
+        self._was_healthy = False
+        self._ever_healthy = False
+        self._known_served: set[str] = set()
+        self.lost_adapters = 0
+        self.passes = 0
+        self.last_pass: float | None = None
+        self.pod = os.environ.get("POD_NAME") or socket.gethostname()
+
+    # -- the desired set -----------------------------------------------------------------------------------
+
+    def read_desired(self) -> bool:
+        """Re-read the desired file; True when its content changed. A bad file keeps the last good set."""
+        try:
+            raw = self.desired_file.read_bytes()
+        except FileNotFoundError:
+            if self.desired is None:
+                self.desired_error = f"{self.desired_file} does not exist (the ConfigMap is not mounted yet?)"
+            return False
+        except OSError as e:
+            self.desired_error = f"cannot read {self.desired_file}: {e}"
+            return False
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self.desired_sha256:
+            return False
+        self.desired_sha256 = digest
+        try:
+            desired = DesiredAdapterSet.model_validate_json(raw)
+        except ValueError as e:
+            self.desired_error = f"{self.desired_file} is not a valid desired adapter set (keeping the last one): {e}"
+            log.error("%s", self.desired_error)
+            return False
+        names = [a.name for a in desired.adapters]
+        if len(names) != len(set(names)):
+            self.desired_error = f"{self.desired_file} names an adapter twice (keeping the last set): {names}"
+            log.error("%s", self.desired_error)
+            return False
+        self._apply_desired(desired)
+        return True
+
+    def _apply_desired(self, desired: DesiredAdapterSet) -> None:
+        old = self.desired
+        settings_changed = old is not None and (
+            old.base_model != desired.base_model
+            or old.base_model_digest != desired.base_model_digest
+            or old.max_lora_rank != desired.max_lora_rank
+            or old.target_modules != desired.target_modules
+        )
+        self.desired, self.desired_error, self.desired_read_at = desired, None, _now()
+        wanted = {a.name: a for a in desired.adapters}
+        for name in list(self.adapters):
+            if name not in wanted:
+                self._cancel(self.adapters.pop(name))
+        for name, want in wanted.items():
+            current = self.adapters.get(name)
+            if current is None:
+                self.adapters[name] = Adapter(want)
+            elif current.key != _key(want) or settings_changed:
+                # A new version (or new rules): start over, but keep what is loaded until it is replaced.
+                self._cancel(current)
+                replacement = Adapter(want)
+                replacement.since = _now()
+                self.adapters[name] = replacement
+            else:
+                current.want = want
+        log.info("desired set: base %s, %d adapters: %s", desired.base_model, len(wanted), ", ".join(wanted))
+
+    @staticmethod
+    def _cancel(adapter: Adapter) -> None:
+        if adapter.task is not None and not adapter.task.done():
+            adapter.task.cancel()  # the thread finishes its pull; its folder is collected later
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        last_full = 0.0
+        while True:
+            changed = self.read_desired()
+            woken = self._wake.is_set()
+            self._wake.clear()
+            if changed or woken or time.monotonic() - last_full >= self.resync_interval:
+                last_full = time.monotonic()
+                try:
+                    await self.reconcile()
+                except Exception:  # never die: the next pass retries
+                    log.exception("reconcile pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            await self._reconcile()
+            self.passes += 1
+            self.last_pass = _now()
+
+    async def _reconcile(self) -> None:
+        desired = self.desired
+        if desired is None:
+            return
+        # Downloads and checks need no engine: start them first.
+        for adapter in self.adapters.values():
+            self._start_prepare(adapter, desired)
+
+        healthy = await self.engine.healthy()
+        if not healthy:
+            self._engine_down("vLLM /health is not answering 200 (starting, restarting or overloaded)")
+            return
+        try:
+            models = await self.engine.models()
+        except EngineUnavailable as e:
+            self._engine_down(str(e))
+            return
+        if self._ever_healthy and not self._was_healthy:
+            self.engine_restarts += 1
+            log.warning("vLLM is back after being unhealthy: re-loading every adapter it lost")
+        self.engine_healthy, self._was_healthy, self._ever_healthy, self.engine_message = True, True, True, None
+        served = self._served(models, desired)
+        lost = self._known_served - set(served)
+        if lost:
+            self.lost_adapters += len(lost)
+            log.warning("vLLM no longer lists %s (restarted?); re-loading", ", ".join(sorted(lost)))
+
+        # Unload what is no longer desired (only adapters this sidecar manages: their root is ours).
+        for name, model in served.items():
+            if name not in self.adapters and self._ours(model):
+                result = await self._call(self.engine.unload(name))
+                if result is not None:
+                    log.info("unloaded %s: %s", name, result.message)
+
+        for adapter in self.adapters.values():
+            await self._converge(adapter, served.get(adapter.want.name))
+
+        # Loaded means listed by vLLM with our base model as parent, from the folder of the digest we prepared.
+        try:
+            models = await self.engine.models()
+        except EngineUnavailable as e:
+            self._engine_down(str(e))
+            return
+        served = self._served(models, desired)
+        for adapter in self.adapters.values():
+            self._observe(adapter, served.get(adapter.want.name))
+        self._known_served = {n for n, a in self.adapters.items() if a.state == LOADED}
+        self._collect_garbage(served)
+
+    def _engine_down(self, message: str) -> None:
+        if self._was_healthy:
+            log.warning("vLLM became unhealthy: %s", message)
+        self.engine_healthy, self._was_healthy, self.engine_message = False, False, message
+        for adapter in self.adapters.values():
+            if adapter.state in (LOADED, LOADING) and adapter.prepared is not None:
+                adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, f"vLLM is not healthy: {message}")
+
+    def _served(self, models: list[EngineModel], desired: DesiredAdapterSet) -> dict[str, EngineModel]:
+        base_ids = [m.id for m in models if m.parent is None]
+        self.engine_base = base_ids[0] if base_ids else None
+        if desired.base_model not in base_ids:
+            self.engine_message = (
+                f"vLLM serves {', '.join(base_ids) or 'no base model'}, not the desired base model "
+                f"{desired.base_model!r}: the pod runs an older engine configuration"
+            )
+        return {m.id: m for m in models if m.parent is not None and m.parent == desired.base_model}
+
+    def _ours(self, model: EngineModel) -> bool:
+        root = Path(model.root or "/nonexistent")
+        return root.is_relative_to(self.adapters_dir)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except EngineUnavailable as e:
+            log.warning("%s", e)
+            return None
+
+    # -- per adapter ---------------------------------------------------------------------------------------
+
+    def _start_prepare(self, adapter: Adapter, desired: DesiredAdapterSet) -> None:
+        if adapter.prepared is not None or adapter.task is not None:
+            return
+        if adapter.refusal is not None and adapter.refusal.permanent:
+            return
+        if _now() < adapter.retry_at:
+            return
+        if adapter.state not in (LOADED, FAILED):
+            adapter.set(LOADING, Reason.DOWNLOADING, f"downloading and checking {adapter.want.uri}")
+        adapter.task = asyncio.create_task(self._run_prepare(adapter.want, desired))
+        adapter.task.add_done_callback(functools.partial(self._prepared, adapter))
+
+    async def _run_prepare(self, want: DesiredAdapter, desired: DesiredAdapterSet) -> Prepared | Refusal:
+        async with self._downloads:
+            return await asyncio.to_thread(self._prepare, want, desired, self.adapters_dir)
+
+    def _prepared(self, adapter: Adapter, task: asyncio.Task[Prepared | Refusal]) -> None:
+        adapter.task = None
+        if task.cancelled() or self.adapters.get(adapter.want.name) is not adapter:
+            return
+        error = task.exception()
+        result: Prepared | Refusal
+        if error is not None:
+            log.error("preparing %s failed", adapter.want.name, exc_info=error)
+            result = Refusal(Reason.DOWNLOAD_FAILED, f"preparing adapter {adapter.want.name!r} failed: {error!r}")
+        else:
+            result = task.result()
+        if isinstance(result, Prepared):
+            adapter.prepared, adapter.refusal = result, None
+        else:
+            self._refuse(adapter, result)
+        self.wake()
+
+    def _refuse(self, adapter: Adapter, refusal: Refusal) -> None:
+        adapter.refusal = refusal
+        adapter.failures += 1
+        if refusal.permanent:
+            adapter.set(FAILED, refusal.reason, refusal.message)
+            return
+        delay = _backoff(adapter.failures)
+        adapter.retry_at = _now() + delay
+        # The store being down says nothing against the adapter: it waits (Pending) rather than fails.
+        state = PENDING if refusal.reason in (Reason.STORE_UNAVAILABLE, Reason.DOWNLOAD_FAILED) else FAILED
+        adapter.set(state, refusal.reason, f"{refusal.message} (attempt {adapter.failures}; retrying in {delay:.0f} s)")
+
+    async def _converge(self, adapter: Adapter, model: EngineModel | None) -> None:
+        name = adapter.want.name
+        ours = model is not None and self._ours(model)
+        if adapter.state == FAILED:
+            if ours:
+                # The desired version cannot be served: do not keep serving another one under its name.
+                result = await self._call(self.engine.unload(name))
+                if result is not None:
+                    log.info("unloaded %s (its desired version is refused): %s", name, result.message)
+            if adapter.refusal is not None and (adapter.refusal.permanent or _now() < adapter.retry_at):
+                return
+        if adapter.prepared is None:
+            return  # downloading (a previous version, if any, serves meanwhile)
+        path = str(adapter.prepared.path)
+        if model is not None and model.root == path:
+            return
+        if adapter.refusal is not None and _now() < adapter.retry_at:
+            return
+        adapter.set(LOADING, Reason.LOADING, f"loading {adapter.prepared.digest} into vLLM")
+        started = time.monotonic()
+        result = await self._call(self.engine.load(name, path, inplace=model is not None))
+        if result is None:
+            adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, "vLLM did not answer the load request; retrying")
+            return
+        if result.ok:
+            adapter.load_seconds = time.monotonic() - started
+            adapter.loaded_at = _now()
+            adapter.failures, adapter.refusal = 0, None
+            return
+        if result.status == 400 and "already been loaded" in result.message:
+            return  # loaded meanwhile; the observation below tells by its root
+        reason = classify_engine_error(result.message)
+        if reason == Reason.NOT_FOUND and not adapter.prepared.path.is_dir():
+            adapter.prepared = None  # our files went away: download again
+            return
+        message = f"vLLM refused adapter {name!r} (HTTP {result.status}): {result.message}"
+        self._refuse(adapter, Refusal(reason, message))
+        if ours and adapter.state == FAILED:
+            await self._call(self.engine.unload(name))
+
+    def _observe(self, adapter: Adapter, model: EngineModel | None) -> None:
+        prepared = adapter.prepared
+        if prepared is not None and model is not None and model.root == str(prepared.path):
+            adapter.set(LOADED, Reason.LOADED, f"served by vLLM from {prepared.path} ({prepared.digest})")
+            return
+        if adapter.state == LOADED:
+            adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, "vLLM no longer lists the adapter; re-loading")
+            self.wake()
+
+    def _collect_garbage(self, served: dict[str, EngineModel]) -> None:
+        """Delete version folders nothing needs: not prepared for a desired adapter, not served, not in flight."""
+        keep = {str(a.prepared.path) for a in self.adapters.values() if a.prepared is not None}
+        keep |= {m.root for m in served.values() if m.root}
+        busy = {a.want.name for a in self.adapters.values() if a.task is not None}
+        if not self.adapters_dir.is_dir():
+            return
+        for name_dir in self.adapters_dir.iterdir():
+            if not name_dir.is_dir() or name_dir.name.startswith(".") or name_dir.name in busy:
+                continue
+            for version_dir in name_dir.iterdir():
+                if str(version_dir) not in keep:
+                    log.info("removing %s (no longer desired nor served)", version_dir)
+                    shutil.rmtree(version_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                name_dir.rmdir()  # only when empty
+
+    # -- what the gateway reports --------------------------------------------------------------------------
+
+    def blocking(self) -> list[str]:
+        """Desired adapters this pod is still expected to load (Pending/Loading). Failed ones do not block
+        readiness: they cannot be served by any replica, and holding every pod unready would stop the others."""
+        return [n for n, a in self.adapters.items() if a.state in (PENDING, LOADING)]
+
+    def ready(self, engine_healthy: bool) -> tuple[bool, str]:
+        if self.desired is None:
+            return False, self.desired_error or "no desired adapter set read yet"
+        if not engine_healthy:
+            return False, "vLLM is not healthy"
+        if self.engine_base is not None and self.engine_base != self.desired.base_model:
+            return False, self.engine_message or "vLLM serves another base model"
+        if self.passes == 0:
+            return False, "no sync pass completed yet"
+        waiting = self.blocking()
+        if waiting:
+            return False, "waiting for adapters: " + ", ".join(waiting)
+        return True, f"serving {sum(a.state == LOADED for a in self.adapters.values())} adapters"
+
+    def state(self) -> dict[str, Any]:
+        desired = self.desired
+        return {
+            "pod": self.pod,
+            "baseModel": desired.base_model if desired else None,
+            "engine": {
+                "url": self.engine.base_url,
+                "healthy": self.engine_healthy,
+                "baseModel": self.engine_base,
+                "restarts": self.engine_restarts,
+                "lostAdapters": self.lost_adapters,
+                "message": self.engine_message,
+            },
+            "desired": {
+                "file": str(self.desired_file),
+                "sha256": self.desired_sha256,
+                "readAt": _rfc3339(self.desired_read_at),
+                "error": self.desired_error,
+                "adapters": len(desired.adapters) if desired else 0,
+            },
+            "ready": self.ready(self.engine_healthy)[0],
+            "passes": self.passes,
+            "lastPass": _rfc3339(self.last_pass),
+            "adapters": [a.report() for a in self.adapters.values()],
+        }
+
