@@ -370,3 +370,37 @@ def test_fsdp_on_cpu_exits_2(trainer_env: TrainerEnv) -> None:  # noqa: F811
     config.distributed.strategy = "fsdp"
     assert main(["--config", str(trainer_env.write_config(config))]) == 2
     assert trainer_env.status(config)["error"]["reason"] == "FSDPNeedsGPU"
+
+
+class StopAtStep:
+    """A StopSignal whose SIGTERM 'arrives' during optimizer step `step` (the callback asks once per step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.asked, self.in_loop = step, 0, False
+
+    @property
+    def requested(self) -> int | None:
+        self.asked += 1
+        return signal.SIGTERM if self.asked >= self.step else None
+
+
+def test_resume_mid_epoch_with_length_grouped_packing(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+    """Packing on CPU groups samples by length with a seeded sampler: a resume two epochs in replays its order."""
+    from lorafleet.trainer.errors import Interrupted
+    from lorafleet.trainer.progress import ProgressReporter
+    from lorafleet.trainer.train import run
+
+    lines = [{"text": " ".join(["word"] * n)} for n in range(1, 17)]  # 16 samples of 16 lengths
+    settings = {"maxSteps": 20, "batchSize": 2, "packing": True, "checkpointInterval": 100, "lora": RESUME_LORA}
+    whole = TrainerEnv(tmp_path / "whole", tiny_model_dir)
+    config = whole.config(lines, name="packed", dataset={"format": "text"}, **settings)
+    train_in_process(whole, config)
+
+    parts = TrainerEnv(tmp_path / "parts", tiny_model_dir)
+    config = parts.config(lines, name="packed", dataset={"format": "text"}, **settings)
+    with pytest.raises(Interrupted):
+        run(config, reporter=ProgressReporter(enabled=False), stop=StopAtStep(11), sink=parts.sink(config))  # type: ignore[arg-type]
+    assert parts.sink(config).latest_checkpoint() == 11  # mid-way through the second epoch (8 steps each)
+    train_in_process(parts, config)
+    difference = max_difference(adapter_tensors(parts.adapter_dir(config)), adapter_tensors(whole.adapter_dir(config)))
+    assert difference <= RESUME_TOLERANCE

@@ -80,3 +80,30 @@ def test_padded_batch_equals_separate_sequences(model_and_examples: Any) -> None
     with torch.no_grad():
         out = model(**batch)
     assert abs(float(out.loss) - expected_loss) < TOL
+
+
+def test_length_grouped_sampler_is_seeded_per_epoch() -> None:
+    pytest.importorskip("torch")
+    from lorafleet.trainer.train import SeededLengthGroupedSampler
+
+    lengths = [(i * 37) % 101 for i in range(200)]
+    sampler = SeededLengthGroupedSampler(8, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(200)) and list(sampler) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == list(range(200))
+    again = SeededLengthGroupedSampler(8, lengths, seed=3)
+    again.set_epoch(1)
+    assert list(again) == second
+
+    # Batches hold similar lengths: far less padding than a random order.
+    def padding(order: list[int]) -> int:
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    import random
+
+    shuffled = list(range(200))
+    random.Random(0).shuffle(shuffled)
+    assert padding(first) < padding(shuffled) / 4

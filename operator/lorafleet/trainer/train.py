@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from lorafleet.trainer import data
 from lorafleet.trainer.config import TrainerConfig
@@ -196,6 +197,60 @@ def _check_qlora_dependencies() -> None:
         ) from e
 
 
+# -- packing -------------------------------------------------------------------------------------------------------
+
+
+def packing_mode(config: TrainerConfig) -> str:
+    """How training.packing avoids computing on padding:
+
+    * "flatten": the samples of a batch in one row, no padding at all (DataCollatorWithFlattening); attention
+      kept inside each sample by varlen kernels. Used where flash-attention is installed (GPU).
+    * "group": batches of samples of similar length (a seeded LengthGroupedSampler), padded to the longest of
+      each batch, so almost no padding. Used elsewhere: with SDPA or eager attention a flattened row would need a
+      dense mask over the whole row and cost attention quadratic in the row (2.6x slower than padding on CPU for
+      the tiny model, see docs/benchmarks.md).
+    * "off": plain padded batches in random order.
+    """
+    if not config.training.packing:
+        return "off"
+    from transformers.utils.import_utils import is_flash_attn_2_available
+
+    return "flatten" if torch.cuda.is_available() and is_flash_attn_2_available() else "group"
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler with its own generator, seeded per epoch, so that the order is the same
+    on every process and after a resume (the library's default uses the global RNG)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)  # type: ignore[no-untyped-call]
+        return iter(order)
+
+
+class LorafleetTrainer(Trainer):
+    """Trainer with the length-grouped sampler of packing mode "group"."""
+
+    def __init__(self, *args: Any, group_lengths: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_lengths = group_lengths
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.group_lengths is not None:
+            batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return SeededLengthGroupedSampler(batch, self.group_lengths, self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+
 # -- loading -------------------------------------------------------------------------------------------------------
 
 
@@ -245,6 +300,7 @@ def load_model(config: TrainerConfig, precision: str) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     source, kwargs = _model_source(config)
+    kwargs["attn_implementation"] = "flash_attention_2" if packing_mode(config) == "flatten" else "sdpa"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if config.method == "qlora":
         _check_qlora_dependencies()
@@ -263,6 +319,7 @@ def load_model(config: TrainerConfig, precision: str) -> Any:
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise TrainerError(BASE_MODEL_INVALID, f"cannot load base model {config.base_model.name}: {e}") from e
+    # No KV cache in training; also, transformers detects packed rows (flatten) only without one.
     model.config.use_cache = False
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
@@ -571,7 +628,8 @@ def run(
     if config.distributed.strategy == "fsdp":
         args = training_arguments(config, precision, output_dir, has_eval=bool(datasets.eval), model=model)
     collator: Any
-    if config.training.packing:
+    packing = packing_mode(config)
+    if packing == "flatten":
         collator = DataCollatorWithFlattening(  # type: ignore[no-untyped-call]
             return_position_ids=True, separator_id=data.IGNORE_INDEX
         )
@@ -581,7 +639,8 @@ def run(
             tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX, pad_to_multiple_of=multiple
         )
     callback = LorafleetCallback(reporter, sink, stop, ranks, report)
-    trainer = Trainer(
+    trainer = LorafleetTrainer(
+        group_lengths=[len(e) for e in datasets.train] if packing == "group" else None,
         model=model,
         args=args,
         train_dataset=[e.features() for e in datasets.train],
@@ -605,6 +664,7 @@ def run(
             "start",
             method=config.method,
             precision=precision,
+            packing=packing,
             worldSize=ranks.world_size,
             trainableParameters=trainable,
             totalParameters=total,

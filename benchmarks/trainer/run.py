@@ -1,0 +1,332 @@
+"""Trainer benchmark (run on demand, not a test): our trainer against a plain transformers + peft loop.
+
+    python benchmarks/trainer/run.py [--steps 60] [--repeats 3] [--out results.json]
+    python benchmarks/trainer/run.py --gpu     # on a GPU machine: LoRA on a random-init ~1B Llama, tokens/s and MFU
+
+CPU parts, on the tiny Llama of lorafleet.dev.tiny_model and the same data, same LoRA (r=16, all linear layers),
+same optimizer (AdamW, fused), schedule, clipping and batch size:
+
+1. steps/s: lorafleet.trainer (padded batches, as without packing) against a plain loop (padded batches, a
+   torch DataLoader, loss.backward, optimizer.step); the final losses (mean of the last 10 steps) must agree.
+   Target >= 1.0x.
+2. useful tokens/s (non-padding tokens) on a mixed-length dataset: lorafleet.trainer with packing (padding-free:
+   DataCollatorWithFlattening) against the same plain padded loop. Target >= 1.5x.
+
+Runs alternate (ours, plain, ours, plain, ...) and the median of --repeats is reported, because the machines
+this runs on are shared. Our trainer's time is its training loop as transformers measures it (train_runtime,
+which includes its checkpoint at the last step); the plain loop's is its loop alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # tests.trainer_fixtures for the workspace helpers
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "a",
+    "small",
+    "model",
+    "fine",
+    "tuned",
+    "on",
+    "clean",
+    "private",
+    "data",
+    "can",
+    "beat",
+    "a",
+    "large",
+    "general",
+    "model",
+    "on",
+    "its",
+    "own",
+    "task",
+    "lora",
+    "adds",
+    "low",
+    "rank",
+    "matrices",
+    "to",
+    "the",
+    "attention",
+    "and",
+    "mlp",
+    "projections",
+]
+
+
+def mixed_length_dataset(n: int, min_words: int, max_words: int, seed: int = 0) -> list[dict[str, str]]:
+    """Completion samples with uniformly spread lengths: a short prompt and a completion of min..max words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        rows.append({"prompt": f"Sample {i}:", "completion": " " + " ".join(words)})
+    return rows
+
+
+# -- the plain loop ------------------------------------------------------------------------------------------------
+
+
+def plain_loop(
+    model_dir: Path, examples: list[Any], *, steps: int, batch_size: int, lr: float, seed: int
+) -> dict[str, float]:
+    """The reference: what one writes by hand with transformers + peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, get_scheduler, set_seed
+
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    model.train()
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        [e.features() for e in examples],
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=generator,
+        drop_last=False,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    losses: list[float] = []
+    useful = 0
+    done = 0
+    start = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            out = model(**batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(out.loss.detach()))
+            useful += int(batch["attention_mask"].sum())
+            done += 1
+            if done == steps:
+                break
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": steps, "usefulTokens": useful, "finalLoss": statistics.fmean(losses[-10:])}
+
+
+# -- ours ----------------------------------------------------------------------------------------------------------
+
+
+def ours(
+    env: Any, rows: list[dict[str, str]], name: str, *, steps: int, batch_size: int, lr: float, packing: bool
+) -> dict[str, float]:
+    from tests.trainer_fixtures import train_in_process
+
+    config = env.config(
+        rows,
+        name=name,
+        dataset={"format": "completion"},
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        maxSteps=steps,
+        batchSize=batch_size,
+        learningRate=lr,
+        warmupRatio=0.0,
+        lrScheduler="cosine",
+        packing=packing,
+        loggingSteps=1,  # the loss of every step, as the plain loop has
+        checkpointInterval=10 * steps,
+        maxSequenceLength=1024,
+    )
+    result = train_in_process(env, config)
+    manifest = json.loads((env.adapter_dir(config) / "manifest.json").read_text())
+    curve = [loss for _, loss in manifest["metrics"]["lossCurve"]]
+    return {
+        "seconds": result.metrics["trainSeconds"],
+        "steps": steps,
+        "usefulTokens": result.metrics["trainTokens"],
+        "finalLoss": statistics.fmean(curve[-10:]),
+    }
+
+
+def compare(label: str, runs: list[tuple[dict[str, float], dict[str, float]]], metric: str) -> dict[str, Any]:
+    def rate(r: dict[str, float]) -> float:
+        return (r["steps"] if metric == "steps/s" else r["usefulTokens"]) / r["seconds"]
+
+    ours_rates = [rate(o) for o, _ in runs]
+    plain_rates = [rate(p) for _, p in runs]
+    ratio = statistics.median(o / p for o, p in zip(ours_rates, plain_rates, strict=True))
+    return {
+        "benchmark": label,
+        "metric": metric,
+        "ours": statistics.median(ours_rates),
+        "plain": statistics.median(plain_rates),
+        "ratio": ratio,
+        "oursFinalLoss": statistics.median(o["finalLoss"] for o, _ in runs),
+        "plainFinalLoss": statistics.median(p["finalLoss"] for _, p in runs),
+        "repeats": len(runs),
+    }
+
+
+def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+    from tests.trainer_fixtures import TrainerEnv
+
+    from lorafleet.api.finetunejob import Dataset
+    from lorafleet.dev.tiny_model import build
+    from lorafleet.trainer import data
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    model_dir = build(work / "tiny-model")
+    os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
+    env = TrainerEnv(work, model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "completion"})
+
+    def examples(rows: list[dict[str, str]]) -> list[Any]:
+        path = work / "rows.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return data.load_examples(path, dataset, tokenizer, max_length=1024, completion_only=True)[0]
+
+    results = []
+    # 1. steps/s, padded both sides: short samples, the per-step overhead of the trainer shows most.
+    short = mixed_length_dataset(8 * args.steps, 4, 24, seed=1)  # one epoch
+    short_examples = examples(short)
+    runs = []
+    for i in range(args.repeats):
+        o = ours(env, short, f"steps-{i}", steps=args.steps, batch_size=8, lr=1e-3, packing=False)
+        p = plain_loop(model_dir, short_examples, steps=args.steps, batch_size=8, lr=1e-3, seed=42)
+        runs.append((o, p))
+        print(f"steps/s run {i}: ours {o}, plain {p}", file=sys.stderr)
+    results.append(compare("padded batches, short samples (steps/s)", runs, "steps/s"))
+    # 2. useful tokens/s on mixed lengths: packing (padding-free) against the padded loop.
+    # Exactly one epoch each: length grouping puts the longest batches first, a partial epoch would be biased.
+    mixed = mixed_length_dataset(8 * args.tokens_steps, 8, 400, seed=2)
+    mixed_examples = examples(mixed)
+    lengths = [len(e) for e in mixed_examples]
+    runs = []
+    for i in range(args.repeats):
+        o = ours(env, mixed, f"tokens-{i}", steps=args.tokens_steps, batch_size=8, lr=1e-3, packing=True)
+        p = plain_loop(model_dir, mixed_examples, steps=args.tokens_steps, batch_size=8, lr=1e-3, seed=42)
+        runs.append((o, p))
+        print(f"tokens/s run {i}: ours {o}, plain {p}", file=sys.stderr)
+    result = compare("mixed lengths, packing vs padded (useful tokens/s)", runs, "tokens/s")
+    result["sampleTokens"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
+    results.append(result)
+    for r in results:
+        r["torchThreads"] = torch.get_num_threads()
+    return results
+
+
+# -- GPU -------------------------------------------------------------------------------------------------------
+
+
+def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """LoRA (r=16, all linear) on a random-init Llama of about 1B parameters in bf16: tokens/s and MFU.
+
+    MFU counts 6 FLOPs per parameter per token for the forward and backward through the frozen base (2 forward,
+    2 for activation gradients, 2 for the recomputation with gradient checkpointing off: weight gradients of
+    frozen layers are not computed, so without checkpointing it is 4) plus attention, against the GPU's dense
+    bf16 peak given by --peak-tflops.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    batch, seq = args.gpu_batch, args.gpu_seq
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    for _ in range(3):  # warm-up
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens_per_second = args.steps * batch * seq / seconds
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    flops_per_token = 4 * n_params + 3 * 4 * layers * hidden * seq  # base fwd + act-grad bwd; attention fwd+bwd
+    mfu = tokens_per_second * flops_per_token / (args.peak_tflops * 1e12)
+    return [
+        {
+            "benchmark": "LoRA on a random-init Llama ~1.1B, bf16",
+            "parameters": n_params,
+            "tokensPerSecond": tokens_per_second,
+            "mfu": mfu,
+            "batch": batch,
+            "sequence": seq,
+            "gpu": torch.cuda.get_device_name(),
+        }
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="steps of the steps/s benchmark (one epoch)")
+    parser.add_argument("--tokens-steps", type=int, default=16, help="steps of the tokens/s benchmark (one epoch)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead of the CPU ones")
+    parser.add_argument("--gpu-batch", type=int, default=8)
+    parser.add_argument("--gpu-seq", type=int, default=2048)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    args = parser.parse_args(argv)
+    results = gpu_benchmark(args) if args.gpu else cpu_benchmarks(args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
