@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     op = sub.add_parser("operator", help="run the operator (settings from LORAFLEET_* variables)")
     op.set_defaults(func=_operator)
 
+    from lorafleet.storage.cli import register as register_artifacts
+
+    register_artifacts(sub)
+
     demo = sub.add_parser("demo", help="run the three kinds end to end on a local cluster")
     demo.add_argument("--keep", action="store_true", help="leave the local cluster running")
     demo.set_defaults(func=_demo)

@@ -16,14 +16,12 @@ from kubernetes.client.rest import ApiException
 
 from lorafleet import GROUP, VERSION
 from lorafleet.dev.operator import OperatorProcess, install_crds
+from lorafleet.dev.s3server import S3Server
 from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet.storage import ArtifactStore, VersionFolder
 
-# The store is never contacted here (kwok pods run nothing); the operator only needs a default to render.
-OPERATOR_ENV = {
-    "LORAFLEET_RESYNC_SECONDS": "3",
-    "LORAFLEET_STORE_ENDPOINT": "http://s3.lorafleet-tests.invalid:9000",
-    "LORAFLEET_STORE_URI": "s3://lorafleet",
-}
+MODEL_URI = "s3://models/tiny-llama/r1"
+ADAPTER_ROOT = "s3://lorafleet"
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +30,29 @@ def crds(cluster: ClusterHandle) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: ClusterHandle, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", OPERATOR_ENV)
+def stored_model(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A (tiny, fake) base model version in the store: the operator verifies its manifest, nothing loads it."""
+    for bucket in ("models", "lorafleet"):
+        s3_server.create_bucket(bucket)
+    folder = tmp_path_factory.mktemp("model")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    result = ArtifactStore(s3_server.store_settings()).push(
+        folder, VersionFolder.parse(MODEL_URI), kind="model", name="tiny-llama", version="r1"
+    )
+    return str(result.digest)
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: ClusterHandle,
+    crds: None,
+    s3_server: S3Server,
+    stored_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    env = {**s3_server.env(), "LORAFLEET_STORE_URI": ADAPTER_ROOT, "LORAFLEET_RESYNC_SECONDS": "3"}
+    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     op.start()
     time.sleep(1)
     assert op.alive(), f"the operator exited at start:\n{op.log_tail()}"

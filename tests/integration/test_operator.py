@@ -6,16 +6,20 @@ operator converges without duplicating anything. Status always carries observedG
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from lorafleet import k8s
 from lorafleet.config import OperatorSettings
 from lorafleet.controllers import finetunejob as ftj_controller
+from lorafleet.dev.s3server import S3Server
 from lorafleet.dev.testing import ClusterHandle, wait_until
 from lorafleet.resources import finetunejob as ftj_res
-from tests.integration.operator_fixtures import Custom, OperatorProcess, condition
+from lorafleet.storage import ArtifactStore, ObjectNotFound, VersionFolder
+from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, OperatorProcess, condition
 from tests.unit import objects
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -25,6 +29,12 @@ def _manifest(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     out = copy.deepcopy(obj)
     out["metadata"] = {"name": out["metadata"]["name"], "namespace": namespace}
     return out
+
+
+def _base_model(namespace: str, **source: Any) -> dict[str, Any]:
+    bm = _manifest(objects.base_model(), namespace)
+    bm["spec"]["source"] = {"uri": MODEL_URI, **source}
+    return bm
 
 
 def _fine_tune_job(namespace: str, name: str = "support", **resources: Any) -> dict[str, Any]:
@@ -52,7 +62,7 @@ def test_finetunejob_waits_for_its_base_model_then_trains_on_a_gpu_node(
     assert "tiny-llama" in condition(waiting["status"], "Ready")["message"]  # type: ignore[index]
     assert cluster.batch.list_namespaced_job(namespace).items == []
 
-    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_base_model(namespace))
     custom.wait_status("BaseModel", "tiny-llama", _phase("Ready"))
 
     running = custom.wait_status("FineTuneJob", "support", _phase("Running"), what="FineTuneJob Running")
@@ -73,7 +83,7 @@ def test_failing_job_fails_the_finetunejob_with_the_job_reason(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str
 ) -> None:
     custom = Custom(cluster, namespace)
-    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_base_model(namespace))
     ftj = _fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-fail": "true"})
     ftj["spec"]["backoffLimit"] = 0
     custom.create(ftj)
@@ -87,7 +97,7 @@ def test_deleted_job_is_restored_and_children_are_garbage_collected(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str
 ) -> None:
     custom = Custom(cluster, namespace)
-    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_base_model(namespace))
     custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
     custom.wait_status("FineTuneJob", "support", _phase("Running"))
     first = cluster.batch.read_namespaced_job("support-train", namespace)
@@ -120,7 +130,7 @@ def test_adapterdeployment_becomes_ready_and_follows_replicas(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str
 ) -> None:
     custom = Custom(cluster, namespace)
-    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_base_model(namespace))
     ad = _manifest(objects.adapter_deployment(), namespace)
     ad["spec"].update(adapters=[], replicas=1)
     custom.create(ad)
@@ -149,7 +159,7 @@ def test_adapterdeployment_becomes_ready_and_follows_replicas(
 
 def test_adapter_waits_for_its_finetunejob(cluster: ClusterHandle, operator: OperatorProcess, namespace: str) -> None:
     custom = Custom(cluster, namespace)
-    custom.create(_manifest(objects.base_model(), namespace))
+    custom.create(_base_model(namespace))
     ad = _manifest(objects.adapter_deployment(), namespace)
     ad["spec"].update(replicas=1, adapters=[{"name": "support-bot", "fineTuneJobRef": {"name": "support"}}])
     custom.create(ad)
@@ -160,19 +170,19 @@ def test_adapter_waits_for_its_finetunejob(cluster: ClusterHandle, operator: Ope
 
 
 def test_restarted_operator_converges_without_duplicates(
-    cluster: ClusterHandle, operator: OperatorProcess, namespace: str
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, s3_server: S3Server
 ) -> None:
     """The operator dies after creating a Job and before writing status: on restart, one Job, status converges."""
     custom = Custom(cluster, namespace)
     operator.stop(kill=True)
     try:
-        custom.create(_manifest(objects.base_model(), namespace))
+        custom.create(_base_model(namespace))
         ftj = custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
         base = custom.get("BaseModel", "tiny-llama")
         assert base is not None
-        base["status"] = {"phase": "Ready"}
+        base["status"] = {"phase": "Ready"}  # what the dead operator had not written yet either
         # What the dead operator had done: the children exist, the status was never written.
-        settings = OperatorSettings(store_endpoint="http://s3.lorafleet-tests.invalid:9000", store_uri="s3://lorafleet")
+        settings = OperatorSettings(store_endpoint=s3_server.endpoint, store_uri=ADAPTER_ROOT)
         children, error = ftj_controller.plan(ftj, base, settings)
         assert error is None
         k8s.use_api_client(cluster.api_client)
@@ -186,3 +196,64 @@ def test_restarted_operator_converges_without_duplicates(
     jobs = cluster.batch.list_namespaced_job(namespace).items
     assert [j.metadata.name for j in jobs] == [ftj_res.names("support").job]
     assert jobs[0].metadata.uid == cluster.batch.read_namespaced_job("support-train", namespace).metadata.uid
+
+
+def test_base_model_records_the_verified_digest_and_refuses_a_wrong_pin(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, stored_model: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_base_model(namespace))
+    ready = custom.wait_status("BaseModel", "tiny-llama", _phase("Ready"))["status"]
+    assert ready["digest"] == stored_model
+    assert ready["sizeBytes"] > 1024
+    assert ready["resolvedRevision"] == "r1"
+
+    wrong = _base_model(namespace, digest="sha256:" + "0" * 64)
+    wrong["metadata"]["name"] = "pinned-wrong"
+    custom.create(wrong)
+    failed = custom.wait_status("BaseModel", "pinned-wrong", _phase("Failed"))["status"]
+    assert condition(failed, "Ready")["reason"] == "DigestMismatch"  # type: ignore[index]
+
+    missing = _base_model(namespace)
+    missing["metadata"]["name"] = "not-pushed"
+    missing["spec"]["source"]["uri"] = "s3://models/not-pushed/r1"
+    custom.create(missing)
+    pending = custom.wait_status(
+        "BaseModel", "not-pushed", lambda s, o: (condition(s, "Ready") or {}).get("reason") == "ManifestNotFound"
+    )["status"]
+    assert pending["phase"] == "Pending"
+
+
+def test_delete_policy_removes_the_adapter_from_the_store(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    store = ArtifactStore(s3_server.store_settings())
+    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/adapters/{namespace}/v1")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\1" * 64)
+    pushed = store.push(tmp_path, folder, kind="adapter", name=namespace, version="v1")
+
+    custom = Custom(cluster, namespace)
+    custom.create(_base_model(namespace))
+    ftj = _fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"})
+    ftj["spec"]["output"]["deletionPolicy"] = "Delete"
+    custom.create(ftj)
+    custom.wait_status("FineTuneJob", "support", _phase("Running"))
+    # What the trainer's verified report records; kwok pods run no trainer, so the test writes it.
+    artifact = {"uri": folder.uri, "digest": pushed.digest, "sizeBytes": pushed.manifest.total_size}
+    custom.api.patch_namespaced_custom_object_status(
+        "lorafleet.io", "v1alpha1", namespace, "finetunejobs", "support", {"status": {"artifact": artifact}}
+    )
+    assert custom.get("FineTuneJob", "support")["metadata"]["finalizers"] == ["lorafleet.io/finalizer"]  # type: ignore[index]
+
+    custom.delete("FineTuneJob", "support")
+    wait_until(lambda: custom.get("FineTuneJob", "support") is None, timeout=60, what="FineTuneJob deleted")
+    with pytest.raises(ObjectNotFound):
+        store.read_manifest(folder, explain=False)
+
+
+def test_retained_adapter_has_no_finalizer(cluster: ClusterHandle, operator: OperatorProcess, namespace: str) -> None:
+    custom = Custom(cluster, namespace)
+    custom.create(_base_model(namespace))
+    custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
+    running = custom.wait_status("FineTuneJob", "support", _phase("Running"))
+    assert not running["metadata"].get("finalizers")

@@ -123,9 +123,12 @@ def test_handler_modules_are_the_controllers_and_the_resync_loop() -> None:
     }
 
 
-def test_no_handler_puts_a_finalizer_on_objects() -> None:
+def test_only_adapter_deletion_puts_a_finalizer_on_objects() -> None:
     """Finalizers without a running operator block namespace deletion and uninstall (kopf pitfall 3); kopf adds
-    one for every delete handler, timer and daemon, so there must be none until external clean-up needs it."""
+    one for every delete handler, timer and daemon. The only one allowed cleans the store for FineTuneJobs with
+    deletionPolicy: Delete, and its filter keeps it off every other object."""
+    from lorafleet.controllers import finetunejob
+
     runtime.import_handlers()
     registry = kopf.get_default_registry()
     handlers = [
@@ -133,7 +136,12 @@ def test_no_handler_puts_a_finalizer_on_objects() -> None:
         *registry._spawning.get_all_handlers(),
     ]
     assert handlers, "the handler modules registered nothing"
-    assert [str(h) for h in handlers if getattr(h, "requires_finalizer", False)] == []
+    finalizing = [h for h in handlers if getattr(h, "requires_finalizer", False)]
+    assert [h.id for h in finalizing] == ["delete-adapter"]
+    assert finalizing[0].when is finetunejob._deletes_its_adapter
+    assert finetunejob._deletes_its_adapter(spec={"output": {"deletionPolicy": "Delete"}})
+    assert not finetunejob._deletes_its_adapter(spec={"output": {"deletionPolicy": "Retain"}})
+    assert not finetunejob._deletes_its_adapter(spec={"output": {}})
 
 
 def test_json_logs_are_json() -> None:

@@ -1,7 +1,8 @@
-"""BaseModel controller: checks what the API server cannot (Secrets, operator defaults) and reports Ready.
+"""BaseModel controller: checks what the API server cannot (Secrets, operator defaults, the stored manifest)
+and reports Ready with the verified digest.
 
-Fetching and verifying the weights belongs to the storage layer; FineTuneJobs and AdapterDeployments that
-wait for a BaseModel are reconciled as soon as it changes.
+The weights themselves are pulled and checked file by file by the pods that use them; FineTuneJobs and
+AdapterDeployments that wait for a BaseModel are reconciled as soon as it changes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 import kopf
 
 from lorafleet import GROUP, VERSION, k8s
-from lorafleet.controllers import adapterdeployment, finetunejob
+from lorafleet.api.basemodel import BaseModelSpec
+from lorafleet.controllers import adapterdeployment, artifacts, finetunejob
 from lorafleet.controllers.base import SETTINGS, Obj, now, reconcile_and_write, reconcile_by_name
 from lorafleet.resources.status import basemodel_secret_names, basemodel_status
 
@@ -21,8 +23,17 @@ KIND = "BaseModel"
 def reconcile(body: Obj) -> Obj:
     namespace = body["metadata"]["namespace"]
     missing = next((n for n in basemodel_secret_names(body) if k8s.get("v1", "Secret", n, namespace) is None), None)
+    spec = BaseModelSpec.model_validate(body["spec"])
+    configured = bool(SETTINGS.store_endpoint) or spec.source.store is not None
+    check = None
+    if spec.source.uri.startswith("s3://") and configured and not missing:
+        check = artifacts.check_version(spec.source.store, namespace, spec.source.uri, spec.source.digest)
     return basemodel_status(
-        body, default_store_configured=bool(SETTINGS.store_endpoint), missing_secret=missing, now=now()
+        body,
+        default_store_configured=bool(SETTINGS.store_endpoint),
+        missing_secret=missing,
+        now=now(),
+        source_check=check,
     )
 
 

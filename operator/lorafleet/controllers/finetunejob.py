@@ -8,7 +8,9 @@ from typing import Any
 import kopf
 
 from lorafleet import GROUP, VERSION, k8s
+from lorafleet.api.finetunejob import FineTuneJobSpec
 from lorafleet.config import OperatorSettings
+from lorafleet.controllers import artifacts
 from lorafleet.controllers.base import (
     MANAGED_CHILDREN,
     SETTINGS,
@@ -16,6 +18,7 @@ from lorafleet.controllers.base import (
     apply_all,
     controller_owner,
     get_custom,
+    log,
     now,
     reconcile_and_write,
     reconcile_by_name,
@@ -62,6 +65,20 @@ def trainer_report(pods: list[Obj]) -> Obj | None:
     return None
 
 
+def verified_report(body: Obj, report: Obj | None) -> Obj | None:
+    """The trainer's report with its artifact replaced by what the store's manifest says, or dropped until the
+    manifest can be read (the status then says the artifact is not recorded yet)."""
+    claimed = (report or {}).get("artifact")
+    if not report or not claimed or (body.get("status") or {}).get("artifact"):
+        return report
+    spec = FineTuneJobSpec.model_validate(body["spec"])
+    check = artifacts.check_version(spec.output.store, body["metadata"]["namespace"], claimed["uri"], claimed["digest"])
+    if check.problem is not None:
+        log.warning("adapter %s of %s not verified: %s", claimed.get("uri"), body["metadata"]["name"], check.problem[1])
+        return {k: v for k, v in report.items() if k != "artifact"}
+    return {**report, "artifact": {"uri": claimed["uri"], "digest": check.digest, "sizeBytes": check.size_bytes}}
+
+
 def plan(body: Obj, base: Obj | None, settings: OperatorSettings) -> tuple[list[Obj], RenderError | None]:
     """Children to apply now (pure). Rendered whole or not at all: nothing while the BaseModel is missing or
     not Ready, and nothing once the job has finished, so a finished job is never restarted."""
@@ -84,7 +101,8 @@ def reconcile(body: Obj) -> Obj:
     apply_all(children)
     job = k8s.get("batch/v1", "Job", names.job, namespace)
     pods = k8s.list_("v1", "Pod", namespace, f"job-name={names.job}") if job else []
-    status = finetunejob_status(body, base_model=base, job=job, now=now(), trainer_report=trainer_report(pods))
+    report = verified_report(body, trainer_report(pods))
+    status = finetunejob_status(body, base_model=base, job=job, now=now(), trainer_report=report)
     return with_render_error(status, error if job is None else None, meta.get("generation"), now())
 
 
@@ -106,3 +124,23 @@ def job_changed(body: kopf.Body, **_: Any) -> None:
     owner = controller_owner(dict(body), KIND)
     if owner:
         reconcile_by_name(reconcile, KIND, owner, body["metadata"]["namespace"])
+
+
+def _deletes_its_adapter(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("output") or {}).get("deletionPolicy") == "Delete")
+
+
+# Only FineTuneJobs with deletionPolicy: Delete get this handler, and so kopf's finalizer: the others can be
+# deleted with or without a running operator.
+@kopf.on.delete(GROUP, VERSION, "finetunejobs", id="delete-adapter", when=_deletes_its_adapter)
+def delete_adapter(body: kopf.Body, **_: Any) -> None:
+    artifact = (body.get("status") or {}).get("artifact")
+    if not artifact:
+        return  # nothing was stored
+    spec = FineTuneJobSpec.model_validate(dict(body.spec))
+    with k8s.temporary_on_conflict():
+        try:
+            removed = artifacts.delete_version(spec.output.store, body.metadata.namespace or "", artifact["uri"])
+        except artifacts.StoreError as exc:
+            raise kopf.TemporaryError(f"could not delete {artifact['uri']}: {exc}", delay=30) from exc
+    kopf.info(body, reason="AdapterDeleted", message=f"deleted {artifact['uri']} ({removed} objects)")

@@ -26,6 +26,10 @@ class Reason:
     AS_EXPECTED = "AsExpected"
     # BaseModel
     SOURCE_VALID = "SourceValid"
+    VERIFIED = "Verified"
+    DIGEST_MISMATCH = "DigestMismatch"
+    MANIFEST_NOT_FOUND = "ManifestNotFound"
+    STORE_UNAVAILABLE = "StoreUnavailable"
     STORE_NOT_CONFIGURED = "StoreNotConfigured"
     SECRET_NOT_FOUND = "SecretNotFound"
     # Dependencies on a BaseModel

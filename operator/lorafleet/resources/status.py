@@ -129,17 +129,36 @@ def basemodel_secret_names(bm: Obj) -> list[str]:
     return [n for n in dict.fromkeys(names) if isinstance(n, str) and n]
 
 
-def basemodel_status(
-    bm: Obj, *, default_store_configured: bool, missing_secret: str | None, now: datetime
-) -> Obj:
-    """Checks the API server cannot make (operator configuration, referenced Secrets).
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """What the operator found in the artifact store for a version folder (read by the controller)."""
 
-    A missing Secret leaves the BaseModel Pending (creating it fixes that with no spec change); a
-    missing store is Failed: only a spec edit or the operator's configuration can fix it.
+    digest: str | None = None
+    size_bytes: int | None = None
+    revision: str | None = None
+    # (reason, message) when the version could not be verified; transient unless reason is DigestMismatch.
+    problem: tuple[str, str] | None = None
+
+
+def basemodel_status(
+    bm: Obj,
+    *,
+    default_store_configured: bool,
+    missing_secret: str | None,
+    now: datetime,
+    source_check: ArtifactCheck | None = None,
+) -> Obj:
+    """Checks the API server cannot make (operator configuration, referenced Secrets, the stored manifest).
+
+    A missing Secret or manifest leaves the BaseModel Pending (fixing them needs no spec change); a missing
+    store or a digest other than the pinned one is Failed: only a spec edit or the operator's configuration
+    can fix it. An s3:// model is Ready only once its manifest was read and its digest recorded.
     """
     generation = _dig(bm, "metadata", "generation")
     source = _dig(bm, "spec", "source") or {}
     uri = str(source.get("uri", ""))
+    old = _dig(bm, "status") or {}
+    digest, size, revision = old.get("digest"), old.get("sizeBytes"), old.get("resolvedRevision")
     phase: Literal["Pending", "Ready", "Failed"]
     if uri.startswith("s3://") and not source.get("store") and not default_store_configured:
         phase, ready = "Failed", _Cond(
@@ -153,15 +172,22 @@ def basemodel_status(
             f'Secret "{missing_secret}" referenced by spec.source.store not found; the model is checked '
             "again once it exists",
         )
+    elif source_check is not None and source_check.problem is not None:
+        reason, message = source_check.problem
+        phase = "Failed" if reason == Reason.DIGEST_MISMATCH else "Pending"
+        ready = _Cond("False", reason, _clip(message))
+    elif source_check is not None:
+        phase, ready = "Ready", _Cond(
+            "True", Reason.VERIFIED, f"manifest of {uri} read; digest {source_check.digest}"
+        )
+        digest, size, revision = source_check.digest, source_check.size_bytes, source_check.revision
     else:
         phase, ready = "Ready", _Cond("True", Reason.SOURCE_VALID, f"source {uri} is valid")
-    old = _dig(bm, "status") or {}
     return _compact({
         "phase": phase,
-        # Filled by the storage work; kept as they are.
-        "resolvedRevision": old.get("resolvedRevision"),
-        "digest": old.get("digest"),
-        "sizeBytes": old.get("sizeBytes"),
+        "resolvedRevision": revision,
+        "digest": digest,
+        "sizeBytes": size,
         "observedGeneration": generation,
         "conditions": _conditions(bm, generation, now, {ConditionType.READY: ready}),
     })
