@@ -1,7 +1,8 @@
 """`lorafleet demo`: the three kinds reconciled end to end on a local cluster.
 
 Starts the local control plane (built from upstream sources, kwok GPU and CPU nodes) unless
-LORAFLEET_CLUSTER=external points at another cluster, installs the CRDs, runs the operator, applies a
+LORAFLEET_CLUSTER=external points at another cluster, starts MinIO on loopback with a stand-in base model
+version (the operator verifies its manifest), installs the CRDs, runs the operator, applies a
 BaseModel, a FineTuneJob and an AdapterDeployment, and shows their status live until they settle.
 
 On kwok nodes pods do not execute: the training Job "completes" on a fake GPU node, so no adapter is written
@@ -24,16 +25,19 @@ from kubernetes import client, config
 
 from lorafleet import GROUP, VERSION
 from lorafleet.dev.operator import OperatorProcess, install_crds
+from lorafleet.dev.s3server import S3Server, build
 from lorafleet.dev.testing import ClusterHandle
+from lorafleet.storage import ArtifactStore, VersionFolder
 
 NAMESPACE = "lorafleet-demo"
-STORE = {"LORAFLEET_STORE_ENDPOINT": "http://minio.lorafleet-demo.svc:9000", "LORAFLEET_STORE_URI": "s3://lorafleet"}
+ADAPTER_ROOT = "s3://lorafleet"
+MODEL_URI = "s3://models/tiny-llama/r1"
 
 BASE_MODEL: dict[str, Any] = {
     "apiVersion": f"{GROUP}/{VERSION}",
     "kind": "BaseModel",
     "metadata": {"name": "tiny-llama"},
-    "spec": {"family": "llama", "source": {"uri": "s3://models/tiny-llama/r1"}, "maxContextLength": 512},
+    "spec": {"family": "llama", "source": {"uri": MODEL_URI}, "maxContextLength": 512},
 }
 FINE_TUNE_JOB: dict[str, Any] = {
     "apiVersion": f"{GROUP}/{VERSION}",
@@ -57,6 +61,23 @@ ADAPTER_DEPLOYMENT: dict[str, Any] = {
         "adapters": [{"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}}],
     },
 }
+
+
+def _start_store(workdir: Path) -> S3Server:
+    """MinIO on loopback (built from source on first use) holding a stand-in base model version."""
+    server = S3Server(data_dir=workdir / "minio", binary=build())
+    server.start()
+    for bucket in ("models", "lorafleet"):
+        server.create_bucket(bucket)
+    model = workdir / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    pushed = ArtifactStore(server.store_settings()).push(
+        model, VersionFolder.parse(MODEL_URI), kind="model", name="tiny-llama", version="r1"
+    )
+    print(f"pushed the base model to {MODEL_URI} ({pushed.digest})", flush=True)
+    return server
 
 
 def _api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -104,12 +125,15 @@ def run(keep: bool) -> int:
     cluster, started = _cluster()
     timings.append(("cluster up", time.monotonic() - t0))
     install_crds(cluster)
+    store = _start_store(Path(tempfile.mkdtemp(prefix="lorafleet-demo-")))
+    timings.append(("object store up, model pushed", time.monotonic() - t0))
     core = client.CoreV1Api(cluster.api_client)
     custom = client.CustomObjectsApi(cluster.api_client)
     if not any(ns.metadata and ns.metadata.name == NAMESPACE for ns in core.list_namespace().items):
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
     log = Path(tempfile.gettempdir()) / "lorafleet-demo-operator.log"
-    operator = OperatorProcess(cluster.kubeconfig, log, {**STORE, "LORAFLEET_RESYNC_SECONDS": "5"})
+    env = {**store.env(), "LORAFLEET_STORE_URI": ADAPTER_ROOT, "LORAFLEET_RESYNC_SECONDS": "5"}
+    operator = OperatorProcess(cluster.kubeconfig, log, env)
     operator.start()
     t_apply = time.monotonic()
     try:
@@ -157,11 +181,12 @@ def run(keep: bool) -> int:
         timings += sorted(seen.items(), key=lambda kv: kv[1])
     finally:
         operator.stop()
+        store.remove()
         if started and not keep:
             from lorafleet.dev.cluster import LocalCluster
 
             LocalCluster().down()
-    print("\ntimings (seconds since apply, cluster start from launch):")
+    print("\ntimings in seconds (the first two since launch, the others since the objects were applied):")
     for what, seconds in timings:
         print(f"  {what:<32} {seconds:6.1f}")
     print(
