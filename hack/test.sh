@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib/venv.sh
-ensure_venv dev
+ensure_venv dev,trainer
 python -m ruff check operator tests hack
 python -m mypy
 exec python -m pytest tests/unit tests/integration "$@"
