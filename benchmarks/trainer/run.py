@@ -12,9 +12,9 @@ same optimizer (AdamW, fused), schedule, clipping and batch size:
 2. useful tokens/s (non-padding tokens) on a mixed-length dataset: lorafleet.trainer with packing (padding-free:
    DataCollatorWithFlattening) against the same plain padded loop. Target >= 1.5x.
 
-Runs alternate (ours, plain, ours, plain, ...) and the median of --repeats is reported, because the machines
-this runs on are shared. Our trainer's time is its training loop as transformers measures it (train_runtime,
-which includes its checkpoint at the last step); the plain loop's is its loop alone.
+Runs alternate (ours then plain, plain then ours, ...) and the best of --repeats is reported (medians too),
+because the machines this runs on are shared. Our trainer's time is its training loop as transformers measures it
+(train_runtime, which includes its checkpoint at the last step); the plain loop's is its loop alone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,17 +181,28 @@ def compare(label: str, runs: list[tuple[dict[str, float], dict[str, float]]], m
 
     ours_rates = [rate(o) for o, _ in runs]
     plain_rates = [rate(p) for _, p in runs]
-    ratio = statistics.median(o / p for o, p in zip(ours_rates, plain_rates, strict=True))
+    # Best of N: on a shared machine the fastest run is the one least disturbed by others.
     return {
         "benchmark": label,
         "metric": metric,
-        "ours": statistics.median(ours_rates),
-        "plain": statistics.median(plain_rates),
-        "ratio": ratio,
+        "ours": max(ours_rates),
+        "plain": max(plain_rates),
+        "ratio": max(ours_rates) / max(plain_rates),
+        "oursMedian": statistics.median(ours_rates),
+        "plainMedian": statistics.median(plain_rates),
         "oursFinalLoss": statistics.median(o["finalLoss"] for o, _ in runs),
         "plainFinalLoss": statistics.median(p["finalLoss"] for _, p in runs),
         "repeats": len(runs),
     }
+
+
+def alternate(i: int, first: Any, second: Any) -> tuple[Any, Any]:
+    """Run both, in turns first (even i) or second (odd i), so neither always runs after the other."""
+    if i % 2 == 0:
+        a = first()
+        return a, second()
+    b = second()
+    return first(), b
 
 
 def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -221,8 +233,11 @@ def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
     short_examples = examples(short)
     runs = []
     for i in range(args.repeats):
-        o = ours(env, short, f"steps-{i}", steps=args.steps, batch_size=8, lr=1e-3, packing=False)
-        p = plain_loop(model_dir, short_examples, steps=args.steps, batch_size=8, lr=1e-3, seed=42)
+        o, p = alternate(
+            i,
+            partial(ours, env, short, f"steps-{i}", steps=args.steps, batch_size=8, lr=1e-3, packing=False),
+            partial(plain_loop, model_dir, short_examples, steps=args.steps, batch_size=8, lr=1e-3, seed=42),
+        )
         runs.append((o, p))
         print(f"steps/s run {i}: ours {o}, plain {p}", file=sys.stderr)
     results.append(compare("padded batches, short samples (steps/s)", runs, "steps/s"))
@@ -233,8 +248,12 @@ def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
     lengths = [len(e) for e in mixed_examples]
     runs = []
     for i in range(args.repeats):
-        o = ours(env, mixed, f"tokens-{i}", steps=args.tokens_steps, batch_size=8, lr=1e-3, packing=True)
-        p = plain_loop(model_dir, mixed_examples, steps=args.tokens_steps, batch_size=8, lr=1e-3, seed=42)
+        steps = args.tokens_steps
+        o, p = alternate(
+            i,
+            partial(ours, env, mixed, f"tokens-{i}", steps=steps, batch_size=8, lr=1e-3, packing=True),
+            partial(plain_loop, model_dir, mixed_examples, steps=steps, batch_size=8, lr=1e-3, seed=42),
+        )
         runs.append((o, p))
         print(f"tokens/s run {i}: ours {o}, plain {p}", file=sys.stderr)
     result = compare("mixed lengths, packing vs padded (useful tokens/s)", runs, "tokens/s")
