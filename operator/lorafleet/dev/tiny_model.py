@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size, 2 heads (default 128)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     out = build(args.out_dir, seed=args.seed, layers=args.layers, hidden=args.hidden)
     print(out)
     return 0
