@@ -301,6 +301,7 @@ class Syncer:
         if self._was_healthy:
             log.warning("vLLM became unhealthy: %s", message)
         self.engine_healthy, self._was_healthy, self.engine_message = False, False, message
+        self._known_served = set()  # a restart forgets them all: counted as a restart, not as lost adapters
         for adapter in self.adapters.values():
             if adapter.state in (LOADED, LOADING) and adapter.prepared is not None:
                 adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, f"vLLM is not healthy: {message}")
@@ -335,8 +336,9 @@ class Syncer:
             return
         if _now() < adapter.retry_at:
             return
-        if adapter.state not in (LOADED, FAILED):
+        if adapter.failures == 0 and adapter.state != LOADED:
             adapter.set(LOADING, Reason.DOWNLOADING, f"downloading and checking {adapter.want.uri}")
+        # A retry keeps the state and reason of the last failure (no flapping); the message says it retries.
         adapter.task = asyncio.create_task(self._run_prepare(adapter.want, desired))
         adapter.task.add_done_callback(functools.partial(self._prepared, adapter))
 
