@@ -148,3 +148,18 @@ def test_live_progress_annotation_is_used_until_a_final_report_exists() -> None:
     assert ftj_controller.trainer_report([running, final])["metrics"] == {"train_loss": 0.1}  # type: ignore[index]
     broken = {"metadata": {"annotations": {"lorafleet.io/progress": "{not json"}}}
     assert ftj_controller.trainer_report([broken]) is None
+
+
+def test_operator_and_sidecar_agree_on_the_gateway_routes() -> None:
+    from lorafleet.resources import adapterdeployment as builders
+    from lorafleet.serving import gateway
+
+    assert (builders.READY_PATH, builders.STATE_PATH) == (gateway.READY, gateway.STATE)
+
+
+def test_unreachable_pod_counts_as_not_loaded() -> None:
+    pod = {"metadata": {"name": "chat-vllm-0"}, "status": {"phase": "Running"}}
+    assert ad_controller._fetch_state(pod) == {"pod": "chat-vllm-0", "error": "no pod IP yet"}
+    pod["status"]["podIP"] = "127.0.0.1"  # nothing listens on the gateway port here
+    state = ad_controller._fetch_state(pod)
+    assert state["pod"] == "chat-vllm-0" and "error" in state

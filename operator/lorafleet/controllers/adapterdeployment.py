@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -24,6 +27,7 @@ from lorafleet.resources import adapterdeployment as builders
 from lorafleet.resources.status import adapterdeployment_status, resolve_adapters
 from lorafleet.resources.stores import RenderError
 from lorafleet.serving.desired import DesiredAdapter
+from lorafleet.serving.status import aggregate
 
 KIND = "AdapterDeployment"
 
@@ -61,6 +65,36 @@ def plan(
         return [], exc
 
 
+POD_STATE_TIMEOUT = 2.0
+
+
+def _fetch_state(pod: Obj) -> Obj:
+    name = pod["metadata"]["name"]
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return {"pod": name, "error": "no pod IP yet"}
+    url = f"http://{ip}:{builders.GATEWAY_PORT}{builders.STATE_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=POD_STATE_TIMEOUT) as response:
+            state = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        return {"pod": name, "error": f"GET {url}: {exc}"}
+    return {**state, "pod": name} if isinstance(state, dict) else {"pod": name, "error": "not a JSON object"}
+
+
+def pod_states(namespace: str, name: str) -> list[Obj]:
+    """Each live replica's own account of its adapters (the sidecar's /lorafleet/state), asked in parallel."""
+    pods = [
+        p
+        for p in k8s.list_("v1", "Pod", namespace, f"lorafleet.io/adapterdeployment={name}")
+        if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") == "Running"
+    ]
+    if not pods:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(pods), 16)) as pool:
+        return list(pool.map(_fetch_state, pods))
+
+
 def reconcile(body: Obj) -> Obj:
     meta = body["metadata"]
     namespace = meta["namespace"]
@@ -71,11 +105,14 @@ def reconcile(body: Obj) -> Obj:
     names = builders.names(meta["name"])
     deployment = k8s.get("apps/v1", "Deployment", names.deployment, namespace)
     service = k8s.get("v1", "Service", names.service, namespace)
+    resolved, _ = resolve_adapters(body, jobs)
+    reports = aggregate(pod_states(namespace, meta["name"]), {a.name: a.digest for a in resolved}) if resolved else None
     status = adapterdeployment_status(
         body,
         base_model=base,
         fine_tune_jobs=jobs,
         deployment=deployment,
+        adapter_reports=reports,
         service_host=builders.service_host(body) if service else None,
         now=now(),
     )

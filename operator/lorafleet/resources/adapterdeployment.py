@@ -35,6 +35,8 @@ from lorafleet.uris import parse
 COMPONENT = "server"
 GATEWAY_PORT = 8000  # the sidecar: inference routes, /health, adapter state
 ENGINE_PORT = 8001  # vLLM, bound to 127.0.0.1
+READY_PATH = "/lorafleet/ready"  # the sidecar's readiness: vLLM healthy and every desired adapter loaded
+STATE_PATH = "/lorafleet/state"  # the sidecar's per-adapter account, read by the operator
 MODEL_DIR = "/models/base"
 ADAPTERS_DIR = "/adapters"
 DESIRED_MOUNT = "/etc/lorafleet/adapters"
@@ -251,7 +253,7 @@ def build_deployment(
         "securityContext": container_security_context(),
         # Ready only when vLLM is healthy and every desired adapter is loaded: the Service then routes only to
         # pods that can serve every adapter.
-        "readinessProbe": {"httpGet": {"path": "/lorafleet/ready", "port": GATEWAY_PORT}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": READY_PATH, "port": GATEWAY_PORT}, "periodSeconds": 5},
     }
     pod_spec: Obj = {
         "securityContext": pod_security_context(),
