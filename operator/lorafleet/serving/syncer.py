@@ -80,6 +80,8 @@ class Adapter:
     since: float = field(default_factory=_now)
     loaded_at: float | None = None
     load_seconds: float | None = None
+    prepare_started: float | None = None
+    prepare_seconds: float | None = None
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -105,6 +107,7 @@ class Adapter:
             "path": str(self.prepared.path) if self.prepared else None,
             "since": _rfc3339(self.since),
             "loadedAt": _rfc3339(self.loaded_at),
+            "downloadSeconds": round(self.prepare_seconds, 4) if self.prepare_seconds is not None else None,
             "loadSeconds": round(self.load_seconds, 4) if self.load_seconds is not None else None,
         }
         return {k: v for k, v in report.items() if v is not None}
@@ -129,7 +132,7 @@ class Syncer:
         engine: EngineClient,
         adapters_dir: Path,
         prepare: PrepareFn,
-        poll_interval: float = 0.5,
+        poll_interval: float = 0.1,
         resync_interval: float = 2.0,
         max_parallel_downloads: int = 2,
     ) -> None:
@@ -146,6 +149,7 @@ class Syncer:
         self.desired_sha256: str | None = None
         self.desired_error: str | None = None
         self.desired_read_at: float | None = None
+        self._desired_stat: tuple[int, int, int, int] | None = None
         self.adapters: dict[str, Adapter] = {}
         self.engine_healthy = False
         self.engine_base: str | None = None
@@ -161,9 +165,17 @@ class Syncer:
 
     # -- the desired set -----------------------------------------------------------------------------------
 
-    def read_desired(self) -> bool:
-        """Re-read the desired file; True when its content changed. A bad file keeps the last good set."""
+    def read_desired(self, force: bool = True) -> bool:
+        """Re-read the desired file; True when its content changed. A bad file keeps the last good set.
+
+        Without force, a file whose stat (inode, size, mtime: the kubelet's symlink swap changes them all) is
+        unchanged is not read again: cheap enough to poll every 100 ms."""
         try:
+            st = os.stat(self.desired_file)
+            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if not force and signature == self._desired_stat:
+                return False
+            self._desired_stat = signature
             raw = self.desired_file.read_bytes()
         except FileNotFoundError:
             if self.desired is None:
@@ -230,10 +242,11 @@ class Syncer:
     async def run(self) -> None:
         last_full = 0.0
         while True:
-            changed = self.read_desired()
+            due = time.monotonic() - last_full >= self.resync_interval
+            changed = self.read_desired(force=due)
             woken = self._wake.is_set()
             self._wake.clear()
-            if changed or woken or time.monotonic() - last_full >= self.resync_interval:
+            if changed or woken or due:
                 last_full = time.monotonic()
                 try:
                     await self.reconcile()
@@ -339,6 +352,7 @@ class Syncer:
         if adapter.failures == 0 and adapter.state != LOADED:
             adapter.set(LOADING, Reason.DOWNLOADING, f"downloading and checking {adapter.want.uri}")
         # A retry keeps the state and reason of the last failure (no flapping); the message says it retries.
+        adapter.prepare_started = time.monotonic()
         adapter.task = asyncio.create_task(self._run_prepare(adapter.want, desired))
         adapter.task.add_done_callback(functools.partial(self._prepared, adapter))
 
@@ -350,6 +364,8 @@ class Syncer:
         adapter.task = None
         if task.cancelled() or self.adapters.get(adapter.want.name) is not adapter:
             return
+        if adapter.prepare_started is not None:
+            adapter.prepare_seconds = time.monotonic() - adapter.prepare_started
         error = task.exception()
         result: Prepared | Refusal
         if error is not None:
