@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -404,3 +405,27 @@ def test_resume_mid_epoch_with_length_grouped_packing(tmp_path: Path, tiny_model
     train_in_process(parts, config)
     difference = max_difference(adapter_tensors(parts.adapter_dir(config)), adapter_tensors(whole.adapter_dir(config)))
     assert difference <= RESUME_TOLERANCE
+
+
+def test_a_failed_upload_is_retried_without_training_again(trainer_env: TrainerEnv) -> None:  # noqa: F811
+    """The last step is checkpointed before publishing: a retry after a failed upload resumes there, trains
+    nothing and publishes the same adapter."""
+    from lorafleet.trainer.errors import UPLOAD_FAILED, TrainerError
+    from lorafleet.trainer.progress import ProgressReporter
+    from lorafleet.trainer.sink import LocalSink
+    from lorafleet.trainer.train import StopSignal, run
+
+    class BrokenStore(LocalSink):
+        def publish_adapter(self, local_dir: Path, lineage: dict[str, Any]) -> Any:
+            raise TrainerError(UPLOAD_FAILED, "the store went away")
+
+    env = trainer_env
+    config = env.config(name="upload", maxSteps=6, checkpointInterval=100)
+    with pytest.raises(TrainerError, match="went away"):
+        run(config, reporter=ProgressReporter(enabled=False), stop=StopSignal(), sink=BrokenStore(config, env.store))
+    assert env.sink(config).latest_checkpoint() == 6
+    out = io.StringIO()
+    result = run(config, reporter=ProgressReporter(out, tty=False), stop=StopSignal(), sink=env.sink(config))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert not [e for e in events if e["event"] == "progress"]  # nothing trained again
+    assert result.progress["step"] == 6 and result.metrics["trainLoss"] > 0 and result.artifact is not None

@@ -681,12 +681,11 @@ def run(
     finally:
         stop.in_loop = False
     state = trainer.state
-    progress = {
-        "step": state.global_step,
-        "totalSteps": state.max_steps,
-        "epoch": state.epoch,
-        "loss": callback.last_loss,
-    }
+    # A retry that resumed at the last step trained nothing: the losses come from the restored history.
+    last_loss = callback.last_loss
+    if last_loss is None:
+        last_loss = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), None)
+    progress = {"step": state.global_step, "totalSteps": state.max_steps, "epoch": state.epoch, "loss": last_loss}
     if callback.interrupted_at is not None:
         uri = callback.checkpoint_uris.get(callback.interrupted_at, "")
         raise Interrupted(
@@ -695,8 +694,8 @@ def run(
         )
 
     metrics: dict[str, float] = {}
-    if callback.last_loss is not None:
-        metrics["trainLoss"] = callback.last_loss
+    if last_loss is not None:
+        metrics["trainLoss"] = last_loss
     if datasets.eval:
         if callback.eval_step != state.global_step or callback.eval_loss is None:
             trainer.evaluate()  # reported through on_log
