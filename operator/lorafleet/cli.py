@@ -13,18 +13,21 @@ Command = Callable[[argparse.Namespace], int]
 def _crds(args: argparse.Namespace) -> int:
     from lorafleet.api.kinds import crd_files, write_crds
 
+    folders: list[Path] = args.out or [Path("crds"), Path("charts/lorafleet/crds")]
     if args.check:
         stale = [
-            name
+            str(folder / name)
+            for folder in folders
             for name, text in crd_files().items()
-            if not (args.out / name).exists() or (args.out / name).read_text() != text
+            if not (folder / name).exists() or (folder / name).read_text() != text
         ]
         if stale:
-            print(f"stale CRDs in {args.out}: {', '.join(stale)}; run `lorafleet crds`", file=sys.stderr)
+            print(f"stale CRDs: {', '.join(stale)}; run `lorafleet crds`", file=sys.stderr)
             return 1
         return 0
-    for path in write_crds(args.out):
-        print(path)
+    for folder in folders:
+        for path in write_crds(folder):
+            print(path)
     return 0
 
 
@@ -45,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     crds = sub.add_parser("crds", help="write the CRDs generated from lorafleet.api")
-    crds.add_argument("--out", type=Path, default=Path("crds"), help="output folder (default: crds)")
+    crds.add_argument(
+        "--out",
+        type=Path,
+        action="append",
+        help="output folder, repeatable (default: crds and the Helm chart's charts/lorafleet/crds)",
+    )
     crds.add_argument("--check", action="store_true", help="exit 1 when the folder is stale")
     crds.set_defaults(func=_crds)
 

@@ -13,8 +13,10 @@ from lorafleet.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_crds_folder_is_not_stale() -> None:
-    assert main(["crds", "--check", "--out", str(REPO / "crds")]) == 0, "run `lorafleet crds` and commit crds/"
+def test_crds_folders_are_not_stale() -> None:
+    """crds/ and the Helm chart's copy are both exactly what the API models generate."""
+    folders = ["--out", str(REPO / "crds"), "--out", str(REPO / "charts" / "lorafleet" / "crds")]
+    assert main(["crds", "--check", *folders]) == 0, "run `lorafleet crds` and commit crds/ and charts/"
 
 
 def test_check_detects_a_stale_file(tmp_path: Path) -> None:

@@ -15,9 +15,8 @@ from lorafleet.api.common import (
     ConditionList,
     LocalObjectReference,
     ObjectStore,
-    Quantity,
+    PodSettings,
     StatusModel,
-    Toleration,
 )
 
 # vLLM accepts only these ranks for --max-lora-rank (vllm/config/lora.py).
@@ -103,21 +102,11 @@ class EngineSettings(ApiModel):
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.", max_length=64)
 
 
-class ServingResources(ApiModel):
+class ServingResources(PodSettings):
     """Compute per replica."""
 
     gpus_per_replica: int = Field(
         default=1, description="GPUs per replica (also vLLM's tensor-parallel size); 0 serves on CPU.", ge=0, le=16
-    )
-    cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
-    memory: Quantity | None = Field(default=None, description="Memory request and limit per replica.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels replicas must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the replicas.")
-    pod_labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on the pods (cost centre, mesh settings)."
-    )
-    pod_annotations: dict[str, str] = Field(
-        default_factory=dict, description="Extra annotations on the pods (for example sidecar.istio.io/inject)."
     )
 
 

@@ -105,6 +105,21 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.", ge=0)
 
 
+class PodSettings(ApiModel):
+    """Placement and size of a workload's pods, shared by training and serving."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, e.g. 8 or 500m.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the pods (cost centre, mesh settings)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the pods (for example sidecar.istio.io/inject)."
+    )
+
+
 class Condition(StatusModel):
     """A condition following the Kubernetes API conventions."""
 

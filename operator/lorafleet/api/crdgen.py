@@ -39,9 +39,7 @@ class CRDInfo:
 # Formats whose apiserver validation matches what pydantic accepts. Others are dropped: e.g. pydantic's
 # "duration" is ISO 8601 ("P1D") while k8s expects Go durations ("1h"), and "uri"/"email" use different
 # grammars, so keeping them could make the apiserver reject objects the operator considers valid.
-_K8S_FORMATS = frozenset(
-    {"date-time", "date", "int32", "int64", "float", "double", "byte", "uuid", "ipv4", "ipv6"}
-)
+_K8S_FORMATS = frozenset({"date-time", "date", "int32", "int64", "float", "double", "byte", "uuid", "ipv4", "ipv6"})
 
 # Value validations copied verbatim (all exist in apiextensions v1 JSONSchemaProps).
 _VALIDATION_KEYS = (
@@ -111,17 +109,14 @@ class _Converter:
         if name in stack:
             cycle = " -> ".join((*stack, name))
             raise ValueError(
-                f"{self.root_name}: recursive model reference {cycle}; structural CRD schemas cannot "
-                "express recursion"
+                f"{self.root_name}: recursive model reference {cycle}; structural CRD schemas cannot express recursion"
             )
         if name not in self.defs:
             raise ValueError(f"{self.root_name}: unresolvable schema reference {ref!r}")
         target, stack = self._deref(self.defs[name], (*stack, name))
         return _overlay(target, node), stack
 
-    def _flatten_union(
-        self, node: Schema, path: str, stack: tuple[str, ...]
-    ) -> tuple[Schema, tuple[str, ...]]:
+    def _flatten_union(self, node: Schema, path: str, stack: tuple[str, ...]) -> tuple[Schema, tuple[str, ...]]:
         """Rewrite ``anyOf``/``oneOf`` into something structural; see the branch comments."""
         key = "anyOf" if "anyOf" in node else "oneOf"
         outer = {k: v for k, v in node.items() if k not in (key, "discriminator")}

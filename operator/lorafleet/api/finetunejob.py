@@ -16,9 +16,8 @@ from lorafleet.api.common import (
     ConditionList,
     LocalObjectReference,
     ObjectStore,
-    Quantity,
+    PodSettings,
     StatusModel,
-    Toleration,
 )
 
 DatasetFormat = Literal["chat", "instruction", "completion", "text"]
@@ -127,21 +126,11 @@ class TrainingSettings(ApiModel):
     logging_steps: int = Field(default=10, description="Optimizer steps between progress reports.", ge=1)
 
 
-class TrainingResources(ApiModel):
+class TrainingResources(PodSettings):
     """Compute for the training Job."""
 
     nodes: int = Field(default=1, description="Number of training pods (one per node).", ge=1, le=128)
     gpus_per_node: int = Field(default=1, description="GPUs per pod; 0 trains on CPU (tiny models only).", ge=0, le=16)
-    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, e.g. 8 or 500m.")
-    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pods.")
-    pod_labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on the pods (cost centre, mesh settings)."
-    )
-    pod_annotations: dict[str, str] = Field(
-        default_factory=dict, description="Extra annotations on the pods (for example sidecar.istio.io/inject)."
-    )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the training pods.")
 
 

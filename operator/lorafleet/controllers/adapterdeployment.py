@@ -16,11 +16,11 @@ from lorafleet.controllers.base import (
     SETTINGS,
     Obj,
     apply_all,
-    controller_owner,
     get_custom,
     now,
-    reconcile_and_write,
     reconcile_by_name,
+    reconcile_owner,
+    register_reconciler,
     with_render_error,
 )
 from lorafleet.resources import adapterdeployment as builders
@@ -130,18 +130,12 @@ def adapterdeployments_by_fine_tune_job(body: kopf.Body, **_: Any) -> dict[Any, 
     return {(meta.namespace, job): str(meta.name) for job in _fine_tune_job_names(dict(body))}
 
 
-@kopf.on.resume(GROUP, VERSION, "adapterdeployments", id="reconcile-resume")
-@kopf.on.create(GROUP, VERSION, "adapterdeployments", id="reconcile-create")
-@kopf.on.update(GROUP, VERSION, "adapterdeployments", id="reconcile-update")
-def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_and_write(reconcile, dict(body), patch)
+register_reconciler("adapterdeployments", reconcile)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_CHILDREN, id="owner")
 def deployment_changed(body: kopf.Body, **_: Any) -> None:
-    owner = controller_owner(dict(body), KIND)
-    if owner:
-        reconcile_by_name(reconcile, KIND, owner, body["metadata"]["namespace"])
+    reconcile_owner(reconcile, KIND, body)
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs", id="adapter-source")

@@ -14,7 +14,7 @@ from typing import Any, cast
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from lorafleet import API_VERSION, k8s
+from lorafleet import API_VERSION, GROUP, VERSION, k8s
 from lorafleet.config import OperatorSettings
 from lorafleet.controllers.observability import observe
 from lorafleet.resources.conditions import set_condition, transitions
@@ -47,33 +47,16 @@ def with_render_error(status: Obj, error: RenderError | None, generation: int | 
     if error is None:
         return status
     conditions = status.get("conditions") or []
-    conditions = set_condition(
-        conditions,
-        type="Ready",
-        status="False",
-        reason=error.reason,
-        message=error.message,
-        generation=generation,
-        now=when,
-    )
-    conditions = set_condition(
-        conditions,
-        type="Progressing",
-        status="False",
-        reason=error.reason,
-        message=error.message,
-        generation=generation,
-        now=when,
-    )
-    conditions = set_condition(
-        conditions,
-        type="Degraded",
-        status="True",
-        reason=error.reason,
-        message=error.message,
-        generation=generation,
-        now=when,
-    )
+    for type_, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
+        conditions = set_condition(
+            conditions,
+            type=type_,
+            status=value,  # type: ignore[arg-type]
+            reason=error.reason,
+            message=error.message,
+            generation=generation,
+            now=when,
+        )
     return {**status, "conditions": conditions}
 
 
@@ -128,6 +111,23 @@ def reconcile_by_name(reconcile: Reconciler, kind: str, name: str, namespace: st
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile (with its namespace, say): nothing left to reconcile
             raise
+
+
+def register_reconciler(plural: str, reconcile: Reconciler) -> None:
+    """Reconcile a kind when it is created or changed and when the operator starts (resume)."""
+
+    @kopf.on.resume(GROUP, VERSION, plural, id="reconcile-resume")
+    @kopf.on.create(GROUP, VERSION, plural, id="reconcile-create")
+    @kopf.on.update(GROUP, VERSION, plural, id="reconcile-update")
+    def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        reconcile_and_write(reconcile, dict(body), patch)
+
+
+def reconcile_owner(reconcile: Reconciler, kind: str, child: kopf.Body) -> None:
+    """A child changed (finished, failed, deleted): reconcile its controller at once, restoring it if need be."""
+    owner = controller_owner(dict(child), kind)
+    if owner:
+        reconcile_by_name(reconcile, kind, owner, child["metadata"]["namespace"])
 
 
 def controller_owner(child: Obj, kind: str) -> str | None:

@@ -14,7 +14,7 @@ import kopf
 from lorafleet import GROUP, VERSION, k8s
 from lorafleet.api.basemodel import BaseModelSpec
 from lorafleet.controllers import adapterdeployment, artifacts, finetunejob
-from lorafleet.controllers.base import SETTINGS, Obj, now, reconcile_and_write, reconcile_by_name
+from lorafleet.controllers.base import SETTINGS, Obj, now, reconcile_by_name, register_reconciler
 from lorafleet.resources.status import basemodel_secret_names, basemodel_status
 
 KIND = "BaseModel"
@@ -37,11 +37,7 @@ def reconcile(body: Obj) -> Obj:
     )
 
 
-@kopf.on.resume(GROUP, VERSION, "basemodels", id="reconcile-resume")
-@kopf.on.create(GROUP, VERSION, "basemodels", id="reconcile-create")
-@kopf.on.update(GROUP, VERSION, "basemodels", id="reconcile-update")
-def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_and_write(reconcile, dict(body), patch)
+register_reconciler("basemodels", reconcile)
 
 
 @kopf.on.event(GROUP, VERSION, "basemodels", id="dependents")

@@ -16,12 +16,11 @@ from lorafleet.controllers.base import (
     SETTINGS,
     Obj,
     apply_all,
-    controller_owner,
     get_custom,
     log,
     now,
-    reconcile_and_write,
-    reconcile_by_name,
+    reconcile_owner,
+    register_reconciler,
     with_render_error,
 )
 from lorafleet.resources import finetunejob as builders
@@ -111,19 +110,13 @@ def finetunejobs_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
     return {(body.metadata.namespace, body.spec["baseModelRef"]["name"]): body.metadata.name}
 
 
-@kopf.on.resume(GROUP, VERSION, "finetunejobs", id="reconcile-resume")
-@kopf.on.create(GROUP, VERSION, "finetunejobs", id="reconcile-create")
-@kopf.on.update(GROUP, VERSION, "finetunejobs", id="reconcile-update")
-def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_and_write(reconcile, dict(body), patch)
+register_reconciler("finetunejobs", reconcile)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_CHILDREN, id="owner")
 def job_changed(body: kopf.Body, **_: Any) -> None:
     """A Job finishing, failing or being deleted is reflected (and a deleted Job restored) at once."""
-    owner = controller_owner(dict(body), KIND)
-    if owner:
-        reconcile_by_name(reconcile, KIND, owner, body["metadata"]["namespace"])
+    reconcile_owner(reconcile, KIND, body)
 
 
 def _deletes_its_adapter(spec: kopf.Spec, **_: Any) -> bool:
