@@ -292,3 +292,16 @@ def test_a_changed_rank_limit_rechecks_every_adapter(tmp_path: Path) -> None:
         assert states["a"]["state"] == "Loaded"
 
     run(scenario())
+
+
+def test_an_engine_serving_another_base_model_gets_no_adapters(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h = Harness(tmp_path)
+        h.write([("a", "s3://b/a/v1")], baseModel="other-base")
+        states = await h.settle()
+        assert states["a"]["state"] != "Loaded"
+        assert h.engine.loras == {}
+        ok, message = h.syncer.ready(True)
+        assert not ok and "other-base" in message
+
+    run(scenario())

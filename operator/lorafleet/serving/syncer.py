@@ -283,6 +283,13 @@ class Syncer:
             log.warning("vLLM is back after being unhealthy: re-loading every adapter it lost")
         self.engine_healthy, self._was_healthy, self._ever_healthy, self.engine_message = True, True, True, None
         served = self._served(models, desired)
+        if self.engine_base != desired.base_model:
+            # Another base model (a rollout of a new BaseModel under way): loading these adapters into it would be
+            # wrong, and this pod is not ready; the new pods will serve them.
+            for adapter in self.adapters.values():
+                if adapter.state in (LOADED, LOADING) and adapter.prepared is not None:
+                    adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, self.engine_message)
+            return
         lost = self._known_served - set(served)
         if lost:
             self.lost_adapters += len(lost)
@@ -321,7 +328,7 @@ class Syncer:
 
     def _served(self, models: list[EngineModel], desired: DesiredAdapterSet) -> dict[str, EngineModel]:
         base_ids = [m.id for m in models if m.parent is None]
-        self.engine_base = base_ids[0] if base_ids else None
+        self.engine_base = desired.base_model if desired.base_model in base_ids else next(iter(base_ids), None)
         if desired.base_model not in base_ids:
             self.engine_message = (
                 f"vLLM serves {', '.join(base_ids) or 'no base model'}, not the desired base model "
