@@ -12,9 +12,10 @@ same optimizer (AdamW, fused), schedule, clipping and batch size:
 2. useful tokens/s (non-padding tokens) on a mixed-length dataset: lorafleet.trainer with packing (padding-free:
    DataCollatorWithFlattening) against the same plain padded loop. Target >= 1.5x.
 
-Runs alternate (ours then plain, plain then ours, ...) and the best of --repeats is reported (medians too),
-because the machines this runs on are shared. Our trainer's time is its training loop as transformers measures it
-(train_runtime, which includes its checkpoint at the last step); the plain loop's is its loop alone.
+Both are timed from the end of their first step to the end of their last (no setup, no warm-up step, not our
+final checkpoint), on --threads torch threads (default 1: on a shared 2-core machine two OpenMP threads stall
+each other whenever another process runs). Runs alternate (ours then plain, plain then ours, ...) and the best of
+--repeats is reported (medians too), because the machines this runs on are shared.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def plain_loop(
     losses: list[float] = []
     useful = 0
     done = 0
-    start = time.perf_counter()
+    marks: list[tuple[float, int]] = []  # (time, useful tokens so far) after each step
     while done < steps:
         for batch in loader:
             out = model(**batch)
@@ -135,10 +136,41 @@ def plain_loop(
             losses.append(float(out.loss.detach()))
             useful += int(batch["attention_mask"].sum())
             done += 1
+            marks.append((time.perf_counter(), useful))
             if done == steps:
                 break
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": steps, "usefulTokens": useful, "finalLoss": statistics.fmean(losses[-10:])}
+    return timed(marks, losses)
+
+
+def timed(marks: list[tuple[float, int]], losses: list[float]) -> dict[str, float]:
+    """Steps 2..N (after the first step ends, until the last one ends): no setup, no first-step warm-up, and for
+    our trainer no final checkpoint."""
+    (t1, tokens1), (tn, tokens_n) = marks[0], marks[-1]
+    return {
+        "seconds": tn - t1,
+        "steps": len(marks) - 1,
+        "usefulTokens": tokens_n - tokens1,
+        "finalLoss": statistics.fmean(losses[-10:]),
+    }
+
+
+class TimingReporter:
+    """Stands in for ProgressReporter: notes when each logged step ends and the tokens seen by then."""
+
+    def __init__(self) -> None:
+        from lorafleet.trainer.progress import ProgressReporter
+
+        self._inner = ProgressReporter(enabled=False)
+        self.marks: list[tuple[float, int]] = []
+        self.losses: list[float] = []
+
+    def progress(self, **kwargs: Any) -> dict[str, Any]:
+        self.marks.append((time.perf_counter(), int(kwargs.get("tokens_seen") or 0)))
+        self.losses.append(float(kwargs["loss"]))
+        return self._inner.progress(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 # -- ours ----------------------------------------------------------------------------------------------------------
@@ -147,8 +179,6 @@ def plain_loop(
 def ours(
     env: Any, rows: list[dict[str, str]], name: str, *, steps: int, batch_size: int, lr: float, packing: bool
 ) -> dict[str, float]:
-    from tests.trainer_fixtures import train_in_process
-
     config = env.config(
         rows,
         name=name,
@@ -164,15 +194,11 @@ def ours(
         checkpointInterval=10 * steps,
         maxSequenceLength=1024,
     )
-    result = train_in_process(env, config)
-    manifest = json.loads((env.adapter_dir(config) / "manifest.json").read_text())
-    curve = [loss for _, loss in manifest["metrics"]["lossCurve"]]
-    return {
-        "seconds": result.metrics["trainSeconds"],
-        "steps": steps,
-        "usefulTokens": result.metrics["trainTokens"],
-        "finalLoss": statistics.fmean(curve[-10:]),
-    }
+    from lorafleet.trainer.train import StopSignal, run
+
+    reporter = TimingReporter()
+    run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
+    return timed(reporter.marks, reporter.losses)
 
 
 def compare(label: str, runs: list[tuple[dict[str, float], dict[str, float]]], metric: str) -> dict[str, Any]:
@@ -338,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--gpu-seq", type=int, default=2048)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     args = parser.parse_args(argv)
+    if not args.gpu:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # our trainer then keeps torch's setting
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = gpu_benchmark(args) if args.gpu else cpu_benchmarks(args)
     text = json.dumps(results, indent=2)
     print(text)

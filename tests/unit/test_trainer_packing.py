@@ -84,26 +84,32 @@ def test_padded_batch_equals_separate_sequences(model_and_examples: Any) -> None
 
 def test_length_grouped_sampler_is_seeded_per_epoch() -> None:
     pytest.importorskip("torch")
-    from lorafleet.trainer.train import SeededLengthGroupedSampler
+    import random
 
-    lengths = [(i * 37) % 101 for i in range(200)]
-    sampler = SeededLengthGroupedSampler(8, lengths, seed=3)
+    from lorafleet.trainer.train import LengthGroupedSampler
+
+    lengths = [(i * 37) % 101 + 1 for i in range(203)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3, megabatch=10)
     first = list(sampler)
-    assert sorted(first) == list(range(200)) and list(sampler) == first
+    assert sorted(first) == list(range(203)) and list(sampler) == first and len(sampler) == 203
     sampler.set_epoch(1)
     second = list(sampler)
-    assert second != first and sorted(second) == list(range(200))
-    again = SeededLengthGroupedSampler(8, lengths, seed=3)
+    assert second != first and sorted(second) == list(range(203))
+    again = LengthGroupedSampler(lengths, batch_size=8, seed=3, megabatch=10)
     again.set_epoch(1)
     assert list(again) == second
 
-    # Batches hold similar lengths: far less padding than a random order.
+    batches = sampler.batches()
+    assert all(len(b) == 8 for b in batches[:-1]) and len(batches[-1]) == 203 % 8  # only the last one is short
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
+    # Batch order is shuffled, not sorted by length.
+    tops = [max(lengths[i] for i in b) for b in batches[1:-1]]
+    assert tops != sorted(tops) and tops != sorted(tops, reverse=True)
+
     def padding(order: list[int]) -> int:
-        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
-        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+        chunks = [order[i : i + 8] for i in range(0, len(order), 8)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in chunks)
 
-    import random
-
-    shuffled = list(range(200))
+    shuffled = list(range(203))
     random.Random(0).shuffle(shuffled)
-    assert padding(first) < padding(shuffled) / 4
+    assert padding(first) < padding(shuffled) / 5

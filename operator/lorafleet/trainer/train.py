@@ -34,7 +34,6 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from lorafleet.trainer import data
 from lorafleet.trainer.config import TrainerConfig
@@ -131,6 +130,32 @@ def _local_main_first(ranks: Ranks) -> Iterator[None]:
             _barrier()
 
 
+# -- CPU threads ---------------------------------------------------------------------------------------------------
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs this container may use by its cgroup quota (v2 cpu.max or v1 cfs quota), None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_threads() -> int:
+    """Threads for torch on CPU: the CPUs we may run on, capped by the cgroup quota. torch's default counts the
+    node's cores, and more threads than the quota allows stall each other at every parallel region."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(available, int(quota) if quota else available))
+
+
 # -- result --------------------------------------------------------------------------------------------------------
 
 
@@ -205,8 +230,8 @@ def packing_mode(config: TrainerConfig) -> str:
 
     * "flatten": the samples of a batch in one row, no padding at all (DataCollatorWithFlattening); attention
       kept inside each sample by varlen kernels. Used where flash-attention is installed (GPU).
-    * "group": batches of samples of similar length (a seeded LengthGroupedSampler), padded to the longest of
-      each batch, so almost no padding. Used elsewhere: with SDPA or eager attention a flattened row would need a
+    * "group": batches of samples of similar length (LengthGroupedSampler below), padded to the longest of each
+      batch, so almost no padding. Used elsewhere: with SDPA or eager attention a flattened row would need a
       dense mask over the whole row and cost attention quadratic in the row (2.6x slower than padding on CPU for
       the tiny model, see docs/benchmarks.md).
     * "off": plain padded batches in random order.
@@ -218,23 +243,47 @@ def packing_mode(config: TrainerConfig) -> str:
     return "flatten" if torch.cuda.is_available() and is_flash_attn_2_available() else "group"
 
 
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' LengthGroupedSampler with its own generator, seeded per epoch, so that the order is the same
-    on every process and after a resume (the library's default uses the global RNG)."""
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Batches of samples of similar length, in random order, the same on every process and after a resume.
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
+    Each epoch (seeded with seed + epoch): shuffle, cut into chunks of `megabatch` batches, sort each chunk by
+    length and cut it into batches, then shuffle the batches, the one holding the longest sample first (an
+    out-of-memory shows at once). Like transformers' LengthGroupedSampler, but that one leaves the batches of a
+    chunk in descending order, uses chunks of a few batches only on small datasets, and draws from the global RNG.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, megabatch: int = 50) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
         self.seed = seed
+        self.megabatch = megabatch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)  # type: ignore[no-untyped-call]
-        return iter(order)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.megabatch * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        # Only the very last batch may be short: it stays last so the loader's batches stay aligned.
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if shuffled:
+            longest = max(range(len(shuffled)), key=lambda i: max(self.lengths[j] for j in shuffled[i]))
+            shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return shuffled + tail
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for batch in self.batches() for i in batch])
 
 
 class LorafleetTrainer(Trainer):
@@ -244,10 +293,19 @@ class LorafleetTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.group_lengths = group_lengths
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate (6 x tokens x parameters), with the parameter count computed once: the library
+        walks every module on every micro-batch for it, a visible cost per step on small models."""
+        if not hasattr(self, "_parameters_for_flops"):
+            count = getattr(self.model, "num_parameters", None)
+            self._parameters_for_flops = int(count(exclude_embeddings=True)) if count else 0
+        ids = inputs.get("input_ids")
+        return 6 * int(ids.numel()) * self._parameters_for_flops if ids is not None else 0
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.group_lengths is not None:
             batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-            return SeededLengthGroupedSampler(batch, self.group_lengths, self.args.seed)
+            return LengthGroupedSampler(self.group_lengths, batch, self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
 
@@ -573,6 +631,8 @@ def run(
     hf_logging.set_verbosity_warning()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     ranks = Ranks.from_environment()
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads())
     sink = sink or sink_for(config)
     work_dir = Path(config.work_dir)
     precision = _precision(config)
