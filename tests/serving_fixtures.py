@@ -156,8 +156,8 @@ class ServingPod:
 
 @pytest.fixture(scope="module")
 def serving_pod(
-    s3_server: S3Server, serving_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServingPod]:
+    serving_base_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServingPod]:  # serving_base_dir first: without the serve extra, skip before starting MinIO
     from lorafleet.storage.client import make_client
     from tests.s3_fixtures import _empty_and_remove, make_bucket
 
