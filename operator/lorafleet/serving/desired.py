@@ -5,7 +5,7 @@ Torch-free so the operator can import it.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from lorafleet.api.common import ApiModel, ObjectStore
 
@@ -15,6 +15,9 @@ DESIRED_FILE = "adapters.json"
 class DesiredAdapter(ApiModel):
     """One adapter the replicas must serve."""
 
+    # A sidecar older than the operator ignores fields it does not know instead of refusing the whole set.
+    model_config = ConfigDict(extra="ignore")
+
     name: str = Field(description="Served name of the adapter.")
     uri: str = Field(description="s3:// URI of the adapter version folder.")
     digest: str | None = Field(default=None, description="Expected sha256 digest of its manifest.")
@@ -23,6 +26,8 @@ class DesiredAdapter(ApiModel):
 
 class DesiredAdapterSet(ApiModel):
     """All adapters of one AdapterDeployment."""
+
+    model_config = ConfigDict(extra="ignore")
 
     base_model: str = Field(description="Served name of the base model.")
     base_model_digest: str | None = Field(default=None, description="Digest of the base model's manifest.")
