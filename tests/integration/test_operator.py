@@ -257,3 +257,28 @@ def test_retained_adapter_has_no_finalizer(cluster: ClusterHandle, operator: Ope
     custom.create(_fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"}))
     running = custom.wait_status("FineTuneJob", "support", _phase("Running"))
     assert not running["metadata"].get("finalizers")
+
+
+def test_max_lora_rank_is_sized_from_the_stored_adapter(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    store = ArtifactStore(s3_server.store_settings())
+    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/adapters/{namespace}-sql/v3")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\2" * 64)
+    pushed = store.push(
+        tmp_path, folder, kind="adapter", name=f"{namespace}-sql", version="v3", hyperparameters={"lora": {"r": 64}}
+    )
+    custom = Custom(cluster, namespace)
+    custom.create(_base_model(namespace))
+    ad = _manifest(objects.adapter_deployment(), namespace)
+    ad["spec"].update(replicas=1, adapters=[{"name": "sql", "artifact": {"uri": folder.uri, "digest": pushed.digest}}])
+    custom.create(ad)
+
+    def args() -> list[str] | None:
+        try:
+            deployment = cluster.apps.read_namespaced_deployment("chat-vllm", namespace)
+        except client.ApiException:
+            return None
+        return list(deployment.spec.template.spec.containers[0].args)
+
+    assert "--max-lora-rank=64" in wait_until(args, timeout=30, what="the vLLM Deployment")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,9 @@ from typing import Any
 import kopf
 
 from lorafleet import GROUP, VERSION, k8s
+from lorafleet.api.adapterdeployment import ArtifactRef
 from lorafleet.config import OperatorSettings
+from lorafleet.controllers import artifacts
 from lorafleet.controllers.base import (
     MANAGED_CHILDREN,
     SETTINGS,
@@ -37,14 +40,46 @@ def _fine_tune_job_names(body: Obj) -> list[str]:
 
 
 def adapter_ranks(body: Obj, fine_tune_jobs: dict[str, Obj | None]) -> dict[str, int | None]:
-    """Known LoRA ranks per adapter (from its FineTuneJob); artifacts' ranks are checked by the sidecar."""
+    """LoRA ranks per adapter: from its FineTuneJob's spec, or the lineage in a stored artifact's manifest."""
     ranks: dict[str, int | None] = {}
+    namespace = body["metadata"]["namespace"]
     for adapter in body["spec"].get("adapters") or []:
         ref = adapter.get("fineTuneJobRef")
-        job = fine_tune_jobs.get(ref["name"]) if ref else None
-        # LoraSettings' default rank applies when the FineTuneJob left lora.r out.
-        ranks[adapter["name"]] = job["spec"].get("lora", {}).get("r", 16) if job else None
+        if ref:
+            job = fine_tune_jobs.get(ref["name"])
+            # LoraSettings' default rank applies when the FineTuneJob left lora.r out.
+            ranks[adapter["name"]] = job["spec"].get("lora", {}).get("r", 16) if job else None
+        else:
+            artifact = ArtifactRef.model_validate(adapter["artifact"])
+            ranks[adapter["name"]] = _stored_rank(artifact, namespace)
     return ranks
+
+
+class _Unverified(Exception):
+    pass
+
+
+def _stored_rank(artifact: ArtifactRef, namespace: str) -> int | None:
+    # A pinned version never changes: its manifest is read once. An unpinned one is read every pass.
+    try:
+        if artifact.digest:
+            return _pinned_rank(artifact.model_dump_json(), namespace)
+        return _read_rank(artifact, namespace)
+    except _Unverified:
+        return None  # the sidecar reports what is wrong with it
+
+
+def _read_rank(artifact: ArtifactRef, namespace: str) -> int | None:
+    check = artifacts.check_version(artifact.store, namespace, artifact.uri, artifact.digest)
+    if check.problem is not None:
+        raise _Unverified(check.problem[1])
+    return check.rank
+
+
+@functools.lru_cache(maxsize=1024)
+def _pinned_rank(artifact_json: str, namespace: str) -> int | None:
+    # Raising keeps failures out of the cache: a missing or unreachable version may appear later.
+    return _read_rank(ArtifactRef.model_validate_json(artifact_json), namespace)
 
 
 def plan(

@@ -95,7 +95,13 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
                 "one the spec names; fix the digest or the uri",
             )
         )
-    return ArtifactCheck(digest=digest, size_bytes=manifest.total_size, revision=manifest.version)
+    rank = (manifest.hyperparameters.get("lora") or {}).get("r")
+    return ArtifactCheck(
+        digest=digest,
+        size_bytes=manifest.total_size,
+        revision=manifest.version,
+        rank=rank if isinstance(rank, int) else None,
+    )
 
 
 def delete_version(spec_store: ObjectStore | None, namespace: str, uri: str) -> int:

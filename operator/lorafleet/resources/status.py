@@ -136,6 +136,7 @@ class ArtifactCheck:
     digest: str | None = None
     size_bytes: int | None = None
     revision: str | None = None
+    rank: int | None = None  # an adapter's LoRA rank, from the lineage the trainer wrote
     # (reason, message) when the version could not be verified; transient unless reason is DigestMismatch.
     problem: tuple[str, str] | None = None
 
