@@ -33,6 +33,8 @@ from lorafleet.resources import finetunejob as ftj_res
 from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, condition
 from tests.unit import objects
 from tests.unit.test_chart import CHART, helm_binary, set_args
+from tests.unit.test_chart_kustomize import DEPLOY
+from tests.unit.test_chart_kustomize import kubectl as kubectl_binary
 
 Obj = dict[str, Any]
 STORE_SECRET = "lorafleet-store"
@@ -382,3 +384,35 @@ def _reconcile_everything(
     # deletionPolicy Delete: kopf's finalizer goes once the delete handler ran (nothing was stored: no artifact).
     custom.delete("FineTuneJob", "support")
     wait_until(lambda: custom.get("FineTuneJob", "support") is None, timeout=60, what="FineTuneJob deleted" + tail())
+
+
+# --- the kustomize base ------------------------------------------------------------------------------------------
+
+
+def test_kustomize_base_applies_and_the_operator_becomes_available(cluster: ClusterHandle, crds: None) -> None:
+    """deploy/ (the plain-YAML install) against the real API server: server-side apply, a Ready operator pod (kwok),
+    then removal. The CRDs are left to the `crds` fixture (they are the same files, checked by a unit test)."""
+    if not cluster.local:
+        pytest.skip("installs the lorafleet-system namespace and cluster-wide RBAC: local test cluster only")
+    kubectl = str(kubectl_binary())
+    rendered = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "CustomResourceDefinition"]
+    manifest = yaml.safe_dump_all(docs)
+    base = [kubectl, "--kubeconfig", str(cluster.kubeconfig)]
+    apply = subprocess.run(
+        [*base, "apply", "--server-side", "--field-manager=lorafleet-kustomize-test", "-f", "-"],
+        input=manifest, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        assert apply.returncode == 0, apply.stderr
+        wait_until(
+            lambda: (
+                (cluster.apps.read_namespaced_deployment("lorafleet", "lorafleet-system").status.ready_replicas or 0)
+                == 1
+            ),
+            timeout=60,
+            what="the kustomize-installed operator Deployment to be available",
+        )
+    finally:
+        subprocess.run([*base, "delete", "--wait=false", "--ignore-not-found", "-f", "-"], input=manifest,
+                       capture_output=True, text=True, check=False)  # fmt: skip
