@@ -426,3 +426,24 @@ def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
     docs = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "platform-sa"}})
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-sa"
+
+
+def test_every_value_is_documented() -> None:
+    """docs/configuration.md names every value: `a.b.c`, or `a.b.c` / `.d` rows for sibling keys."""
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing: list[str] = []
+
+    def walk(value: Any, node: Obj, path: str) -> None:
+        strict = node.get("additionalProperties") is False and path != "resources"
+        if isinstance(value, dict) and strict and value:
+            for key, child in value.items():
+                walk(child, node["properties"][key], f"{path}.{key}" if path else key)
+            return
+        parent, _, leaf = path.rpartition(".")
+        if f"`{path}`" not in doc and not (f"`{parent}." in doc and f"`.{leaf}`" in doc):
+            missing.append(path)
+
+    walk(values, schema, "")
+    assert not missing, f"values not documented in docs/configuration.md: {missing}"
