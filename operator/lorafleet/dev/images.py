@@ -317,6 +317,18 @@ def chroot(root: Path, cmd: Sequence[str], env: dict[str, str] | None = None) ->
     return _run(["chroot", str(root), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in clean.items()), *cmd])
 
 
+def _prune(keep: Path) -> None:
+    """Remove the other cached versions next to `keep` (an older recipe or lock): they would only fill the disk."""
+    if not keep.parent.is_dir():
+        return
+    for sibling in keep.parent.iterdir():
+        if sibling != keep and sibling.is_dir() and len(sibling.name) == 16:
+            with contextlib.suppress(OSError):
+                for mount in ("merged",):  # never follow a mount left by an interrupted build
+                    subprocess.run(["umount", str(sibling / mount)], capture_output=True, check=False)
+                shutil.rmtree(sibling)
+
+
 # --- layer 1: the Debian base ---------------------------------------------------------------------------------
 
 
@@ -362,6 +374,7 @@ def base_layer(log: Callable[[str], None] = print) -> Layer:
     """The Debian root filesystem with python3.11 and the user lorafleet; cached by its recipe."""
     recipe = json.dumps({"cmd": _mmdebstrap_cmd(Path("/target")), "rev": BASE_REVISION, "uid": USER_ID})
     folder = images_cache() / "base" / _key(recipe)
+    _prune(folder)
     created_by = f"mmdebstrap {DEBIAN_SUITE} minbase + {' '.join(BASE_PACKAGES)}; useradd -u {USER_ID} lorafleet"
     cached = _load_layer(folder, folder / "rootfs", created_by)
     if cached:
@@ -449,7 +462,8 @@ def _matches(wheel: Path, entry: tuple[str, str, str]) -> bool:
 def deps_layer(spec: ImageSpec, base: Layer, log: Callable[[str], None] = print) -> Layer:
     """/opt/venv with the lock installed offline by the image's python; cached by base and lock."""
     lock_text = spec.lock_path.read_text()
-    folder = images_cache() / "deps" / _key(base.diff_id, lock_text, spec.name, DEPS_REVISION)
+    folder = images_cache() / "deps" / spec.name / _key(base.diff_id, lock_text, DEPS_REVISION)
+    _prune(folder)
     created_by = f"python3.11 -m venv {VENV} && pip install --no-index --require-hashes -r images/{spec.name}/" \
         "requirements.lock"  # fmt: skip
     cached = _load_layer(folder, folder / "upper", created_by)
