@@ -385,6 +385,8 @@ class LocalCluster:
                 f"--client-ca-file={pki.ca_crt}",
                 f"--kubelet-client-certificate={kubelet_crt}",
                 f"--kubelet-client-key={kubelet_key}",
+                # As kubeadm: reach a kubelet (lorafleet.dev.node) at its InternalIP, not its unresolvable name.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 # Front-proxy (aggregated APIs such as metrics-server); also lets the controller-manager
                 # and scheduler read the requestheader CA they look for.
                 f"--requestheader-client-ca-file={pki.ca_crt}",
