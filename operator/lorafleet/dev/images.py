@@ -17,9 +17,10 @@ The images have the layout of images/<name>/Dockerfile, built in three OCI layer
    layer a code change rebuilds: seconds.
 
 Layers are uncompressed tars with fixed mtimes and numeric owners, so a rebuild with the same inputs gives the
-same digests. The result is an OCI image layout under ``${LORAFLEET_CACHE}/images/oci/<name>`` and an OCI archive
-next to it, which ``ctr -n k8s.io images import`` loads (``--import``). Needs root (chroot and mounts),
-``mmdebstrap``, and ``containerd``/``runc`` for ``--import``/``--run`` (Debian packages).
+same digests. The result is an OCI image layout under ``${LORAFLEET_CACHE}/images/oci/<name>`` (blobs hard-linked
+from the layer cache), streamed as an OCI archive into ``ctr -n k8s.io images import -`` (``--import``) or written to
+a file (``--archive PATH``, for ``skopeo copy oci-archive:PATH docker://...`` or another node). Needs root (chroot
+and mounts), ``mmdebstrap``, and ``containerd``/``runc`` for ``--import``/``--run`` (Debian packages).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lorafleet import __version__
 from lorafleet.dev.build import cache_dir
@@ -355,10 +356,10 @@ class Layer:
     created_by: str
 
 
-def _load_layer(folder: Path, tree: Path, created_by: str) -> Layer | None:
+def _load_layer(folder: Path, tree: Path, created_by: str, need_tree: bool = True) -> Layer | None:
     meta = folder / "layer.json"
     tar = folder / "layer.tar"
-    if not (meta.exists() and tar.exists() and tree.exists()):
+    if not (meta.exists() and tar.exists() and (tree.exists() or not need_tree)):
         return None
     data = json.loads(meta.read_text())
     return Layer(tar, data["diff_id"], tar.stat().st_size, tree, created_by)
@@ -466,7 +467,7 @@ def deps_layer(spec: ImageSpec, base: Layer, log: Callable[[str], None] = print)
     _prune(folder)
     created_by = f"python3.11 -m venv {VENV} && pip install --no-index --require-hashes -r images/{spec.name}/" \
         "requirements.lock"  # fmt: skip
-    cached = _load_layer(folder, folder / "upper", created_by)
+    cached = _load_layer(folder, folder / "upper", created_by, need_tree=spec.install_project)
     if cached:
         return cached
     _require_root()
@@ -494,6 +495,8 @@ def deps_layer(spec: ImageSpec, base: Layer, log: Callable[[str], None] = print)
     diff_id = write_layer(folder / "upper", folder / "layer.tar", include=lambda rel: rel.split("/")[0] == "opt")
     took = time.monotonic() - started
     log(f"deps: {len(_lock_entries(spec.lock_path))} packages, {diff_id[:19]} in {took:.0f}s")
+    if not spec.install_project:  # no layer goes on top: the extracted tree would only double the disk use
+        shutil.rmtree(folder / "upper")
     return _save_layer(folder, folder / "upper", diff_id, created_by, {"seconds": round(took, 1)})
 
 
@@ -599,14 +602,13 @@ def labels(spec: ImageSpec, version: str, revision: str) -> dict[str, str]:
 class BuiltImage:
     ref: str
     layout: Path
-    archive: Path
     manifest_digest: str
     layers: list[Layer]
     seconds: dict[str, float]
 
 
 def write_oci(spec: ImageSpec, layers: list[Layer], tag: str, revision: str) -> BuiltImage:
-    """An OCI image layout (blobs hard-linked from the layer cache) and an OCI archive of it for `ctr import`."""
+    """An OCI image layout, its blobs hard-linked from the layer cache (no copy of possibly gigabytes)."""
     layout = images_cache() / "oci" / spec.name
     if layout.exists():
         shutil.rmtree(layout)
@@ -641,8 +643,12 @@ def write_oci(spec: ImageSpec, layers: list[Layer], tag: str, revision: str) -> 
     }
     (layout / "index.json").write_text(json.dumps(index, indent=2))
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    archive = layout.with_suffix(".oci.tar")
-    with tarfile.open(archive.with_suffix(".partial"), "w") as tar:
+    return BuiltImage(ref, layout, manifest_digest, layers, {})
+
+
+def write_archive(layout: Path, out: IO[bytes]) -> None:
+    """The OCI layout as an OCI archive (a tar stream): what `ctr images import` and `skopeo` read."""
+    with tarfile.open(fileobj=out, mode="w|") as tar:
         for path in _sorted_walk(layout):
             info = tar.gettarinfo(str(path), arcname=path.relative_to(layout).as_posix())
             info.mtime, info.uid, info.gid, info.uname, info.gname = SOURCE_DATE_EPOCH, 0, 0, "", ""
@@ -651,8 +657,13 @@ def write_oci(spec: ImageSpec, layers: list[Layer], tag: str, revision: str) -> 
                     tar.addfile(info, handle)
             else:
                 tar.addfile(info)
-    archive.with_suffix(".partial").replace(archive)
-    return BuiltImage(ref, layout, archive, manifest_digest, layers, {})
+
+
+def save_archive(image: BuiltImage, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as out:
+        write_archive(image.layout, out)
+    partial.replace(path)
 
 
 def build(name: str, tag: str = __version__, log: Callable[[str], None] = print) -> BuiltImage:
@@ -680,7 +691,7 @@ def build(name: str, tag: str = __version__, log: Callable[[str], None] = print)
     seconds["oci"] = time.monotonic() - t3
     image.seconds = {k: round(v, 1) for k, v in seconds.items()}
     total = sum(layer.size for layer in layers) / 2**20
-    log(f"{image.ref}: {image.manifest_digest[:19]}, {total:.0f} MiB in {len(layers)} layers, {image.archive}")
+    log(f"{image.ref}: {image.manifest_digest[:19]}, {total:.0f} MiB in {len(layers)} layers, {image.layout}")
     return image
 
 
@@ -794,7 +805,19 @@ def ctr(*args: str) -> str:
 def import_image(image: BuiltImage, log: Callable[[str], None] = print) -> float:
     ensure_containerd(log)
     started = time.monotonic()
-    ctr("images", "import", str(image.archive))
+    cmd = [_require("ctr", "containerd"), "-n", CTR_NAMESPACE, "images", "import", "-"]
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT)
+        assert proc.stdin is not None
+        try:
+            write_archive(image.layout, proc.stdin)
+        finally:
+            proc.stdin.close()
+        code = proc.wait()
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    if code != 0:
+        raise ImageBuildError(f"ctr images import failed ({code}):\n{text}")
     took = time.monotonic() - started
     listed = ctr("images", "ls", "-q")
     if image.ref not in listed.split():
@@ -822,10 +845,11 @@ def image_spec_cmd(name: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/images/build", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build an image into an OCI layout and archive")
+    b = sub.add_parser("build", help="build an image into an OCI layout")
     b.add_argument("name", choices=sorted(IMAGES))
     b.add_argument("--tag", default=__version__)
     b.add_argument("--import", dest="do_import", action="store_true", help="ctr -n k8s.io images import it")
+    b.add_argument("--archive", type=Path, help="also write an OCI archive (tar) of the image to this file")
     b.add_argument("--run", action="store_true", help="import, then `ctr run` the arguments after -- in the image")
     lk = sub.add_parser("lock", help="regenerate images/<name>/requirements.lock")
     lk.add_argument("name", choices=sorted(IMAGES))
@@ -842,12 +866,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             started = time.monotonic()
             image = build(args.name, args.tag)
+            if args.archive:
+                save_archive(image, args.archive)
             if args.do_import or args.run:
                 image.seconds["import"] = round(import_image(image), 1)
             if args.run:
                 print(run_in_image(image.ref, run_args or list(image_spec_cmd(args.name))), end="")
             image.seconds["total"] = round(time.monotonic() - started, 1)
-            print(json.dumps({"ref": image.ref, "digest": image.manifest_digest, "archive": str(image.archive),
+            print(json.dumps({"ref": image.ref, "digest": image.manifest_digest, "layout": str(image.layout),
                               "seconds": image.seconds}))  # fmt: skip
     except ImageBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
