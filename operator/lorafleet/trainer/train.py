@@ -302,6 +302,18 @@ class LorafleetTrainer(Trainer):
         ids = inputs.get("input_ids")
         return 6 * int(ids.numel()) * self._parameters_for_flops if ids is not None else 0
 
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """Clip the trainable parameters' gradients with torch directly where accelerate's wrapper only adds
+        per-step checks (one process or DDP, no fp16 loss scaler); FSDP, DeepSpeed and fp16 go through it."""
+        from accelerate.utils import DistributedType
+
+        simple = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        if self.accelerator.distributed_type in simple and self.accelerator.scaler is None:
+            if not hasattr(self, "_trainable_parameters"):
+                self._trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+            return torch.nn.utils.clip_grad_norm_(self._trainable_parameters, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)  # type: ignore[no-untyped-call]
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.group_lengths is not None:
             batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
