@@ -29,6 +29,8 @@ KUBE_VERSION = "1.34.4"  # the local cluster's; helm built from source reports v
 NAMESPACE = "lorafleet-system"
 
 Obj = dict[str, Any]
+# The first run on a fresh machine builds helm (about 2 minutes) or kubectl (10 minutes or more) from source.
+pytestmark = pytest.mark.timeout(1800)
 
 # Every kind a controller applies, and its RBAC resource. A new child kind fails test_rbac_covers_every_child
 # until it is added here and to the chart's rules.

@@ -26,6 +26,8 @@ HEADER = """\
 """
 
 Obj = dict[str, Any]
+# The first run on a fresh machine builds helm (about 2 minutes) or kubectl (10 minutes or more) from source.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def chart_as_plain_yaml() -> str:
