@@ -516,14 +516,21 @@ def compile_all(root: Path, package: str = "") -> None:
 
 
 def project_wheel(dest: Path) -> Path:
-    """lorafleet's wheel from this checkout (no build isolation: setuptools from the build environment)."""
+    """lorafleet's wheel from what the Dockerfiles copy (pyproject.toml, README.md, operator/), built in a scratch
+    copy: setuptools' build/ in the checkout could carry modules deleted since into the wheel. No build isolation:
+    setuptools from the build environment."""
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}  # fixed timestamps inside the wheel
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
-          str(dest), str(REPO)], env=env)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="lorafleet-src-") as tmp:
+        src = Path(tmp)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, src / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".mypy_cache")
+        shutil.copytree(REPO / "operator", src / "operator", ignore=ignore)
+        _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+              str(dest), str(src)], env=env)  # fmt: skip
     wheels = sorted(dest.glob("lorafleet-*.whl"))
     if len(wheels) != 1:
         raise ImageBuildError(f"expected one lorafleet wheel in {dest}, found {wheels}")
-    # setuptools leaves build/ and *.egg-info/ in the checkout; they are ignored by git.
     return wheels[0]
 
 
