@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,10 +26,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def operator_image() -> images.BuiltImage:
+def operator_image() -> Iterator[images.BuiltImage]:
     image = images.build("operator", log=lambda _: None)
-    images.import_image(image, log=lambda _: None)
-    return image
+    with images.containerd(log=lambda _: None):  # the running one, or one started (and stopped) for these tests
+        images.import_image(image, log=lambda _: None)
+        yield image
 
 
 def test_operator_image_runs_lorafleet_as_uid_1000(operator_image: images.BuiltImage) -> None:

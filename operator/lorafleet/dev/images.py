@@ -2,7 +2,6 @@
 
     python -m lorafleet.dev.images lock operator        # images/operator/requirements.lock (hash-pinned)
     python -m lorafleet.dev.images build operator --import [--run -- lorafleet --help]
-    python -m lorafleet.dev.images containerd           # start containerd if its socket is missing
 
 The images have the layout of images/<name>/Dockerfile, built in three OCI layers:
 
@@ -782,27 +781,37 @@ def containerd_running() -> bool:
     return True
 
 
-def ensure_containerd(log: Callable[[str], None] = print, timeout: float = 30) -> int | None:
-    """Start containerd (Debian's, default config) when nothing listens on its socket; returns the pid started."""
+@contextlib.contextmanager
+def containerd(log: Callable[[str], None] = print, timeout: float = 30) -> Iterator[int | None]:
+    """A containerd on /run/containerd/containerd.sock for the duration: the running one, or Debian's started with
+    its default config (root /var/lib/containerd) and stopped again afterwards. The images stay in that root, where
+    a containerd started later (the real-node harness's) finds them; a daemon left running with Debian's settings
+    would not suit its pods. Yields the pid started, or None when one was already running."""
     if containerd_running():
-        return None
+        yield None
+        return
     _require_root()
     binary = _require("containerd", "containerd")
     logfile = cache_dir() / "containerd.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with logfile.open("ab") as out:
         proc = subprocess.Popen([binary], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if containerd_running():
-            log(f"containerd started (pid {proc.pid}, log {logfile})")
-            (cache_dir() / "containerd.pid").write_text(f"{proc.pid}\n")
-            return proc.pid
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-20:])
-    raise ImageBuildError(f"containerd did not start:\n{tail}")
+    try:
+        deadline = time.monotonic() + timeout
+        while not containerd_running():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-20:])
+                raise ImageBuildError(f"containerd did not start:\n{tail}")
+            time.sleep(0.2)
+        log(f"containerd started for this build (pid {proc.pid}, log {logfile})")
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def ctr(*args: str) -> str:
@@ -810,7 +819,7 @@ def ctr(*args: str) -> str:
 
 
 def import_image(image: BuiltImage, log: Callable[[str], None] = print) -> float:
-    ensure_containerd(log)
+    """Stream the image into containerd's k8s.io namespace (needs a running containerd: see `containerd()`)."""
     started = time.monotonic()
     cmd = [_require("ctr", "containerd"), "-n", CTR_NAMESPACE, "images", "import", "-"]
     with tempfile.TemporaryFile() as output:
@@ -860,25 +869,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--run", action="store_true", help="import, then `ctr run` the arguments after -- in the image")
     lk = sub.add_parser("lock", help="regenerate images/<name>/requirements.lock")
     lk.add_argument("name", choices=sorted(IMAGES))
-    sub.add_parser("containerd", help="start containerd when it is not running")
     argv = list(sys.argv[1:] if argv is None else argv)
     run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     try:
         if args.command == "lock":
             lock(args.name)
-        elif args.command == "containerd":
-            pid = ensure_containerd()
-            print("containerd already running" if pid is None else f"containerd pid {pid}")
         else:
             started = time.monotonic()
             image = build(args.name, args.tag)
             if args.archive:
                 save_archive(image, args.archive)
             if args.do_import or args.run:
-                image.seconds["import"] = round(import_image(image), 1)
-            if args.run:
-                print(run_in_image(image.ref, run_args or list(image_spec_cmd(args.name))), end="")
+                with containerd():
+                    image.seconds["import"] = round(import_image(image), 1)
+                    if args.run:
+                        print(run_in_image(image.ref, run_args or list(image_spec_cmd(args.name))), end="")
             image.seconds["total"] = round(time.monotonic() - started, 1)
             print(json.dumps({"ref": image.ref, "digest": image.manifest_digest, "layout": str(image.layout),
                               "seconds": image.seconds}))  # fmt: skip
