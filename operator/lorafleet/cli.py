@@ -13,7 +13,7 @@ Command = Callable[[argparse.Namespace], int]
 def _crds(args: argparse.Namespace) -> int:
     from lorafleet.api.kinds import crd_files, write_crds
 
-    folders: list[Path] = args.out or [Path("crds"), Path("charts/lorafleet/crds")]
+    folders: list[Path] = args.out or [Path("crds"), Path("charts/lorafleet/crds"), Path("deploy/crds")]
     if args.check:
         stale = [
             str(folder / name)
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         action="append",
-        help="output folder, repeatable (default: crds and the Helm chart's charts/lorafleet/crds)",
+        help="output folder, repeatable (default: crds, the Helm chart's charts/lorafleet/crds and deploy/crds)",
     )
     crds.add_argument("--check", action="store_true", help="exit 1 when the folder is stale")
     crds.set_defaults(func=_crds)

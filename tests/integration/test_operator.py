@@ -78,6 +78,13 @@ def test_finetunejob_waits_for_its_base_model_then_trains_on_a_gpu_node(
     assert condition(status, "Ready")["status"] == "True"  # type: ignore[index]
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
+    def reasons() -> set[str]:
+        events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=support").items
+        return {e.reason for e in events if e.involved_object.kind == "FineTuneJob"}
+
+    # One Event per transition, posted from handlers and from the resync loop alike.
+    wait_until(lambda: {"BaseModelNotFound", "Succeeded"} <= reasons(), timeout=30, what="transition Events")
+
 
 def test_failing_job_fails_the_finetunejob_with_the_job_reason(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str

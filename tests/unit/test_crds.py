@@ -14,8 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_crds_folders_are_not_stale() -> None:
-    """crds/ and the Helm chart's copy are both exactly what the API models generate."""
-    folders = ["--out", str(REPO / "crds"), "--out", str(REPO / "charts" / "lorafleet" / "crds")]
+    """crds/ and its copies in the Helm chart and the kustomize base are exactly what the API models generate."""
+    folders = [
+        *("--out", str(REPO / "crds")),
+        *("--out", str(REPO / "charts" / "lorafleet" / "crds")),
+        *("--out", str(REPO / "deploy" / "crds")),
+    ]
     assert main(["crds", "--check", *folders]) == 0, "run `lorafleet crds` and commit crds/ and charts/"
 
 

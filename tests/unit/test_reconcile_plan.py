@@ -163,3 +163,22 @@ def test_unreachable_pod_counts_as_not_loaded() -> None:
     pod["status"]["podIP"] = "127.0.0.1"  # nothing listens on the gateway port here
     state = ad_controller._fetch_state(pod)
     assert state["pod"] == "chat-vllm-0" and "error" in state
+
+
+def test_transition_event_names_the_object_and_flags_trouble() -> None:
+    from lorafleet.controllers.base import transition_event
+
+    ftj = objects.fine_tune_job()
+    bad = transition_event(ftj, "Ready", "False", "BaseModelNotFound", "waiting", NOW)
+    assert bad["type"] == "Warning" and bad["reason"] == "BaseModelNotFound"
+    assert bad["involvedObject"] == {
+        "apiVersion": "lorafleet.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "support",
+        "namespace": "ml",
+        "uid": ftj["metadata"]["uid"],
+    }
+    assert bad["metadata"]["name"].startswith("support.") and bad["metadata"]["namespace"] == "ml"
+    assert transition_event(ftj, "Ready", "True", "Succeeded", "", NOW)["type"] == "Normal"
+    assert transition_event(ftj, "Degraded", "True", "JobFailed", "", NOW)["type"] == "Warning"
+    assert transition_event(ftj, "Degraded", "False", "AsExpected", "", NOW)["type"] == "Normal"

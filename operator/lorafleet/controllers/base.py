@@ -7,9 +7,11 @@ compute status (pure) -> write it once. Handlers only pick where the status goes
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -26,6 +28,7 @@ log = logging.getLogger("lorafleet.controllers")
 
 # Read once at import; runtime.run() loads the client config before importing the handler modules.
 SETTINGS = OperatorSettings()
+EVENT_INSTANCE = os.environ.get("POD_NAME") or os.uname().nodename
 MANAGED_CHILDREN = {"app.kubernetes.io/managed-by": "lorafleet"}
 
 
@@ -60,19 +63,46 @@ def with_render_error(status: Obj, error: RenderError | None, generation: int | 
     return {**status, "conditions": conditions}
 
 
+def transition_event(body: Obj, type_: str, status: str, reason: str, message: str, when: datetime) -> Obj:
+    """A core/v1 Event about `body` (pure). Posted by us rather than kopf.event(), which works only inside
+    kopf's own tasks and so not from the resync thread."""
+    meta = body["metadata"]
+    healthy = (type_ == "Degraded") == (status == "False")
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion", API_VERSION),
+            "kind": body["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": "Normal" if healthy else "Warning",
+        "reason": reason,
+        "message": f"{type_}={status}: {message}"[:1024],
+        "source": {"component": "lorafleet-operator"},
+        "reportingComponent": "lorafleet-operator",
+        "reportingInstance": EVENT_INSTANCE,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
 def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -> None:
     """One Kubernetes Event per condition transition; a failing Event never fails the reconcile."""
     for type_, status, reason, message in transitions(
         (old_status or {}).get("conditions"), new_status.get("conditions") or []
     ):
-        healthy = (type_ == "Degraded") == (status == "False")
         try:
-            kopf.event(
-                cast(kopf.Body, body),  # kopf walks any mapping as one object
-                type="Normal" if healthy else "Warning",
-                reason=reason,
-                message=f"{type_}={status}: {message}"[:1024],
-            )
+            k8s.apply(transition_event(body, type_, status, reason, message, now()), SETTINGS.field_manager)
+        except ApiException as exc:
+            if exc.status == 403 and "being terminated" in str(exc.body):
+                continue  # its namespace is going away, and the Event with it
+            log.warning("could not post event %s for %s: %s", reason, body["metadata"]["name"], exc)
         except Exception:  # events are best effort; the status carries the truth
             log.warning("could not post event %s for %s", reason, body["metadata"]["name"], exc_info=True)
 

@@ -7,11 +7,13 @@ that lists each kind per interval costs a few list calls and leaves no finalizer
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from lorafleet import API_VERSION, k8s
 from lorafleet.controllers import adapterdeployment, basemodel, finetunejob
@@ -43,6 +45,9 @@ def resync_once(namespaces: list[str] | None = None) -> int:
                 try:
                     reconcile_and_write(reconcile, obj, None)
                     done += 1
+                except ApiException as exc:
+                    if exc.status != 404:  # deleted since the list: nothing to do
+                        log.warning("resync of %s %s failed: %s", kind, obj["metadata"].get("name"), exc)
                 except Exception as exc:  # one broken object must not stop the others
                     log.warning("resync of %s %s failed: %s", kind, obj["metadata"].get("name"), exc)
     return done
@@ -56,9 +61,11 @@ def _loop(interval: float, namespaces: list[str]) -> None:
 @kopf.on.startup(id="resync")
 def start(**_: Any) -> None:
     _stop.clear()
-    threading.Thread(
-        target=_loop, args=(SETTINGS.resync_seconds, list(SETTINGS.namespaces)), name="resync", daemon=True
-    ).start()
+    # kopf.event() needs kopf's context variables (settings, the event queue): run the loop in a copy of the
+    # startup handler's context, where they are set.
+    context = contextvars.copy_context()
+    args = (SETTINGS.resync_seconds, list(SETTINGS.namespaces))
+    threading.Thread(target=context.run, args=(_loop, *args), name="resync", daemon=True).start()
 
 
 @kopf.on.cleanup(id="resync")
