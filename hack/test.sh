@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib/venv.sh
+# Debian tools the Docker-less image build test uses (tests/integration/test_chart_images.py); as root only.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for tool in mmdebstrap containerd runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
 ensure_venv dev,trainer,serve
 python -m ruff check operator tests hack
 python -m mypy
