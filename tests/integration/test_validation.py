@@ -75,6 +75,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _set(_set(FTJ, "spec.method", "qlora"), "spec.resources.gpusPerNode", 0),
         "spec.method",
     ),
+    (
+        "ftj-fsdp-on-cpu",
+        _set(_set(FTJ, "spec.resources.gpusPerNode", 0), "spec.resources.strategy", "fsdp"),
+        "spec.resources.strategy",
+    ),
     ("ftj-rank-zero", _set(FTJ, "spec.lora.r", 0), "spec.lora.r"),
     ("ftj-dropout-one", _set(FTJ, "spec.lora.dropout", 1.0), "spec.lora.dropout"),
     ("ftj-epochs-and-steps", _set(FTJ, "spec.training.epochs", 2), "spec.training"),

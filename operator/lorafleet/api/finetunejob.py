@@ -132,6 +132,10 @@ class TrainingResources(PodSettings):
     nodes: int = Field(default=1, description="Number of training pods (one per node).", ge=1, le=128)
     gpus_per_node: int = Field(default=1, description="GPUs per pod; 0 trains on CPU (tiny models only).", ge=0, le=16)
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the training pods.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp replicates the model on every GPU; fsdp shards it, for models that do not fit one GPU.",
+    )
 
 
 class AdapterOutput(ApiModel):
@@ -218,7 +222,13 @@ class FineTuneJobStatus(StatusModel):
 FINE_TUNE_JOB_VALIDATIONS = [
     {"rule": "self == oldSelf", "message": "spec is immutable; create a new FineTuneJob to train again"},
     {
-        "rule": "self.method != 'qlora' || self.resources.gpusPerNode >= 1",
+        # resources has no schema default: absent means the defaults (one GPU per node, ddp).
+        "rule": "!has(self.resources) || self.resources.strategy != 'fsdp' || self.resources.gpusPerNode >= 1",
+        "message": "resources.strategy fsdp shards the model over GPUs: set resources.gpusPerNode >= 1 or use ddp",
+        "fieldPath": ".resources.strategy",
+    },
+    {
+        "rule": "self.method != 'qlora' || !has(self.resources) || self.resources.gpusPerNode >= 1",
         "message": "method qlora needs a GPU (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use method lora",
         "fieldPath": ".method",
     },

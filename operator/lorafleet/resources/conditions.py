@@ -114,12 +114,6 @@ def transitions(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> 
     changed: list[Transition] = []
     for condition in new:
         before = get_condition(old, condition["type"])
-        if (
-            before is None
-            or before.get("status") != condition["status"]
-            or before.get("reason") != condition["reason"]
-        ):
-            changed.append(
-                (condition["type"], condition["status"], condition["reason"], condition.get("message", ""))
-            )
+        if before is None or before.get("status") != condition["status"] or before.get("reason") != condition["reason"]:
+            changed.append((condition["type"], condition["status"], condition["reason"], condition.get("message", "")))
     return changed

@@ -31,6 +31,7 @@ from lorafleet.trainer.config import (
     OutputTarget,
     TrainerConfig,
 )
+from lorafleet.trainer.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT  # docs/trainer.md
 from lorafleet.uris import parse
 
 COMPONENT = "trainer"
@@ -38,8 +39,6 @@ CONFIG_MOUNT = "/etc/lorafleet/trainer"
 WORK_DIR = "/work"
 MODEL_DIR = "/work/base-model"
 TRAINER_CONTAINER = "trainer"
-# Exit codes of the trainer (documented in docs/trainer.md): 2 means bad input, retrying cannot help.
-EXIT_INVALID_INPUT = 2
 # Time the trainer gets after SIGTERM to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -107,6 +106,7 @@ def trainer_config(
             nodes=nodes,
             processes_per_node=max(gpus, 1),
             backend="nccl" if gpus else "gloo",
+            strategy=spec.resources.strategy,
             master_addr=f"{job_names.job}-0.{job_names.service}" if is_distributed(spec) else None,
         ),
         image=spec.image or (settings.trainer_image if gpus else settings.trainer_cpu_image),
@@ -128,8 +128,12 @@ def _trainer_command(spec: FineTuneJobSpec, config: TrainerConfig) -> list[str]:
     if not is_distributed(spec):
         return ["python", "-m", "lorafleet.trainer", "--config", config_path]
     dist = config.distributed
+    # torchrun's own code, but the trainer's exit codes survive (plain torchrun turns every failure into 1, so
+    # the podFailurePolicy could not tell bad input from a crash).
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "lorafleet.trainer.launch",
         f"--nnodes={dist.nodes}",
         f"--nproc-per-node={dist.processes_per_node}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
@@ -164,6 +168,11 @@ def _model_fetch(
     ]
 
 
+def _dataset_claims(spec: FineTuneJobSpec) -> list[str]:
+    uris = [spec.dataset.uri, spec.dataset.eval_uri]
+    return list(dict.fromkeys(parse(u).authority for u in uris if u and u.startswith("pvc://")))
+
+
 def build_job(
     ftj: Obj, spec: FineTuneJobSpec, base: BaseModelSpec, config: TrainerConfig, settings: OperatorSettings
 ) -> Obj:
@@ -196,6 +205,10 @@ def build_job(
         {"name": "tmp", "emptyDir": {}},
         *ca_volumes,
     ]
+    for index, claim in enumerate(_dataset_claims(spec)):
+        # The trainer reads pvc://<claim>/<path> at /mnt/pvc/<claim>/<path>.
+        mounts.append({"name": f"dataset-{index}", "mountPath": f"/mnt/pvc/{claim}", "readOnly": True})
+        volumes.append({"name": f"dataset-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     if base_location.scheme == "pvc":
         mounts.append({"name": "base-model", "mountPath": "/mnt/base-model", "readOnly": True})
         volumes.append(
@@ -258,6 +271,11 @@ def build_job(
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # Interrupted (SIGTERM) after writing a checkpoint: the retry resumes from it, so it is progress.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_INTERRUPTED]},
+                },
             ]
         },
         "template": {"metadata": _pod_metadata(ftj, spec, pod_labels), "spec": pod_spec},

@@ -89,8 +89,13 @@ def _conditions(obj: Obj, generation: int | None, now: datetime, conds: dict[str
     result: list[Obj] = list(_dig(obj, "status", "conditions") or [])
     for type_, c in conds.items():
         result = set_condition(
-            result, type=type_, status=c.status, reason=c.reason, message=c.message,
-            generation=generation, now=now,
+            result,
+            type=type_,
+            status=c.status,
+            reason=c.reason,
+            message=c.message,
+            generation=generation,
+            now=now,
         )
     return result
 
@@ -98,24 +103,32 @@ def _conditions(obj: Obj, generation: int | None, now: datetime, conds: dict[str
 def _ready_triplet(
     obj: Obj, generation: int | None, now: datetime, *, ready: _Cond, progressing: _Cond, degraded: _Cond
 ) -> list[Obj]:
-    return _conditions(obj, generation, now, {
-        ConditionType.READY: ready, ConditionType.PROGRESSING: progressing, ConditionType.DEGRADED: degraded,
-    })
+    return _conditions(
+        obj,
+        generation,
+        now,
+        {
+            ConditionType.READY: ready,
+            ConditionType.PROGRESSING: progressing,
+            ConditionType.DEGRADED: degraded,
+        },
+    )
 
 
 def _base_model_problem(name: str, base_model: Obj | None, waiter: str) -> _Cond | None:
     """Why a dependant must wait for its BaseModel, or None when the BaseModel is Ready."""
     if base_model is None:
-        return _Cond("False", Reason.BASE_MODEL_NOT_FOUND,
-                     f'BaseModel "{name}" not found; the {waiter} once it exists')
+        return _Cond("False", Reason.BASE_MODEL_NOT_FOUND, f'BaseModel "{name}" not found; the {waiter} once it exists')
     phase = _dig(base_model, "status", "phase")
     if phase != "Ready":
         ready = _dig(base_model, "status", "conditions") or []
         detail = next((c.get("message") for c in ready if c.get("type") == ConditionType.READY), None)
         suffix = f": {detail}" if detail else ""
-        return _Cond("False", Reason.BASE_MODEL_NOT_READY,
-                     f'BaseModel "{name}" is not Ready (phase {phase or "Pending"}){suffix}; '
-                     f"the {waiter} once it is")
+        return _Cond(
+            "False",
+            Reason.BASE_MODEL_NOT_READY,
+            f'BaseModel "{name}" is not Ready (phase {phase or "Pending"}){suffix}; the {waiter} once it is',
+        )
     return None
 
 
@@ -162,36 +175,44 @@ def basemodel_status(
     digest, size, revision = old.get("digest"), old.get("sizeBytes"), old.get("resolvedRevision")
     phase: Literal["Pending", "Ready", "Failed"]
     if uri.startswith("s3://") and not source.get("store") and not default_store_configured:
-        phase, ready = "Failed", _Cond(
-            "False", Reason.STORE_NOT_CONFIGURED,
-            f"source {uri} is in an object store, but spec.source.store is not set and the operator has no "
-            "default artifact store (Helm value artifactStore); set one of them",
+        phase, ready = (
+            "Failed",
+            _Cond(
+                "False",
+                Reason.STORE_NOT_CONFIGURED,
+                f"source {uri} is in an object store, but spec.source.store is not set and the operator has no "
+                "default artifact store (Helm value artifactStore); set one of them",
+            ),
         )
     elif missing_secret:
-        phase, ready = "Pending", _Cond(
-            "False", Reason.SECRET_NOT_FOUND,
-            f'Secret "{missing_secret}" referenced by spec.source.store not found; the model is checked '
-            "again once it exists",
+        phase, ready = (
+            "Pending",
+            _Cond(
+                "False",
+                Reason.SECRET_NOT_FOUND,
+                f'Secret "{missing_secret}" referenced by spec.source.store not found; the model is checked '
+                "again once it exists",
+            ),
         )
     elif source_check is not None and source_check.problem is not None:
         reason, message = source_check.problem
         phase = "Failed" if reason == Reason.DIGEST_MISMATCH else "Pending"
         ready = _Cond("False", reason, _clip(message))
     elif source_check is not None:
-        phase, ready = "Ready", _Cond(
-            "True", Reason.VERIFIED, f"manifest of {uri} read; digest {source_check.digest}"
-        )
+        phase, ready = "Ready", _Cond("True", Reason.VERIFIED, f"manifest of {uri} read; digest {source_check.digest}")
         digest, size, revision = source_check.digest, source_check.size_bytes, source_check.revision
     else:
         phase, ready = "Ready", _Cond("True", Reason.SOURCE_VALID, f"source {uri} is valid")
-    return _compact({
-        "phase": phase,
-        "resolvedRevision": revision,
-        "digest": digest,
-        "sizeBytes": size,
-        "observedGeneration": generation,
-        "conditions": _conditions(bm, generation, now, {ConditionType.READY: ready}),
-    })
+    return _compact(
+        {
+            "phase": phase,
+            "resolvedRevision": revision,
+            "digest": digest,
+            "sizeBytes": size,
+            "observedGeneration": generation,
+            "conditions": _conditions(bm, generation, now, {ConditionType.READY: ready}),
+        }
+    )
 
 
 # -- FineTuneJob -----------------------------------------------------------------------------------
@@ -209,12 +230,14 @@ def _report_progress(report: Obj | None) -> Obj | None:
     if not isinstance(raw, dict):
         return None
     step = _int(raw.get("step"))
-    return _compact({
-        "step": step if step is not None else 0,
-        "totalSteps": _int(raw.get("totalSteps")),
-        "epoch": _number(raw.get("epoch")),
-        "loss": _number(raw.get("loss")),
-    })
+    return _compact(
+        {
+            "step": step if step is not None else 0,
+            "totalSteps": _int(raw.get("totalSteps")),
+            "epoch": _number(raw.get("epoch")),
+            "loss": _number(raw.get("loss")),
+        }
+    )
 
 
 def _report_metrics(report: Obj | None) -> dict[str, float] | None:
@@ -243,8 +266,10 @@ def _report_error(report: Obj | None) -> tuple[str | None, str | None]:
     reason, message = raw.get("reason"), raw.get("message")
     if isinstance(reason, str) and reason and not _REASON.match(reason):
         reason = Reason.TRAINER_ERROR
-    return (reason if isinstance(reason, str) and reason else None,
-            _clip(message) if isinstance(message, str) and message else None)
+    return (
+        reason if isinstance(reason, str) and reason else None,
+        _clip(message) if isinstance(message, str) and message else None,
+    )
 
 
 def _progress_text(progress: Obj | None) -> str:
@@ -252,8 +277,10 @@ def _progress_text(progress: Obj | None) -> str:
         return ""
     total = progress.get("totalSteps")
     text = f"step {progress.get('step', 0)}" + (f"/{total}" if total else "")
-    extra = [f"epoch {progress['epoch']:.2f}" if "epoch" in progress else "",
-             f"loss {progress['loss']:.4g}" if "loss" in progress else ""]
+    extra = [
+        f"epoch {progress['epoch']:.2f}" if "epoch" in progress else "",
+        f"loss {progress['loss']:.4g}" if "loss" in progress else "",
+    ]
     extra = [e for e in extra if e]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
@@ -280,9 +307,7 @@ def finetunejob_status(
     start_time = old.get("startTime")
     completion_time = old.get("completionTime")
     error_reason, error_message = _report_error(trainer_report)
-    old_ready: Obj = next(
-        (c for c in old.get("conditions") or [] if c.get("type") == ConditionType.READY), {}
-    )
+    old_ready: Obj = next((c for c in old.get("conditions") or [] if c.get("type") == ConditionType.READY), {})
 
     phase: FineTuneJobPhase
     if old.get("phase") in _TERMINAL:
@@ -303,8 +328,9 @@ def finetunejob_status(
         failed = _job_condition(job, "Failed", "FailureTarget")
         if done is not None:
             phase, reason = "Succeeded", Reason.SUCCEEDED
-            completion_time = (_time(_dig(job, "status", "completionTime"))
-                               or _time(done.get("lastTransitionTime")) or rfc3339(now))
+            completion_time = (
+                _time(_dig(job, "status", "completionTime")) or _time(done.get("lastTransitionTime")) or rfc3339(now)
+            )
             artifact = _report_artifact(trainer_report) or artifact
             message = f'training Job "{job_name}" succeeded'
             if artifact:
@@ -340,30 +366,29 @@ def finetunejob_status(
     ready = _Cond("True" if phase == "Succeeded" else "False", reason, message)
     progressing = _Cond(
         "True" if reason in (Reason.JOB_CREATING, Reason.JOB_SUSPENDED, Reason.JOB_RUNNING) else "False",
-        reason, message,
+        reason,
+        message,
     )
-    degraded = (_Cond("True", reason, message) if phase == "Failed"
-                else _Cond("False", Reason.AS_EXPECTED, ""))
-    return _compact({
-        "phase": phase,
-        "jobName": job_name,
-        "startTime": start_time,
-        "completionTime": completion_time if phase in _TERMINAL else None,
-        "progress": progress,
-        "artifact": artifact if phase == "Succeeded" else None,
-        "metrics": metrics,
-        "observedGeneration": generation,
-        "conditions": _ready_triplet(ftj, generation, now, ready=ready, progressing=progressing,
-                                     degraded=degraded),
-    })
+    degraded = _Cond("True", reason, message) if phase == "Failed" else _Cond("False", Reason.AS_EXPECTED, "")
+    return _compact(
+        {
+            "phase": phase,
+            "jobName": job_name,
+            "startTime": start_time,
+            "completionTime": completion_time if phase in _TERMINAL else None,
+            "progress": progress,
+            "artifact": artifact if phase == "Succeeded" else None,
+            "metrics": metrics,
+            "observedGeneration": generation,
+            "conditions": _ready_triplet(ftj, generation, now, ready=ready, progressing=progressing, degraded=degraded),
+        }
+    )
 
 
 # -- AdapterDeployment -----------------------------------------------------------------------------
 
 
-def resolve_adapters(
-    ad: Obj, fine_tune_jobs: Mapping[str, Obj | None]
-) -> tuple[list[ResolvedAdapter], list[Obj]]:
+def resolve_adapters(ad: Obj, fine_tune_jobs: Mapping[str, Obj | None]) -> tuple[list[ResolvedAdapter], list[Obj]]:
     """Split spec.adapters into those servable now and status entries (Pending/Failed) for the rest.
 
     `fine_tune_jobs` maps FineTuneJob name to the object, None (or absent) when it does not exist.
@@ -374,35 +399,47 @@ def resolve_adapters(
         name = spec["name"]
         artifact = spec.get("artifact")
         if artifact:
-            resolved.append(
-                ResolvedAdapter(name, artifact["uri"], artifact.get("digest"), artifact.get("store"))
-            )
+            resolved.append(ResolvedAdapter(name, artifact["uri"], artifact.get("digest"), artifact.get("store")))
             continue
         ref = _dig(spec, "fineTuneJobRef", "name") or ""
         ftj = fine_tune_jobs.get(ref)
         phase = _dig(ftj, "status", "phase") or "Pending"
         stored = _dig(ftj, "status", "artifact")
         if ftj is None:
-            state, reason, message = "Pending", Reason.FINE_TUNE_JOB_NOT_FOUND, \
-                f'FineTuneJob "{ref}" not found; the adapter is served once it exists and has succeeded'
+            state, reason, message = (
+                "Pending",
+                Reason.FINE_TUNE_JOB_NOT_FOUND,
+                f'FineTuneJob "{ref}" not found; the adapter is served once it exists and has succeeded',
+            )
         elif phase == "Failed":
-            detail = next((c.get("message") for c in _dig(ftj, "status", "conditions") or []
-                           if c.get("type") == ConditionType.READY and c.get("message")), None)
+            detail = next(
+                (
+                    c.get("message")
+                    for c in _dig(ftj, "status", "conditions") or []
+                    if c.get("type") == ConditionType.READY and c.get("message")
+                ),
+                None,
+            )
             state, reason = "Failed", Reason.FINE_TUNE_JOB_FAILED
             message = f'FineTuneJob "{ref}" failed' + (f": {detail}" if detail else "")
         elif phase != "Succeeded":
-            state, reason, message = "Pending", Reason.FINE_TUNE_JOB_NOT_SUCCEEDED, \
-                f'waiting for FineTuneJob "{ref}" (phase {phase})'
+            state, reason, message = (
+                "Pending",
+                Reason.FINE_TUNE_JOB_NOT_SUCCEEDED,
+                f'waiting for FineTuneJob "{ref}" (phase {phase})',
+            )
         elif not (isinstance(stored, dict) and stored.get("uri")):
-            state, reason, message = "Pending", Reason.ARTIFACT_NOT_RECORDED, \
-                f'FineTuneJob "{ref}" succeeded but has not recorded its artifact yet'
+            state, reason, message = (
+                "Pending",
+                Reason.ARTIFACT_NOT_RECORDED,
+                f'FineTuneJob "{ref}" succeeded but has not recorded its artifact yet',
+            )
         else:
             # Read it back from the store the FineTuneJob wrote to.
             store = _dig(ftj, "spec", "output", "store")
             resolved.append(ResolvedAdapter(name, stored["uri"], stored.get("digest"), store))
             continue
-        waiting.append({"name": name, "state": state, "reason": reason, "message": _clip(message),
-                        "loadedReplicas": 0})
+        waiting.append({"name": name, "state": state, "reason": reason, "message": _clip(message), "loadedReplicas": 0})
     return resolved, waiting
 
 
@@ -411,16 +448,27 @@ def _served_adapter_status(adapter: ResolvedAdapter, report: Obj | None, ready_r
     if report is not None and report.get("state") in _ADAPTER_STATES:
         loaded = _int(report.get("loadedReplicas"))
         reason, message = report.get("reason"), report.get("message")
-        entry.update(state=report["state"], loadedReplicas=loaded if loaded is not None else 0,
-                     reason=reason if isinstance(reason, str) and _REASON.match(reason) else None,
-                     message=_clip(message) if isinstance(message, str) and message else None)
+        entry.update(
+            state=report["state"],
+            loadedReplicas=loaded if loaded is not None else 0,
+            reason=reason if isinstance(reason, str) and _REASON.match(reason) else None,
+            message=_clip(message) if isinstance(message, str) and message else None,
+        )
     elif ready_replicas > 0:
         # No evidence from the pods yet: never claim Loaded.
-        entry.update(state="Loading", loadedReplicas=0, reason=Reason.ADAPTER_LOADING,
-                     message="waiting for the replicas to report the adapter loaded")
+        entry.update(
+            state="Loading",
+            loadedReplicas=0,
+            reason=Reason.ADAPTER_LOADING,
+            message="waiting for the replicas to report the adapter loaded",
+        )
     else:
-        entry.update(state="Pending", loadedReplicas=0, reason=Reason.NO_READY_REPLICAS,
-                     message="waiting for a ready replica to load the adapter")
+        entry.update(
+            state="Pending",
+            loadedReplicas=0,
+            reason=Reason.NO_READY_REPLICAS,
+            message="waiting for a ready replica to load the adapter",
+        )
     return _compact(entry)
 
 
@@ -430,17 +478,26 @@ def _deployment_problem(deployment: Obj | None) -> _Cond | None:
     progressing, available = conds.get("Progressing"), conds.get("Available")
     failure = conds.get("ReplicaFailure")
     if progressing and progressing.get("status") == "False":
-        return _Cond("True", progressing.get("reason") or Reason.PROGRESS_DEADLINE_EXCEEDED,
-                     _clip(progressing.get("message") or "the rollout made no progress"))
+        return _Cond(
+            "True",
+            progressing.get("reason") or Reason.PROGRESS_DEADLINE_EXCEEDED,
+            _clip(progressing.get("message") or "the rollout made no progress"),
+        )
     if failure and failure.get("status") == "True":
-        return _Cond("True", failure.get("reason") or "ReplicaFailure",
-                     _clip(failure.get("message") or "replicas could not be created"))
+        return _Cond(
+            "True",
+            failure.get("reason") or "ReplicaFailure",
+            _clip(failure.get("message") or "replicas could not be created"),
+        )
     # Available=False is normal while a rollout is under way; it is a fault only once the rollout is
     # complete (replicas lost afterwards).
     rollout_done = progressing is not None and progressing.get("reason") == "NewReplicaSetAvailable"
     if available and available.get("status") == "False" and rollout_done:
-        return _Cond("True", available.get("reason") or Reason.MINIMUM_REPLICAS_UNAVAILABLE,
-                     _clip(available.get("message") or "fewer replicas available than required"))
+        return _Cond(
+            "True",
+            available.get("reason") or Reason.MINIMUM_REPLICAS_UNAVAILABLE,
+            _clip(available.get("message") or "fewer replicas available than required"),
+        )
     return None
 
 
@@ -481,14 +538,16 @@ def adapterdeployment_status(
     faults = [c for c in [_deployment_problem(deployment)] if c is not None]
     if failed:
         faults.append(_Cond("True", Reason.ADAPTER_FAILED, "adapters failed: " + ", ".join(failed)))
-    degraded = (_Cond("True", faults[0].reason, "; ".join(f.message for f in faults)) if faults
-                else _Cond("False", Reason.AS_EXPECTED, ""))
+    degraded = (
+        _Cond("True", faults[0].reason, "; ".join(f.message for f in faults))
+        if faults
+        else _Cond("False", Reason.AS_EXPECTED, "")
+    )
     deployment_fault = faults[0] if faults and faults[0].reason != Reason.ADAPTER_FAILED else None
 
     phase: AdapterDeploymentPhase
     replica_text = f"{ready_replicas}/{desired_replicas} replicas ready"
-    base_problem = _base_model_problem(_dig(spec, "baseModelRef", "name") or "", base_model,
-                                       "replicas are rolled out")
+    base_problem = _base_model_problem(_dig(spec, "baseModelRef", "name") or "", base_model, "replicas are rolled out")
     if base_problem is not None:
         phase, reason, message, moving = "Pending", base_problem.reason, base_problem.message, False
     elif desired_replicas == 0:
@@ -512,19 +571,23 @@ def adapterdeployment_status(
         message = f"{replica_text}, {loaded}/{len(adapters)} adapters loaded"
 
     ready = _Cond("True" if phase == "Ready" else "False", reason, message)
-    progressing = _Cond("True" if moving else "False", reason if phase != "Ready" else Reason.AS_EXPECTED,
-                        message if phase != "Ready" else "")
-    return _compact({
-        "phase": phase,
-        "replicas": replicas,
-        "readyReplicas": ready_replicas,
-        "endpoint": f"http://{service_host}:{port}/v1" if service_host else None,
-        "adaptersReady": f"{loaded}/{len(adapters)}",
-        "adapters": adapters,
-        "observedGeneration": generation,
-        "conditions": _ready_triplet(ad, generation, now, ready=ready, progressing=progressing,
-                                     degraded=degraded),
-    })
+    progressing = _Cond(
+        "True" if moving else "False",
+        reason if phase != "Ready" else Reason.AS_EXPECTED,
+        message if phase != "Ready" else "",
+    )
+    return _compact(
+        {
+            "phase": phase,
+            "replicas": replicas,
+            "readyReplicas": ready_replicas,
+            "endpoint": f"http://{service_host}:{port}/v1" if service_host else None,
+            "adaptersReady": f"{loaded}/{len(adapters)}",
+            "adapters": adapters,
+            "observedGeneration": generation,
+            "conditions": _ready_triplet(ad, generation, now, ready=ready, progressing=progressing, degraded=degraded),
+        }
+    )
 
 
 # -- writing ---------------------------------------------------------------------------------------
