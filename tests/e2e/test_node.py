@@ -51,7 +51,7 @@ def test_node_is_ready_with_containerd(node: NodeHandle) -> None:
 
 
 def test_local_images_are_on_the_node(node: NodeHandle) -> None:
-    names = {name for img in node.cluster.core.read_node(node.name).status.images or [] for name in img.names}
+    names = {name for img in node.cluster.core.read_node(node.name).status.images or [] for name in img.names or []}
     assert {node.busybox, PAUSE_IMAGE} <= names, names
 
 

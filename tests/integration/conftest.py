@@ -26,6 +26,10 @@ from kubernetes.client.rest import ApiException
 from lorafleet.dev.testing import ClusterHandle, wait_until
 
 HERE = Path(__file__).parent
+# Test sessions may share one cluster (it is reused when already up): each session's namespaces carry its own
+# prefix, and its operator watches only those (operator_fixtures.py), so two sessions never reconcile each
+# other's objects.
+SESSION_PREFIX = f"t{uuid.uuid4().hex[:5]}"
 SKIP = os.environ.get("LORAFLEET_SKIP_INTEGRATION") == "1"
 EXTERNAL = os.environ.get("LORAFLEET_CLUSTER") == "external"
 _build_errors: list[str] = []
@@ -89,7 +93,7 @@ def cluster() -> Iterator[ClusterHandle]:
 @pytest.fixture
 def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"t-{slug}-{uuid.uuid4().hex[:6]}"
+    name = f"{SESSION_PREFIX}-{slug}-{uuid.uuid4().hex[:6]}"
     core = cluster.core
     core.create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"lorafleet.io/test": "true"}))

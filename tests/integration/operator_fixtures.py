@@ -6,6 +6,7 @@ can stop and restart it. It watches the whole cluster; tests work in their own n
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from lorafleet.dev.operator import OperatorProcess, install_crds
 from lorafleet.dev.s3server import S3Server
 from lorafleet.dev.testing import ClusterHandle, wait_until
 from lorafleet.storage import ArtifactStore, VersionFolder
+from tests.integration.conftest import SESSION_PREFIX
 
 MODEL_URI = "s3://models/tiny-llama/r1"
 ADAPTER_ROOT = "s3://lorafleet"
@@ -51,7 +53,12 @@ def operator(
     stored_model: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    env = {**s3_server.env(), "LORAFLEET_STORE_URI": ADAPTER_ROOT, "LORAFLEET_RESYNC_SECONDS": "3"}
+    env = {
+        **s3_server.env(),
+        "LORAFLEET_STORE_URI": ADAPTER_ROOT,
+        "LORAFLEET_RESYNC_SECONDS": "3",
+        "LORAFLEET_NAMESPACES": json.dumps([f"{SESSION_PREFIX}-*"]),  # this session's namespaces only
+    }
     op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     op.start()
     time.sleep(1)

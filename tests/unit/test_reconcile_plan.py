@@ -182,3 +182,12 @@ def test_transition_event_names_the_object_and_flags_trouble() -> None:
     assert transition_event(ftj, "Ready", "True", "Succeeded", "", NOW)["type"] == "Normal"
     assert transition_event(ftj, "Degraded", "True", "JobFailed", "", NOW)["type"] == "Warning"
     assert transition_event(ftj, "Degraded", "False", "AsExpected", "", NOW)["type"] == "Normal"
+
+
+def test_resync_matches_namespace_patterns_like_kopf() -> None:
+    from lorafleet.controllers.resync import _watched
+
+    assert _watched("team-a", ["team-*"])
+    assert not _watched("other", ["team-*"])
+    assert not _watched("team-secret", ["team-*", "!team-secret"])
+    assert _watched("ml", ["ml", "team-*"])

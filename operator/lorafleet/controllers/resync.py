@@ -8,6 +8,7 @@ that lists each kind per interval costs a few list calls and leaves no finalizer
 from __future__ import annotations
 
 import contextvars
+import fnmatch
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,9 @@ def resync_once(namespaces: list[str] | None = None) -> int:
     """Reconcile every object once; returns how many were reconciled. Failures are logged, never raised."""
     done = 0
     for kind, reconcile in RECONCILERS:
-        scopes: list[str | None] = list(namespaces) if namespaces else [None]  # None: the whole cluster
+        # Namespace patterns (kopf's globs such as team-*) are matched here against a cluster-wide list.
+        globbing = any(set(n) & set("*?[!") for n in namespaces or [])
+        scopes: list[str | None] = list(namespaces) if namespaces and not globbing else [None]  # None: all
         for namespace in scopes:
             try:
                 objects = k8s.list_(API_VERSION, kind, namespace)
@@ -40,6 +43,8 @@ def resync_once(namespaces: list[str] | None = None) -> int:
                 log.warning("resync: listing %s failed: %s", kind, exc)
                 continue
             for obj in objects:
+                if globbing and not _watched(obj["metadata"].get("namespace", ""), namespaces or []):
+                    continue
                 if obj["metadata"].get("deletionTimestamp"):
                     continue
                 try:
@@ -51,6 +56,13 @@ def resync_once(namespaces: list[str] | None = None) -> int:
                 except Exception as exc:  # one broken object must not stop the others
                     log.warning("resync of %s %s failed: %s", kind, obj["metadata"].get("name"), exc)
     return done
+
+
+def _watched(namespace: str, patterns: list[str]) -> bool:
+    """kopf's namespace patterns: globs, and a leading ! excludes."""
+    included = any(fnmatch.fnmatchcase(namespace, p) for p in patterns if not p.startswith("!"))
+    excluded = any(fnmatch.fnmatchcase(namespace, p[1:]) for p in patterns if p.startswith("!"))
+    return included and not excluded
 
 
 def _loop(interval: float, namespaces: list[str]) -> None:
