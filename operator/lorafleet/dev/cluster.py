@@ -134,6 +134,21 @@ def _client_flags(kubeconfig: Path) -> list[str]:
     ]
 
 
+def spawn_logged(args: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a component with its output appended to `log`, in its own session (process group), so `down` can
+    signal the whole group."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+            env={**os.environ, **env} if env else None,
+        )
+
+
 @dataclass
 class Proc:
     name: str
@@ -513,16 +528,7 @@ class LocalCluster:
 
     def _spawn(self, state: State, name: str, args: list[str], health: str) -> None:
         log = self.dir / "logs" / f"{name}.log"
-        with open(log, "ab") as out:
-            # Own session = own process group, so `down` can signal the whole group.
-            child = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.dir,
-            )
+        child = spawn_logged(args, log, self.dir)
         self._children[child.pid] = child
         state.processes[name] = Proc(name, child.pid, _start_ticks(child.pid) or 0, str(log), args, health)
         self._save(state)

@@ -80,6 +80,7 @@ from lorafleet.dev.cluster import (
     _alive,
     _free_ports,
     _start_ticks,
+    spawn_logged,
 )
 
 NODE_NAME = "lorafleet-node"
@@ -1026,16 +1027,7 @@ class LocalNode:
 
     def _spawn(self, st: NodeState, name: str, args: list[str], health: str, env: dict[str, str] | None = None) -> None:
         log = self.dir / "logs" / f"{name}.log"
-        with open(log, "ab") as out:
-            child = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.dir,
-                env={**os.environ, **(env or {})},
-            )
+        child = spawn_logged(args, log, self.dir, env)
         self._children[child.pid] = child
         st.processes[name] = Proc(name, child.pid, _start_ticks(child.pid) or 0, str(log), args, health)
         self._save(st)
