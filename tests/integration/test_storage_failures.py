@@ -3,6 +3,7 @@ of one version never mix files (one wins, the other is told), and every failure 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -175,6 +176,35 @@ def test_failed_upload_cleans_up_after_itself(s3_bucket: str, artifact_store: Ar
         artifact_store.push(src, folder, kind="adapter", name="bot", version="v1", on_file=interrupt)
     assert objects_under(artifact_store, folder) == []
     assert artifact_store.list_versions(Location(s3_bucket), include_incomplete=True) == []
+
+
+@pytest.mark.parametrize("operation", ["PutObject", "UploadPart"])
+def test_server_refuses_bytes_that_do_not_match_their_sha256(
+    s3_bucket: str, store_settings: StoreSettings, tmp_path: Path, operation: str
+) -> None:
+    """Each body goes out with its sha256 as x-amz-checksum-sha256 (signed; no payload hash besides it): a byte
+    changed after hashing, as a faulty NIC or proxy would, is refused by the server and no version appears."""
+    store = ArtifactStore(small_parts(store_settings))
+    big = 12 * MiB if operation == "UploadPart" else MiB  # multipart above 5 MiB
+    src = write_tree(tmp_path / "src", {"adapter_model.safetensors": os.urandom(big)})
+    name = f"flipped-{operation.lower()}"
+    folder = version_folder(f"s3://{s3_bucket}", "adapter", name, "v1")
+    flipped: list[str] = []
+
+    def flip_one_byte(request: Any, **_: Any) -> None:
+        body = bytearray(request.body.getvalue())  # botocore sends bytes bodies as BytesIO
+        if not flipped and len(body) > 1024:
+            body[1000] ^= 0xFF
+            request.body = io.BytesIO(bytes(body))
+            flipped.append(request.url)
+
+    assert store.data_client.meta.config.s3["payload_signing_enabled"] is False
+    store.data_client.meta.events.register(f"before-send.s3.{operation}", flip_one_byte)
+    with pytest.raises(StoreError, match=r"do not match the sha256 they were sent with"):
+        store.push(src, folder, kind="adapter", name=name, version="v1")
+    assert flipped, "the body was never sent"
+    assert objects_under(store, folder) == []
+    assert store.list_versions(Location(s3_bucket), include_incomplete=True) == []
 
 
 # -- concurrent writers ---------------------------------------------------------------------------------------
@@ -367,7 +397,7 @@ def test_server_stopped_mid_download_fails_clearly_then_resumes(private_s3_serve
         elif attempts["n"] == 6:  # a few chunks in: crash the server while bodies are streaming
             threading.Timer(0.01, lambda: (server.stop(kill=True), stopped.set())).start()
 
-    store.client.meta.events.register("before-send.s3.GetObject", count)
+    store.data_client.meta.events.register("before-send.s3.GetObject", count)
     dest = tmp_path / "dst"
     with pytest.raises(StoreUnavailable, match=r"run the same pull again to resume") as failure:
         store.pull(folder, dest)

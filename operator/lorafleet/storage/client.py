@@ -42,8 +42,13 @@ PRECONDITION_FAILED = {"PreconditionFailed", "412"}
 CONDITIONAL_CONFLICT = {"ConditionalRequestConflict", "409"}
 
 
-def make_client(settings: StoreSettings) -> Any:
-    """An S3 client: path-style (MinIO, Ceph RGW and on-prem DNS need it), standard retries with backoff."""
+def make_client(settings: StoreSettings, *, verified_bodies: bool = False) -> Any:
+    """An S3 client: path-style (MinIO, Ceph RGW and on-prem DNS need it), standard retries with backoff.
+
+    verified_bodies: for requests whose bodies the caller checksums itself (a sha256 sent as
+    x-amz-checksum-sha256, which is signed and checked by the server; downloads checked against the manifest):
+    no SigV4 payload hash and no default CRC32 on top, which would be a second and third pass over every byte.
+    """
     try:
         from lorafleet import __version__ as version
     except ImportError:  # pragma: no cover - the package always defines it
@@ -51,7 +56,9 @@ def make_client(settings: StoreSettings) -> Any:
     config = Config(
         region_name=settings.region,
         signature_version="s3v4",
-        s3={"addressing_style": "path"},
+        s3={"addressing_style": "path", **({"payload_signing_enabled": False} if verified_bodies else {})},
+        request_checksum_calculation="when_required" if verified_bodies else "when_supported",
+        response_checksum_validation="when_required" if verified_bodies else "when_supported",
         # "standard" retries throttling, 5xx and connection errors with exponential backoff and jitter.
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
         connect_timeout=settings.connect_timeout,
@@ -114,6 +121,12 @@ def translate(e: Exception, settings: StoreSettings, bucket: str, key: str | Non
             return AccessDenied(
                 f"access denied to {action} {where} at {endpoint}: the credentials are wrong, or their policy "
                 f"lacks the permission for this bucket/prefix ({message or code})"
+            )
+        if code in ("XAmzContentChecksumMismatch", "BadDigest", "InvalidDigest"):
+            return StoreError(
+                f"{endpoint} received bytes for {where} that do not match the sha256 they were sent with ({code}): "
+                "they were corrupted on the way (network card, proxy) or the file changed while it was read; "
+                f"nothing was stored, {action} again"
             )
         if code in _NOT_FOUND or http_status(e) == 404:
             return ObjectNotFound(f"{where} does not exist at {endpoint} (while trying to {action} it)")

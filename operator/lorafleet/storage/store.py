@@ -3,8 +3,8 @@
 The write protocol (docs/storage.md has the full argument):
 
 1. If ``manifest.json`` exists, hash the local files: the same content is a no-op, other content is refused.
-2. Upload every file under ``<version>/data/<upload-id>/`` (unique per writer; multipart and parallel through
-   boto3's TransferManager) while hashing the files in another thread.
+2. Upload every file under ``<version>/data/<upload-id>/`` (unique per writer; multipart, parts in parallel),
+   each part hashed as it is read and sent with its sha256 as the S3 checksum (the server verifies it).
 3. Create ``<version>/manifest.json`` with ``If-None-Match: *``. That PUT is the commit: exactly one writer
    succeeds; a loser deletes its own upload and gets VersionExists (or a no-op if it uploaded the same content).
 
@@ -18,6 +18,7 @@ place only when its size and sha256 match the manifest.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -34,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
@@ -224,8 +225,13 @@ class ArtifactStore:
         """conditional_writes: None probes the server once per bucket; False forces the weaker fallback."""
         self.settings = settings
         self.client = client or make_client(settings)
+        # File bodies go through a client that leaves their integrity to lorafleet's own sha256s (sent as
+        # x-amz-checksum-sha256 on upload, checked against the manifest on download) instead of hashing every
+        # byte again for the signature and for botocore's default checksums.
+        self.data_client = client or make_client(settings, verified_bodies=True)
         self._conditional: dict[str, bool] = {}
         self._forced_conditional = conditional_writes
+        # What these settings mean to boto3's TransferManager (the storage benchmark's baseline uses it).
         self._transfer_config = TransferConfig(
             multipart_threshold=settings.transfer.multipart_threshold,
             multipart_chunksize=settings.transfer.multipart_chunksize,
@@ -455,35 +461,34 @@ class ArtifactStore:
     def _upload_files(
         self, files: list[LocalFile], folder: VersionFolder, data_prefix: str, on_file: Callable[[str], None] | None
     ) -> list[FileEntry]:
-        """Upload through TransferManager (multipart, parallel) while hashing in a second thread."""
-        extra = self._sse()
-        block_size = self.settings.transfer.block_size
+        """Upload every file (parts in parallel), hashing each byte once per digest it feeds.
+
+        Each part is read once and hashed in its upload thread: the sha256 of its blocks goes into the manifest
+        and, as ``x-amz-checksum-sha256``, to the server, which rejects a part whose bytes do not match. That
+        signed checksum replaces botocore's own payload hash (plain HTTP) and its CRC32, so the manifest's block
+        digests cost no extra pass. The file-wide sha256 of a multi-part file is the one more pass, in a thread
+        of its own, reading from the page cache.
+        """
+        transfer = self.settings.transfer
         with (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-hash") as hasher,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-blocks") as blocks,
+            ThreadPoolExecutor(max_workers=transfer.max_concurrency, thread_name_prefix="lf-put") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-hash") as hasher,
         ):
-            hashes = [hasher.submit(file_entry, f, block_size, blocks) for f in files]
-            # The context manager cancels in-flight parts on any exception (s3transfer 0.17's shutdown(cancel=True)
-            # passes its arguments in the wrong order, so it is not called directly).
+            uploads = [
+                _FileUpload(self, f, folder.bucket, folder.data_key(data_prefix, f.path), pool, hasher) for f in files
+            ]
             try:
-                with create_transfer_manager(self.client, self._transfer_config) as tm:
-                    futures = [
-                        tm.upload(str(f.abspath), folder.bucket, folder.data_key(data_prefix, f.path), extra_args=extra)
-                        for f in files
-                    ]
-                    for f, fut in zip(files, futures, strict=True):
-                        try:
-                            fut.result()
-                        except (ClientError, BotoCoreError, OSError) as e:
-                            key = folder.data_key(data_prefix, f.path)
-                            raise self._err(e, folder.bucket, key, "upload") from e
-                        if on_file:
-                            on_file(f.path)
+                for upload in uploads:
+                    upload.start()
+                entries = []
+                for upload in uploads:
+                    entries.append(upload.finish())
+                    if on_file:
+                        on_file(upload.file.path)
             except BaseException:
-                for h in hashes:
-                    h.cancel()
+                for upload in uploads:
+                    upload.cancel()
                 raise
-            entries = [h.result() for h in hashes]
         for f in files:
             st = f.abspath.stat()
             if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
@@ -596,7 +601,7 @@ class ArtifactStore:
         for attempt in range(1, self.settings.max_attempts + 1):
             hasher = FileHasher(manifest.block_size if entry.blocks else None)
             try:
-                body = self.client.get_object(Bucket=folder.bucket, Key=key)["Body"]
+                body = self.data_client.get_object(Bucket=folder.bucket, Key=key)["Body"]
                 for piece in body.iter_chunks(_STREAM_BLOCK):
                     hasher.update(piece)
                 return (hasher.size, *hasher.result())
@@ -693,6 +698,128 @@ class ArtifactStore:
 
 
 # -- downloads ------------------------------------------------------------------------------------------------
+
+
+class _FileUpload:
+    """One file's upload: a single PUT up to the multipart threshold, else a multipart upload whose parts are
+    whole numbers of manifest blocks (so a part's bytes are hashed once for both its blocks and its checksum)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        file: LocalFile,
+        bucket: str,
+        key: str,
+        pool: ThreadPoolExecutor,
+        hasher: ThreadPoolExecutor,
+    ) -> None:
+        self.store = store
+        self.file = file
+        self.bucket = bucket
+        self.key = key
+        self.pool = pool
+        self.hasher = hasher
+        transfer = store.settings.transfer
+        self.block = transfer.block_size
+        if file.size <= transfer.multipart_threshold:
+            self.part_size = max(file.size, 1)
+        else:  # S3 parts are >= 5 MiB: the smallest multiple of the block size >= the chunk size
+            self.part_size = self.block * max(1, -(-transfer.multipart_chunksize // self.block))
+        self.upload_id: str | None = None
+        self.parts: list[Future[tuple[dict[str, Any], list[str], str]]] = []
+        self.file_hash: Future[str] | None = None
+        self.failed = threading.Event()
+
+    def start(self) -> None:
+        size, part = self.file.size, self.part_size
+        n_parts = max(1, -(-size // part))
+        if n_parts > 1:
+            self.file_hash = self.hasher.submit(_sha256_file, self.file.abspath, self.failed)
+            try:
+                resp = self.store.data_client.create_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="SHA256", **self.store._sse()
+                )
+            except (ClientError, BotoCoreError) as e:
+                raise self.store._err(e, self.bucket, self.key, "upload") from e
+            self.upload_id = resp["UploadId"]
+        for i in range(n_parts):
+            self.parts.append(self.pool.submit(self._send, i, i * part, min(part, size - i * part)))
+
+    def _send(self, i: int, offset: int, length: int) -> tuple[dict[str, Any], list[str], str]:
+        if self.failed.is_set():
+            raise StoreError("cancelled")
+        with open(self.file.abspath, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), length, offset)
+        if len(data) != length:
+            raise StoreError(f"{self.file.abspath} shrank while it was uploaded: push again once it is complete")
+        view = memoryview(data)
+        blocks = [hashlib.sha256(view[a : a + self.block]).digest() for a in range(0, length, self.block)] or [
+            hashlib.sha256(b"").digest()
+        ]
+        whole = blocks[0] if len(blocks) == 1 else hashlib.sha256(data).digest()
+        checksum = base64.b64encode(whole).decode()
+        client = self.store.data_client
+        try:
+            if self.upload_id is None:
+                client.put_object(
+                    Bucket=self.bucket, Key=self.key, Body=data, ChecksumSHA256=checksum, **self.store._sse()
+                )
+                part: dict[str, Any] = {}
+            else:
+                resp = client.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    PartNumber=i + 1,
+                    Body=data,
+                    ChecksumSHA256=checksum,
+                )
+                part = {"PartNumber": i + 1, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
+        except (ClientError, BotoCoreError) as e:
+            self.failed.set()
+            raise self.store._err(e, self.bucket, self.key, "upload") from e
+        return part, [b.hex() for b in blocks], whole.hex()
+
+    def finish(self) -> FileEntry:
+        results = [fut.result() for fut in self.parts]
+        blocks = [b for _, part_blocks, _ in results for b in part_blocks]
+        if self.upload_id is None:
+            sha = results[0][2]
+        else:
+            assert self.file_hash is not None
+            try:
+                self.store.data_client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": [part for part, _, _ in results]},
+                )
+            except (ClientError, BotoCoreError) as e:
+                raise self.store._err(e, self.bucket, self.key, "complete the upload of") from e
+            sha = self.file_hash.result()
+        return FileEntry(
+            path=self.file.path, sha256=sha, size=self.file.size, blocks=blocks if len(blocks) > 1 else None
+        )
+
+    def cancel(self) -> None:
+        """Stop queued parts; the staged upload (parts included) is removed by the caller's cleanup."""
+        self.failed.set()
+        for fut in self.parts:
+            fut.cancel()
+        if self.file_hash is not None:
+            self.file_hash.cancel()
+
+
+def _sha256_file(path: Path, cancelled: threading.Event) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if cancelled.is_set():
+                raise StoreError("cancelled")
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 class _Downloader:
@@ -818,7 +945,9 @@ class _FileJob:
                 if self.dl.failed.is_set():
                     raise StoreError("cancelled")
                 try:
-                    resp = self.dl.store.client.get_object(Bucket=bucket, Key=self.key, Range=f"bytes={pos}-{end - 1}")
+                    resp = self.dl.store.data_client.get_object(
+                        Bucket=bucket, Key=self.key, Range=f"bytes={pos}-{end - 1}"
+                    )
                     for piece in resp["Body"].iter_chunks(_STREAM_BLOCK):
                         if pos + len(piece) > end:
                             raise ChecksumMismatch(f"{self.where} is larger than the manifest says ({self.size} bytes)")
