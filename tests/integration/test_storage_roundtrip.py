@@ -120,6 +120,35 @@ def test_identical_push_is_a_no_op_and_different_content_is_refused(
     assert artifact_store.read_manifest(folder)[1] == first.digest  # nothing was overwritten
 
 
+def test_push_of_an_existing_big_version_stops_its_upload_and_leaves_nothing(
+    s3_bucket: str, store_settings: StoreSettings, tmp_path: Path
+) -> None:
+    """The existence check runs beside the upload: finding the version stops the upload after a few parts,
+    removes them, and the local hashes decide (no-op or VersionExists)."""
+    store = ArtifactStore(
+        store_settings.with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2)
+    )
+    folder = version_folder(f"s3://{s3_bucket}", "model", "big", "r1")
+    files = {"model.safetensors": os.urandom(80 * MiB), "config.json": b"{}"}
+    src = write_tree(tmp_path / "a", files)
+    first = store.push(src, folder, kind="model", name="big", version="r1")
+    parts: list[str] = []
+    store.data_client.meta.events.register("before-send.s3.UploadPart", lambda request, **_: parts.append(request.url))
+
+    again = store.push(src, folder, kind="model", name="big", version="r1")
+    assert not again.created and again.digest == first.digest
+    assert len(parts) < 16, f"{len(parts)} of 16 parts were sent for a version that already existed"
+    assert [v.uploads for v in store.list_versions(Location(s3_bucket))] == [[first.manifest.data_prefix[5:]]]
+    assert store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+    files["model.safetensors"] = os.urandom(80 * MiB)
+    other = write_tree(tmp_path / "b", files)
+    with pytest.raises(VersionExists, match=r"models/big/r1 already exists .*model.safetensors"):
+        store.push(other, folder, kind="model", name="big", version="r1")
+    assert [v.uploads for v in store.list_versions(Location(s3_bucket))] == [[first.manifest.data_prefix[5:]]]
+    assert store.read_manifest(folder)[1] == first.digest
+
+
 def test_pinned_digest_is_enforced(s3_bucket: str, artifact_store: ArtifactStore, tmp_path: Path) -> None:
     folder = version_folder(f"s3://{s3_bucket}", "adapter", "bot", "v1")
     artifact_store.push(write_tree(tmp_path / "a", adapter_files()), folder, kind="adapter", name="bot", version="v1")

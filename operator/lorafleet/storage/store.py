@@ -2,7 +2,8 @@
 
 The write protocol (docs/storage.md has the full argument):
 
-1. If ``manifest.json`` exists, hash the local files: the same content is a no-op, other content is refused.
+1. While step 2 runs, look for ``manifest.json``: if it exists the upload stops and is removed, and the local
+   files' hashes decide: the same content is a no-op, other content is refused.
 2. Upload every file under ``<version>/data/<upload-id>/`` (unique per writer; multipart, parts in parallel),
    each part hashed as it is read and sent with its sha256 as the S3 checksum (the server verifies it).
 3. Create ``<version>/manifest.json`` with ``If-None-Match: *``. That PUT is the commit: exactly one writer
@@ -417,21 +418,32 @@ class ArtifactStore:
                 created_at=now_rfc3339(),
             )
 
-        existing = self._existing(folder)
-        if existing is not None:
-            entries = [file_entry(f, block_size) for f in files]
-            return self._same_or_refuse(folder, manifest_for(entries, existing[0].data_prefix), *existing)
-
-        conditional = self.supports_conditional_writes(folder)
         upload_id = new_upload_id()
         data_prefix = f"{DATA_DIR}/{upload_id}"
-        try:
-            entries = self._upload_files(files, folder, data_prefix, on_file)
-        except BaseException:
-            # Interrupted or failed before the commit: the version stays invisible. Remove what this writer
-            # staged; if even that fails (store down), gc removes it later.
+        # The existence check and the conditional-write probe run while the files upload, so a new version (the
+        # usual case) waits for neither. Finding a version (or failing to look) stops the upload at its next part.
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-check") as checks:
+            existing_check = checks.submit(self._existing, folder)
+            existing_check.add_done_callback(lambda f: stop.set() if f.exception() or f.result() else None)
+            conditional_check = checks.submit(self.supports_conditional_writes, folder)
+            try:
+                entries = self._upload_files(files, folder, data_prefix, on_file, stop)
+                existing = existing_check.result()
+                conditional = conditional_check.result()
+            except BaseException:
+                # Failed, interrupted, or stopped by the check: the version stays invisible. Remove what this
+                # writer staged; if even that fails (store down), gc removes it later.
+                self._cleanup_upload(folder, data_prefix)
+                if not stop.is_set() or not existing_check.done():
+                    raise
+                existing = existing_check.result()  # the check's own error, when it failed, is the one to report
+                if existing is None:
+                    raise
+                entries = [file_entry(f, block_size) for f in files]
+        if existing is not None:
             self._cleanup_upload(folder, data_prefix)
-            raise
+            return self._same_or_refuse(folder, manifest_for(entries, existing[0].data_prefix), *existing)
         manifest = manifest_for(entries, data_prefix)
         body = manifest.canonical_bytes()
         # No cleanup if the commit itself fails: the PUT may have landed with its response lost, and deleting
@@ -459,7 +471,12 @@ class ArtifactStore:
         )
 
     def _upload_files(
-        self, files: list[LocalFile], folder: VersionFolder, data_prefix: str, on_file: Callable[[str], None] | None
+        self,
+        files: list[LocalFile],
+        folder: VersionFolder,
+        data_prefix: str,
+        on_file: Callable[[str], None] | None,
+        stop: threading.Event,
     ) -> list[FileEntry]:
         """Upload every file (parts in parallel), hashing each byte once per digest it feeds.
 
@@ -475,7 +492,8 @@ class ArtifactStore:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-hash") as hasher,
         ):
             uploads = [
-                _FileUpload(self, f, folder.bucket, folder.data_key(data_prefix, f.path), pool, hasher) for f in files
+                _FileUpload(self, f, folder.bucket, folder.data_key(data_prefix, f.path), pool, hasher, stop)
+                for f in files
             ]
             try:
                 for upload in uploads:
@@ -712,6 +730,7 @@ class _FileUpload:
         key: str,
         pool: ThreadPoolExecutor,
         hasher: ThreadPoolExecutor,
+        stop: threading.Event,
     ) -> None:
         self.store = store
         self.file = file
@@ -728,7 +747,7 @@ class _FileUpload:
         self.upload_id: str | None = None
         self.parts: list[Future[tuple[dict[str, Any], list[str], str]]] = []
         self.file_hash: Future[str] | None = None
-        self.failed = threading.Event()
+        self.failed = stop  # shared by the files of one push: any failure stops them all
 
     def start(self) -> None:
         size, part = self.file.size, self.part_size
