@@ -43,6 +43,9 @@ class OperatorSettings(BaseSettings):
         "AWS_SECRET_ACCESS_KEY for the default store.",
     )
     store_insecure_skip_tls_verify: bool = Field(default=False, description="Skip TLS verification (tests).")
+    store_checksum_headers: bool = Field(
+        default=True, description="Send each upload's sha256 as x-amz-checksum-sha256 (false: stores without it)."
+    )
 
     network_policy: bool = Field(default=True, description="Create an egress-restricting NetworkPolicy per workload.")
     egress_cidrs: list[str] = Field(

@@ -149,6 +149,30 @@ def test_push_of_an_existing_big_version_stops_its_upload_and_leaves_nothing(
     assert store.read_manifest(folder)[1] == first.digest
 
 
+def test_round_trip_without_checksum_headers(s3_bucket: str, store_settings: StoreSettings, tmp_path: Path) -> None:
+    """LORAFLEET_STORE_CHECKSUM_HEADERS=false (stores without S3 checksums): no x-amz-checksum-* header is sent,
+    botocore signs the payload hash instead, and the manifest and pull verification are the same."""
+    store = ArtifactStore(
+        replace(store_settings, checksum_headers=False).with_transfer(
+            multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, block_size=MiB
+        )
+    )
+    headers: list[dict[str, Any]] = []
+    for op in ("PutObject", "UploadPart", "CreateMultipartUpload"):
+        store.data_client.meta.events.register(
+            f"before-send.s3.{op}", lambda request, **_: headers.append(dict(request.headers))
+        )
+    files = adapter_files(big=12 * MiB)
+    src = write_tree(tmp_path / "src", files)
+    folder = version_folder(f"s3://{s3_bucket}", "adapter", "plain", "v1")
+    pushed = store.push(src, folder, kind="adapter", name="plain", version="v1")
+    assert len(headers) >= 4  # one multipart file (create + 3 parts) and the small files
+    assert not [h for h in headers if any(k.lower().startswith("x-amz-checksum") for k in h)]
+    assert {h["X-Amz-Content-SHA256"] for h in headers if "X-Amz-Content-SHA256" in h} - {b"UNSIGNED-PAYLOAD"}
+    store.pull(folder, tmp_path / "dst", digest=pushed.digest)
+    assert read_tree(tmp_path / "dst") == files
+
+
 def test_pinned_digest_is_enforced(s3_bucket: str, artifact_store: ArtifactStore, tmp_path: Path) -> None:
     folder = version_folder(f"s3://{s3_bucket}", "adapter", "bot", "v1")
     artifact_store.push(write_tree(tmp_path / "a", adapter_files()), folder, kind="adapter", name="bot", version="v1")

@@ -160,3 +160,10 @@ replace (
         "github.com/x/y => github.com/x/y v1.2.3",
     ]
     assert replace_directives("module x\n\nrequire y v1\n") == []
+
+
+def test_checksum_headers_default_on_and_typos_refused() -> None:
+    assert StoreSettings.from_env({}).checksum_headers is True
+    assert StoreSettings.from_env({"LORAFLEET_STORE_CHECKSUM_HEADERS": "false"}).checksum_headers is False
+    with pytest.raises(StoreError, match="LORAFLEET_STORE_CHECKSUM_HEADERS='flase' is not a boolean"):
+        StoreSettings.from_env({"LORAFLEET_STORE_CHECKSUM_HEADERS": "flase"})

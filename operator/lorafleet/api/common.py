@@ -91,6 +91,11 @@ class ObjectStore(ApiModel):
     server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
         default=None, description="Server-side encryption to request on upload."
     )
+    checksum_headers: bool = Field(
+        default=True,
+        description="Send each uploaded body's sha256 as x-amz-checksum-sha256, checked by the store (AWS, MinIO, "
+        "Ceph RGW since Reef). Set false for stores that reject S3 checksum headers.",
+    )
 
 
 class Toleration(ApiModel):

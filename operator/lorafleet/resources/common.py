@@ -124,6 +124,8 @@ def store_env(store: ObjectStore | None, prefix: str = "LORAFLEET_STORE") -> lis
         env.append({"name": f"{prefix}_INSECURE_SKIP_TLS_VERIFY", "value": "true"})
     if store.server_side_encryption:
         env.append({"name": f"{prefix}_SSE", "value": store.server_side_encryption})
+    if not store.checksum_headers:
+        env.append({"name": f"{prefix}_CHECKSUM_HEADERS", "value": "false"})
     if store.credentials_secret_ref is not None:
         env.extend(credentials_env(store.credentials_secret_ref))
     return env

@@ -24,6 +24,7 @@ def default_store(settings: OperatorSettings) -> ObjectStore | None:
         region=settings.store_region,
         credentials_secret_ref=creds,
         insecure_skip_tls_verify=settings.store_insecure_skip_tls_verify,
+        checksum_headers=settings.store_checksum_headers,
     )
 
 

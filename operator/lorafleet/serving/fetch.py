@@ -51,6 +51,7 @@ class StoreFetcher:
                 region=want.store.region,
                 insecure_skip_tls_verify=want.store.insecure_skip_tls_verify,
                 sse=want.store.server_side_encryption,
+                checksum_headers=want.store.checksum_headers,
             )
         key = f"{settings.endpoint}|{settings.region}|{settings.insecure_skip_tls_verify}"
         if key not in self._stores:

@@ -53,10 +53,11 @@ def make_client(settings: StoreSettings, *, verified_bodies: bool = False) -> An
         from lorafleet import __version__ as version
     except ImportError:  # pragma: no cover - the package always defines it
         version = "unknown"
+    own_checksums = verified_bodies and settings.checksum_headers
     config = Config(
         region_name=settings.region,
         signature_version="s3v4",
-        s3={"addressing_style": "path", **({"payload_signing_enabled": False} if verified_bodies else {})},
+        s3={"addressing_style": "path", **({"payload_signing_enabled": False} if own_checksums else {})},
         request_checksum_calculation="when_required" if verified_bodies else "when_supported",
         response_checksum_validation="when_required" if verified_bodies else "when_supported",
         # "standard" retries throttling, 5xx and connection errors with exponential backoff and jitter.

@@ -34,8 +34,10 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     value = env.get(name, "").strip().lower()
+    if not value:
+        return default
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -67,6 +69,9 @@ class StoreSettings:
     insecure_skip_tls_verify: bool = False
     sse: SSE | None = None
     max_attempts: int = 5
+    # Send each body's sha256 as x-amz-checksum-sha256 (AWS, MinIO, Ceph RGW since Reef). false: for stores that
+    # reject S3 checksum headers; botocore then signs the payload hash as usual (one more pass over the bytes).
+    checksum_headers: bool = True
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
@@ -94,6 +99,7 @@ class StoreSettings:
             insecure_skip_tls_verify=_flag(env, "LORAFLEET_STORE_INSECURE_SKIP_TLS_VERIFY"),
             sse=sse,  # type: ignore[arg-type]
             max_attempts=int(attempts),
+            checksum_headers=_flag(env, "LORAFLEET_STORE_CHECKSUM_HEADERS", default=True),
         )
 
     @classmethod
@@ -113,6 +119,7 @@ class StoreSettings:
             ca_bundle=ca_bundle,
             insecure_skip_tls_verify=store.insecure_skip_tls_verify,
             sse=store.server_side_encryption,
+            checksum_headers=store.checksum_headers,
         )
 
     def with_transfer(self, **changes: int) -> StoreSettings:

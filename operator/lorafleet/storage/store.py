@@ -755,8 +755,9 @@ class _FileUpload:
         if n_parts > 1:
             self.file_hash = self.hasher.submit(_sha256_file, self.file.abspath, self.failed)
             try:
+                algorithm = {"ChecksumAlgorithm": "SHA256"} if self.store.settings.checksum_headers else {}
                 resp = self.store.data_client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="SHA256", **self.store._sse()
+                    Bucket=self.bucket, Key=self.key, **algorithm, **self.store._sse()
                 )
             except (ClientError, BotoCoreError) as e:
                 raise self.store._err(e, self.bucket, self.key, "upload") from e
@@ -777,12 +778,11 @@ class _FileUpload:
         ]
         whole = blocks[0] if len(blocks) == 1 else hashlib.sha256(data).digest()
         checksum = base64.b64encode(whole).decode()
+        sent = {"ChecksumSHA256": checksum} if self.store.settings.checksum_headers else {}
         client = self.store.data_client
         try:
             if self.upload_id is None:
-                client.put_object(
-                    Bucket=self.bucket, Key=self.key, Body=data, ChecksumSHA256=checksum, **self.store._sse()
-                )
+                client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **sent, **self.store._sse())
                 part: dict[str, Any] = {}
             else:
                 resp = client.upload_part(
@@ -791,9 +791,9 @@ class _FileUpload:
                     UploadId=self.upload_id,
                     PartNumber=i + 1,
                     Body=data,
-                    ChecksumSHA256=checksum,
+                    **sent,
                 )
-                part = {"PartNumber": i + 1, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
+                part = {"PartNumber": i + 1, "ETag": resp["ETag"], **sent}
         except (ClientError, BotoCoreError) as e:
             self.failed.set()
             raise self.store._err(e, self.bucket, self.key, "upload") from e
