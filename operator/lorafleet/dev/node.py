@@ -70,6 +70,7 @@ from typing import Any
 
 import yaml
 
+from lorafleet.dev import netpol
 from lorafleet.dev.build import KUBERNETES_VERSION, NODE_COMPONENTS, Builder, BuildError, cache_dir
 from lorafleet.dev.cluster import (
     DEFAULT_NAME,
@@ -656,6 +657,8 @@ class LocalNode:
     def build(self) -> dict[str, Path]:
         bins = build_binaries(self.builder)
         bins.update(self.cluster.binaries())
+        if netpol.enabled():
+            bins["kube-router"] = netpol.build(self.builder)
         return bins
 
     # -- up -------------------------------------------------------------------------------------------
@@ -667,6 +670,7 @@ class LocalNode:
             self.check_owner(st)
             if st and self.is_up(st):
                 self.log(f"node {NODE_NAME!r} already up in cluster {self.cluster.name!r}")
+                self._netpol_up()
                 return False
             if self.dir.exists():
                 self.log(f"cleaning up leftovers of a previous run in {self.dir}")
@@ -685,7 +689,18 @@ class LocalNode:
                 self._down()
                 raise
             self.log(f"node {NODE_NAME!r} Ready in {time.monotonic() - t0:.1f}s (binaries {t_bins:.1f}s)")
+            self._netpol_up()
             return True
+
+    def _netpol_up(self) -> None:
+        """The NetworkPolicy engine (lorafleet.dev.netpol), unless LORAFLEET_NODE_NETPOL=off. Optional: if it
+        cannot start, the node stays up without it (`status` shows it)."""
+        if not netpol.enabled():
+            return
+        try:
+            netpol.start_for(self)
+        except (netpol.NetpolError, BuildError, NodeError, subprocess.SubprocessError) as e:
+            self.log(f"NetworkPolicy engine not running: {e}")
 
     def _start(self, bins: dict[str, Path], deadline: float, taint: bool) -> None:
         cst = self.cluster.state()
@@ -1161,6 +1176,8 @@ class LocalNode:
         if st is None and not self.dir.exists():
             return
         procs = st.processes if st else {}
+        if (self.dir / "netpol").exists():
+            netpol.engine_for(self).stop(grace)
         if "kubelet" in procs and self.alive(procs["kubelet"]):
             self._drain()
         for name in ("kubelet", "kube-proxy", "coredns", "apiserver-proxy"):
@@ -1221,6 +1238,7 @@ class LocalNode:
             "containerd": CONTAINERD_SOCK + (" (not started by us)" if st.foreign_containerd else ""),
             "images": [PAUSE_IMAGE, BUSYBOX_IMAGE],
             "taint": f"{TAINT_KEY}=true:NoSchedule" if st.taint else None,
+            "netpol": netpol.engine_for(self).status(),
             "processes": {
                 n: {"pid": p.pid, "alive": self.alive(p), "healthy": self.alive(p) and self.healthy(p), "log": p.log}
                 for n, p in st.processes.items()
