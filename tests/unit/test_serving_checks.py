@@ -185,3 +185,12 @@ def test_engine_errors_map_to_the_same_reasons(message: str, reason: str) -> Non
 def test_transient_reasons_are_not_permanent() -> None:
     for reason in (Reason.CHECKSUM_MISMATCH, Reason.NOT_FOUND, Reason.LOAD_FAILED, Reason.STORE_UNAVAILABLE):
         assert reason not in PERMANENT
+
+
+def test_full_module_paths_are_checked_by_their_last_part_as_vllm_does() -> None:
+    """peft writes full paths when it expands all-linear (what lorafleet's trainer saved for the tiny Llama)."""
+    full = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    assert check_adapter_config("a", lora(target_modules=full), 16, LLAMA) is None
+    refusal = check_adapter_config("a", lora(target_modules=[*full, "model.lm_head"]), 16, LLAMA)
+    assert refusal is not None and refusal.reason == Reason.UNSUPPORTED_TARGET_MODULES
+    assert "model.lm_head" in refusal.message and "q_proj" not in refusal.message.split("supported")[0]

@@ -220,7 +220,9 @@ def check_adapter_config(
         allowed = set(target_modules)
         wanted = config.get("target_modules")
         if isinstance(wanted, list):
-            bad = sorted({str(m) for m in wanted} - allowed)
+            # As vLLM does (vllm/lora/lora_model.py), the layer is the name's last part: peft writes full module
+            # paths (model.layers.0.mlp.down_proj) when it expands all-linear on some models.
+            bad = sorted({str(m) for m in wanted if str(m).rsplit(".", 1)[-1] not in allowed})
             if bad:
                 return Refusal(
                     Reason.UNSUPPORTED_TARGET_MODULES,
