@@ -9,11 +9,13 @@ same optimizer (AdamW, fused), schedule, clipping and batch size:
 1. steps/s: lorafleet.trainer (padded batches, as without packing; logging every 10 steps, the API's default)
    against a plain loop (padded batches, a torch DataLoader, loss.backward, optimizer.step); the final losses
    (mean of the last 10 steps) must agree. Target >= 1.0x.
-2. useful tokens/s (non-padding tokens) on a mixed-length dataset: lorafleet.trainer with packing (padding-free:
-   DataCollatorWithFlattening) against the same plain padded loop. Target >= 1.5x.
+2. useful tokens/s (non-padding tokens) on a mixed-length dataset: lorafleet.trainer with packing (on CPU batches
+   of samples of similar length; flattened rows where flash-attention is installed) against the same plain padded
+   loop. Target >= 1.5x.
 
-Both are timed from the end of their first step to the end of their last (no setup, no warm-up step, not our
-final checkpoint), on --threads torch threads (default 1: on a shared 2-core machine two OpenMP threads stall
+Both are timed from the end of their first step to the end of their last (ours: of its last logged step; no
+setup, no warm-up step, not our final checkpoint), as steps (or useful tokens) per second of wall time and of this
+process's CPU time, on --threads torch threads (default 1: on a shared 2-core machine two OpenMP threads stall
 each other whenever another process runs). Runs alternate (ours then plain, plain then ours, ...) and the best of
 --repeats is reported (medians too), because the machines this runs on are shared.
 """
