@@ -191,3 +191,16 @@ def test_resync_matches_namespace_patterns_like_kopf() -> None:
     assert not _watched("other", ["team-*"])
     assert not _watched("team-secret", ["team-*", "!team-secret"])
     assert _watched("ml", ["ml", "team-*"])
+
+
+def test_finetunejob_pins_the_base_models_verified_digest() -> None:
+    """The fetch refuses any other version and the trainer records the digest in the adapter's lineage."""
+    digest = "sha256:" + "a" * 64
+    base = objects.ready(objects.base_model(), digest=digest)
+    children, error = ftj_controller.plan(objects.fine_tune_job(), base, SETTINGS)
+    assert error is None
+    job = next(c for c in children if c["kind"] == "Job")
+    fetch = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-base-model")
+    assert fetch["command"][-2:] == ["--digest", digest]
+    config_map = next(c for c in children if c["kind"] == "ConfigMap")
+    assert json.loads(config_map["data"]["trainer.json"])["baseModel"]["digest"] == digest

@@ -349,6 +349,11 @@ def desired_children(ftj: Obj, base_model: Obj | None, settings: OperatorSetting
             f"BaseModel {spec.base_model_ref.name!r} does not exist in this namespace; the job starts once it does",
         )
     base = BaseModelSpec.model_validate(base_model["spec"])
+    verified = (base_model.get("status") or {}).get("digest")
+    if verified and not base.source.digest:
+        # Train on exactly the version the BaseModel verified (the fetch refuses any other), and record that
+        # digest in the adapter's lineage.
+        base = base.model_copy(update={"source": base.source.model_copy(update={"digest": verified})})
     config = trainer_config(ftj, spec, base_model["metadata"]["name"], base, settings)
     children = [build_config_map(ftj, config), *build_progress_rbac(ftj)]
     if is_distributed(spec):
