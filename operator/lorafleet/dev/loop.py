@@ -181,14 +181,14 @@ class Resources:
 
     def set_adapters(self, adapters: list[dict[str, Any]]) -> None:
         """Replace the AdapterDeployment's adapter list (a JSON merge patch replaces lists whole)."""
-        self.custom.api_client.call_api(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/adapterdeployments/{DEPLOYMENT_NAME}",
-            "PATCH",
-            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
-            body={"spec": {"adapters": adapters}},
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.namespace,
+            "adapterdeployments",
+            DEPLOYMENT_NAME,
+            {"spec": {"adapters": adapters}},
+            _content_type="application/merge-patch+json",
         )
 
 
