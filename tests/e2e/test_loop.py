@@ -19,7 +19,7 @@ from kubernetes import client
 from lorafleet.dev import loop
 from lorafleet.dev.operator import OperatorProcess, install_crds
 from lorafleet.dev.s3server import S3Server
-from lorafleet.storage import ArtifactStore, VersionFolder
+from lorafleet.storage import ArtifactStore, BaseModelRef, VersionFolder
 from tests.e2e.conftest import NodeHandle
 
 pytestmark = pytest.mark.e2e
@@ -159,6 +159,7 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
         kind="adapter",
         name="extra",
         version="v1",
+        base_model=BaseModelRef(name=loop.BASE_MODEL_NAME, uri=loop.MODEL_URI, digest=world["model_digest"]),
     )
     both = [
         {"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}},
