@@ -1,11 +1,14 @@
 """The whole loop on the real node, as ``lorafleet demo`` runs it (lorafleet.dev.loop): a FineTuneJob trains a
 LoRA in a pod, the adapter lands in MinIO with its manifest, an AdapterDeployment's vLLM (the vllm-cpu image)
 serves the base model and the adapter through the Service, and adapters are added and removed without
-restarting the pod. Also: a trainer pod deleted mid-run is replaced and training resumes from its checkpoint.
+restarting the pod. The operator runs as a pod, installed with the Helm chart, and the NetworkPolicies it
+creates are enforced (kube-router). Also: a trainer pod deleted mid-run is replaced and resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 import time
@@ -17,7 +20,7 @@ import pytest
 from kubernetes import client
 
 from lorafleet.dev import loop
-from lorafleet.dev.operator import OperatorProcess, install_crds
+from lorafleet.dev.operator import install_crds
 from lorafleet.dev.s3server import S3Server
 from lorafleet.storage import ArtifactStore, BaseModelRef, VersionFolder
 from tests.e2e.conftest import NodeHandle
@@ -28,24 +31,21 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def world(node: NodeHandle, namespace: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """MinIO on the node's address with the tiny model and the dataset, the store Secret, and the operator
-    (a subprocess on this machine, watching only this test's namespace)."""
+    installed with the Helm chart: a pod on the real node watching only this test's namespace, NetworkPolicies
+    on (kube-router enforces them on this node)."""
+    loop.ensure_images()
     server = S3Server(tmp_path / "minio" / "data", host=node.ip)
     server.start()
-    op: OperatorProcess | None = None
+    op: loop.ChartOperator | None = None
     try:
         model_digest = loop.seed_store(server, tmp_path)
         install_crds(node.cluster)
         loop.store_secret(node.cluster.core, namespace, server)
-        env = {
-            **server.env(),
-            "LORAFLEET_STORE_URI": loop.ADAPTER_ROOT,
-            "LORAFLEET_STORE_CREDENTIALS_SECRET": loop.STORE_SECRET,
-            "LORAFLEET_NETWORK_POLICY": "false",
-            "LORAFLEET_RESYNC_SECONDS": "3",
-            "LORAFLEET_NAMESPACES": json.dumps([namespace]),
-        }
-        op = OperatorProcess(node.cluster.kubeconfig, tmp_path / "operator.log", env)
-        op.start()
+        release = "lf-" + hashlib.sha256(namespace.encode()).hexdigest()[:8]
+        op = loop.ChartOperator(
+            node.cluster.kubeconfig, node.cluster.api_client, namespace, server, release, tmp_path / "helm"
+        )
+        op.install()
         yield {
             "server": server,
             "operator": op,
@@ -55,11 +55,12 @@ def world(node: NodeHandle, namespace: str, tmp_path: Path) -> Iterator[dict[str
         }
     finally:
         if op is not None:
-            op.stop()
+            with contextlib.suppress(Exception):
+                op.uninstall()
         server.remove()
 
 
-def _debug(node: NodeHandle, namespace: str, op: OperatorProcess) -> str:
+def _debug(node: NodeHandle, namespace: str, op: loop.ChartOperator) -> str:
     """Pods, their descriptions and every container's log: what to read when the loop does not finish."""
     out = []
     for args in (("get", "pods,jobs,deploy", "-n", namespace, "-o", "wide"), ("describe", "pods", "-n", namespace)):
@@ -96,7 +97,7 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
     node: NodeHandle, namespace: str, world: dict[str, Any]
 ) -> None:
     res: loop.Resources = world["res"]
-    op: OperatorProcess = world["operator"]
+    op: loop.ChartOperator = world["operator"]
     core = node.cluster.core
     res.create(loop.base_model(namespace))
     res.create(loop.fine_tune_job(namespace))
@@ -223,7 +224,7 @@ def test_trainer_pod_deleted_mid_run_resumes_from_its_checkpoint(
     node: NodeHandle, namespace: str, world: dict[str, Any]
 ) -> None:
     res: loop.Resources = world["res"]
-    op: OperatorProcess = world["operator"]
+    op: loop.ChartOperator = world["operator"]
     core = node.cluster.core
     interval, steps = 25, 400
     res.create(loop.base_model(namespace))

@@ -305,3 +305,120 @@ def serving_pods(core: client.CoreV1Api, namespace: str) -> list[client.V1Pod]:
 def restarts(pod: client.V1Pod) -> dict[str, int]:
     status: Any = pod.status
     return {cs.name: cs.restart_count for cs in status.container_statuses or []}
+
+
+# -- images and the operator as a pod ----------------------------------------------------------------------------
+
+LOOP_IMAGES = ("operator", "trainer-cpu", "vllm-cpu")
+CHART = Path(__file__).resolve().parents[3] / "charts" / "lorafleet"
+
+
+def ensure_images(log: Callable[[str], None] = print) -> dict[str, float]:
+    """Build lorafleet's images without Docker (cached layers: seconds when nothing changed) and import into
+    containerd those whose digest it does not hold yet. Returns seconds per image."""
+    import subprocess
+
+    from lorafleet.dev import images
+
+    seconds: dict[str, float] = {}
+    listed = subprocess.run(
+        ["ctr", "-n", images.CTR_NAMESPACE, "images", "ls"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in LOOP_IMAGES:
+        t0 = time.monotonic()
+        built = images.build(name, log=log)
+        if not any(built.ref in line and built.manifest_digest in line for line in listed.splitlines()):
+            log(f"importing {built.ref} into containerd")
+            images.import_image(built, log=log)
+        seconds[name] = time.monotonic() - t0
+    return seconds
+
+
+def _set_args(values: dict[str, Any]) -> list[str]:
+    return [arg for key, value in values.items() for arg in ("--set-json", f"{key}={json.dumps(value)}")]
+
+
+@dataclass
+class ChartOperator:
+    """The operator installed with the Helm chart, running as a pod on the real node, watching one namespace."""
+
+    kubeconfig: Path
+    api_client: client.ApiClient
+    namespace: str
+    server: S3Server
+    release: str = "lorafleet"
+    home: Path = field(default_factory=lambda: Path("/tmp/lorafleet-loop-helm"))
+
+    def values(self) -> dict[str, Any]:
+        from lorafleet.dev.node import NODE_IP
+
+        placement = real_node_placement()
+        return {
+            "watchNamespaces": [self.namespace],
+            "artifactStore": {
+                "endpoint": self.server.endpoint,
+                "uri": ADAPTER_ROOT,
+                "credentialsSecret": STORE_SECRET,
+            },
+            # Enforced on the real node (kube-router): workloads may reach the store and the API server, both
+            # behind the node's address, and nothing else.
+            "networkPolicy": {"enabled": True, "egressCIDRs": [f"{NODE_IP}/32"]},
+            "operator": {"resyncSeconds": 5, "logFormat": "text"},
+            "nodeSelector": placement["nodeSelector"],
+            "tolerations": placement["tolerations"],
+        }
+
+    def helm(self, *args: str, timeout: float = 300) -> str:
+        import os
+        import subprocess
+
+        from lorafleet.dev.build import Builder
+
+        binary = Builder(log=lambda _: None).ensure(["helm"])["helm"]
+        env = {**os.environ, **{f"HELM_{k}_HOME": str(self.home / k.lower()) for k in ("CONFIG", "CACHE", "DATA")}}
+        proc = subprocess.run(
+            [str(binary), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def install(self) -> None:
+        self.helm(
+            "upgrade", "--install", self.release, str(CHART), "-n", self.namespace, "--wait", "--timeout", "240s",
+            *_set_args(self.values()),
+        )  # fmt: skip
+
+    def uninstall(self) -> None:
+        self.helm("uninstall", self.release, "-n", self.namespace, "--ignore-not-found", "--wait", "--timeout", "90s")
+
+    def pods(self) -> list[client.V1Pod]:
+        selector = "app.kubernetes.io/component=operator"
+        return list(
+            client.CoreV1Api(self.api_client).list_namespaced_pod(self.namespace, label_selector=selector).items
+        )
+
+    def alive(self) -> bool:
+        """Running and never restarted (a restart is a crash worth reporting)."""
+        pods = self.pods()
+        return bool(pods) and all(
+            p.status is not None
+            and p.status.phase == "Running"
+            and all(cs.restart_count == 0 for cs in p.status.container_statuses or [])
+            for p in pods
+        )
+
+    def log_tail(self, lines: int = 60) -> str:
+        core = client.CoreV1Api(self.api_client)
+        out = []
+        for pod in self.pods():
+            name = str(pod.metadata.name if pod.metadata else "")
+            try:
+                out.append(core.read_namespaced_pod_log(name, self.namespace, tail_lines=lines))
+            except client.ApiException as e:
+                out.append(f"(no log of {name}: {e.reason})")
+        return "\n".join(out) or "(no operator pod)"
