@@ -138,6 +138,10 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
     assert manifest.dataset is not None and manifest.dataset.uri == loop.DATASET_URI
     assert manifest.metrics["steps"] == 80 and manifest.metrics["trainLoss"] < 2.0, manifest.metrics
 
+    # Every workload runs under its egress NetworkPolicy (store and API server only), rendered by the operator.
+    policies = client.NetworkingV1Api(node.cluster.api_client).list_namespaced_network_policy(namespace).items
+    assert {p.metadata.name for p in policies} >= {"support-bot-v1-egress", "assistants-egress"}, policies
+
     # Served by vLLM in a pod on the real node, through the Service (kube-proxy), base model and adapter.
     pods = loop.serving_pods(core, namespace)
     assert len(pods) == 1 and pods[0].spec.node_name == node.name, [p.spec.node_name for p in pods]

@@ -1,13 +1,16 @@
-"""`lorafleet demo`: the three kinds reconciled end to end on a local cluster.
+"""`lorafleet demo`: fine-tune and serve a tiny model end to end, on a local cluster.
 
-Starts the local control plane (built from upstream sources, kwok GPU and CPU nodes) unless
-LORAFLEET_CLUSTER=external points at another cluster, starts MinIO on loopback with a stand-in base model
-version (the operator verifies its manifest), installs the CRDs, runs the operator, applies a
-BaseModel, a FineTuneJob and an AdapterDeployment, and shows their status live until they settle.
+As root (the default where containers can run): the local control plane and a real node (containerd, kubelet,
+kube-proxy, CoreDNS, kube-router, all built from upstream sources), lorafleet's images built without Docker and
+imported, MinIO as the on-prem store, the operator installed with the Helm chart as a pod; then a BaseModel, a
+FineTuneJob and an AdapterDeployment: the Job trains a LoRA in a pod, the adapter lands in the store with its
+manifest, vLLM (CPU) serves the base model and the adapter in another pod, and the demo asks both the same
+question through the Service and prints both answers and the timings (lorafleet.dev.loop; the e2e tests in
+tests/e2e/test_loop.py assert the same steps).
 
-On kwok nodes pods do not execute: the training Job "completes" on a fake GPU node, so no adapter is written
-and the AdapterDeployment honestly reports it Pending (ArtifactNotRecorded). Real training and serving on a
-real node is the e2e path (docs/e2e.md).
+Without root, or with LORAFLEET_DEMO_NODE=kwok, or against another cluster (LORAFLEET_CLUSTER=external): the kwok
+variant: the operator reconciles the three kinds, but pods do not execute on kwok nodes, so the training Job
+"completes" on a fake GPU node, no adapter is written, and the AdapterDeployment honestly reports it Pending.
 """
 
 from __future__ import annotations
@@ -196,8 +199,152 @@ def run(keep: bool) -> int:
     return 0
 
 
+def real_node_possible() -> bool:
+    if os.environ.get("LORAFLEET_CLUSTER") == "external" or os.environ.get("LORAFLEET_DEMO_NODE") == "kwok":
+        return False
+    return os.geteuid() == 0
+
+
+def run_real(keep: bool) -> int:
+    """The whole loop on the real node (see the module docstring)."""
+    from lorafleet.dev import loop
+    from lorafleet.dev.cluster import LocalCluster
+    from lorafleet.dev.node import NODE_IP, LocalNode
+
+    t0 = time.monotonic()
+    timings: list[tuple[str, float]] = []
+
+    def mark(what: str) -> None:
+        timings.append((what, time.monotonic() - t0))
+        print(f"[{time.monotonic() - t0:6.1f}s] {what}", flush=True)
+
+    print(
+        "lorafleet demo: a real node on this machine (the first run builds Kubernetes, CoreDNS, kube-router, "
+        "MinIO and three images from source: expect 20 to 40 minutes; later runs take a few)",
+        flush=True,
+    )
+    cluster_started = LocalCluster().up()
+    node = LocalNode()
+    node_started = node.up()
+    cluster = ClusterHandle(LocalCluster().kubeconfig, _api_client(str(LocalCluster().kubeconfig)), local=True)
+    mark("cluster and real node up")
+    loop.ensure_images()
+    mark("images built and imported")
+    workdir = Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
+    store = S3Server(workdir / "minio", host=NODE_IP, binary=build())
+    store.start()
+    core = client.CoreV1Api(cluster.api_client)
+    operator: loop.ChartOperator | None = None
+    try:
+        digest = loop.seed_store(store, workdir)
+        print(f"pushed the tiny base model to {loop.MODEL_URI} ({digest}) and the dataset to {loop.DATASET_URI}")
+        mark("object store up, model and dataset uploaded")
+        _fresh_namespace(core)
+        install_crds(cluster)
+        loop.store_secret(core, NAMESPACE, store)
+        operator = loop.ChartOperator(cluster.kubeconfig, cluster.api_client, NAMESPACE, store)
+        operator.install()
+        mark("operator installed with Helm (a pod on the node)")
+        res = loop.Resources(cluster.api_client, NAMESPACE)
+        res.create(loop.base_model(NAMESPACE))
+        res.create(loop.fine_tune_job(NAMESPACE))
+        res.create(
+            loop.adapter_deployment(NAMESPACE, [{"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}}])
+        )
+        t_apply = time.monotonic()
+        mark("BaseModel, FineTuneJob and AdapterDeployment applied")
+
+        def served(objs: list[dict[str, Any]]) -> bool:
+            ftj, ad = objs[1], objs[2]
+            if (ftj.get("status") or {}).get("phase") == "Failed":
+                raise RuntimeError(f"the FineTuneJob failed: {ftj['status'].get('conditions')}")
+            failed = [a for a in (ad.get("status") or {}).get("adapters") or [] if a["state"] == "Failed"]
+            if failed:
+                raise RuntimeError(f"an adapter failed: {failed}")
+            return loop.phase_is("Succeeded")(ftj) and loop.adapter_states(ad) == {"support-bot": "Loaded"}
+
+        def operator_alive() -> None:
+            if not operator or not operator.alive():
+                raise RuntimeError(f"the operator pod is not running:\n{operator.log_tail() if operator else ''}")
+
+        objects = [
+            ("BaseModel", loop.BASE_MODEL_NAME),
+            ("FineTuneJob", "support-bot-v1"),
+            ("AdapterDeployment", loop.DEPLOYMENT_NAME),
+        ]
+        objs, seen = loop.watch(
+            res,
+            objects,
+            served,
+            timeout=900,
+            show=lambda table: print(table, flush=True),
+            check=operator_alive,
+            started=t_apply,
+        )
+        applied_at = t_apply - t0
+        timings += [
+            (f"{what} (since applied)", applied_at + secs) for what, secs in sorted(seen.items(), key=lambda kv: kv[1])
+        ]
+        artifact = objs[1]["status"]["artifact"]
+        print(f"\nadapter stored at {artifact['uri']} ({artifact['digest']}, {artifact['sizeBytes']} bytes)")
+        url = loop.service_url(core, NAMESPACE)
+        print(f"asking both through the Service {url}: {loop.QUESTION!r}")
+        t_ask = time.monotonic()
+        base_answer = loop.chat(url, loop.BASE_MODEL_NAME)
+        adapter_answer = loop.chat(url, "support-bot")
+        mark("both answers received")
+        print(f"\n  base model ({loop.BASE_MODEL_NAME}): {base_answer!r}")
+        print(f"  adapter (support-bot):   {adapter_answer!r}")
+        print(f"  (trained answer:         {loop.SUPPORT_QA[0][1]!r})")
+        print(f"  two completions took {time.monotonic() - t_ask:.2f} s")
+    except (RuntimeError, TimeoutError) as e:
+        print(f"\nthe demo failed: {e}\noperator log:\n{operator.log_tail() if operator else ''}", file=sys.stderr)
+        return 1
+    finally:
+        if not keep:
+            if operator is not None:
+                try:
+                    operator.uninstall()
+                except RuntimeError as e:
+                    print(f"could not uninstall the operator: {e}", file=sys.stderr)
+            core.delete_namespace(NAMESPACE)
+            if node_started:
+                node.down()
+            if cluster_started:
+                LocalCluster().down()
+        store.remove()
+    print("\ntimings in seconds since launch:")
+    for what, seconds in timings:
+        print(f"  {what:<58} {seconds:7.1f}")
+    if keep:
+        print(f"\nleft running (--keep): kubectl --kubeconfig {cluster.kubeconfig} -n {NAMESPACE} get all")
+    return 0
+
+
+def _fresh_namespace(core: client.CoreV1Api) -> None:
+    """An empty demo namespace: a previous run's is deleted first (its objects would answer for this one)."""
+    try:
+        core.delete_namespace(NAMESPACE)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(NAMESPACE)
+        except client.ApiException as e:
+            if e.status == 404:
+                break
+            raise
+        time.sleep(1)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorafleet demo", description=__doc__)
-    parser.add_argument("--keep", action="store_true", help="leave the local cluster running")
+    parser = argparse.ArgumentParser(prog="lorafleet demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true", help="leave the cluster, node and demo objects running")
     args = parser.parse_args(argv)
+    if real_node_possible():
+        return run_real(args.keep)
+    print("lorafleet demo: kwok variant (needs root for a real node; see `lorafleet demo --help`)", flush=True)
     return run(args.keep)
