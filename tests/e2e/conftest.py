@@ -48,6 +48,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         try:
             LocalNode().build()
+            # lorafleet's images (minutes on a fresh machine); the node fixture imports them into containerd.
+            from lorafleet.dev import images
+            from lorafleet.dev.loop import LOOP_IMAGES
+
+            for name in LOOP_IMAGES:
+                images.build(name)
         except Exception as e:  # reported by the node fixture, as a failure
             _build_errors.append(str(e))
 
@@ -144,6 +150,9 @@ def node(cluster: ClusterHandle) -> Iterator[NodeHandle]:  # noqa: F811  (the im
         if _build_errors:
             raise RuntimeError(_build_errors[0])
         started = local.up()
+        from lorafleet.dev.loop import ensure_images
+
+        ensure_images()  # imports what containerd does not hold yet; pods never pull
     except Exception as e:  # not root, packages missing, a component that did not start
         pytest.fail(
             f"could not start the real node: {e}\n"

@@ -282,9 +282,7 @@ def run_real(keep: bool) -> int:
             started=t_apply,
         )
         applied_at = t_apply - t0
-        timings += [
-            (f"{what} (since applied)", applied_at + secs) for what, secs in sorted(seen.items(), key=lambda kv: kv[1])
-        ]
+        timings += [(what, applied_at + secs) for what, secs in sorted(seen.items(), key=lambda kv: kv[1])]
         artifact = objs[1]["status"]["artifact"]
         print(f"\nadapter stored at {artifact['uri']} ({artifact['digest']}, {artifact['sizeBytes']} bytes)")
         url = loop.service_url(core, NAMESPACE)
