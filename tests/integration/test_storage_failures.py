@@ -117,13 +117,15 @@ def test_corrupted_object_is_detected_by_pull_and_verify(
 
 PUSH_SLOWLY = """
 import sys
+import time
 from pathlib import Path
 from lorafleet.storage import ArtifactStore, StoreSettings, VersionFolder
 from lorafleet.storage.settings import MiB
 
 settings = StoreSettings.from_env().with_transfer(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
-store = ArtifactStore(settings)
-store._transfer_config.max_bandwidth = 4 * MiB  # bytes/s: slow enough to be killed mid-upload
+store = ArtifactStore(settings.with_transfer(max_concurrency=2))
+# Slow enough to be killed mid-upload: every part waits a second before it is sent.
+store.data_client.meta.events.register("before-send.s3.UploadPart", lambda **_: time.sleep(1))
 store.push(Path(sys.argv[1]), VersionFolder.parse(sys.argv[2]), kind="adapter", name="big", version="v1")
 print("finished")
 """
