@@ -915,12 +915,14 @@ class LocalNode:
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": False,
-            # A shared developer VM's disk is often fuller than the defaults (10%/15%) allow.
+            # A shared developer VM's disk is often fuller than the defaults (10%/15%) allow, and its size is
+            # reported as the host's (252G here), so even 1% (2.5G) evicted every pod with gigabytes still free:
+            # absolute floors instead.
             "evictionHard": {
                 "memory.available": "100Mi",
-                "nodefs.available": "1%",
+                "nodefs.available": "512Mi",
                 "nodefs.inodesFree": "1%",
-                "imagefs.available": "1%",
+                "imagefs.available": "512Mi",
             },
             "registerWithTaints": ([{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}] if st.taint else []),
             "rotateCertificates": False,
