@@ -204,3 +204,33 @@ def test_finetunejob_pins_the_base_models_verified_digest() -> None:
     assert fetch["command"][-2:] == ["--digest", digest]
     config_map = next(c for c in children if c["kind"] == "ConfigMap")
     assert json.loads(config_map["data"]["trainer.json"])["baseModel"]["digest"] == digest
+
+
+def test_replicas_are_nudged_once_per_desired_set() -> None:
+    """Each replica gets the desired set's digest as an annotation (the kubelet then refreshes its ConfigMap
+    volume at once); a replica that has it is left alone; another set gives another digest."""
+    from lorafleet.resources import adapterdeployment as ad_res
+
+    ad = objects.adapter_deployment()
+    children, error = ad_controller.plan(ad, objects.ready(objects.base_model()), {}, SETTINGS)
+    assert error is None
+    digest = ad_res.desired_set_digest(children, ad["metadata"]["name"])
+    assert digest is not None and len(digest) == 16
+    pods = [
+        {"metadata": {"name": "a", "namespace": "ml"}},
+        {"metadata": {"name": "b", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: digest}}},
+        {"metadata": {"name": "c", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: "old"}}},
+    ]
+    nudges = ad_res.pod_nudges(pods, digest)
+    assert [n["metadata"]["name"] for n in nudges] == ["a", "c"]
+    assert nudges[0] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "a", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: digest}},
+    }
+    other = [
+        {**c, "data": {k: v.replace("tiny", "other") for k, v in c["data"].items()}} if c["kind"] == "ConfigMap" else c
+        for c in children
+    ]
+    assert ad_res.desired_set_digest(other, ad["metadata"]["name"]) not in (None, digest)
+    assert ad_res.desired_set_digest([], ad["metadata"]["name"]) is None

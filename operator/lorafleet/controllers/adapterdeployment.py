@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from lorafleet import GROUP, VERSION, k8s
 from lorafleet.api.adapterdeployment import ArtifactRef
@@ -101,6 +103,7 @@ def plan(
 
 
 POD_STATE_TIMEOUT = 2.0
+log = logging.getLogger("lorafleet.controller")
 
 
 def _fetch_state(pod: Obj) -> Obj:
@@ -117,17 +120,33 @@ def _fetch_state(pod: Obj) -> Obj:
     return {**state, "pod": name} if isinstance(state, dict) else {"pod": name, "error": "not a JSON object"}
 
 
-def pod_states(namespace: str, name: str) -> list[Obj]:
-    """Each live replica's own account of its adapters (the sidecar's /lorafleet/state), asked in parallel."""
-    pods = [
+def running_pods(namespace: str, name: str) -> list[Obj]:
+    return [
         p
         for p in k8s.list_("v1", "Pod", namespace, f"lorafleet.io/adapterdeployment={name}")
         if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") == "Running"
     ]
+
+
+def pod_states(pods: list[Obj]) -> list[Obj]:
+    """Each live replica's own account of its adapters (the sidecar's /lorafleet/state), asked in parallel."""
     if not pods:
         return []
     with ThreadPoolExecutor(max_workers=min(len(pods), 16)) as pool:
         return list(pool.map(_fetch_state, pods))
+
+
+def nudge_pods(children: list[Obj], pods: list[Obj], ad_name: str) -> None:
+    """Tell the kubelet to refresh the desired set in each replica now (builders.pod_nudges). Best effort: a
+    failure (a pod deleted meanwhile) only leaves that replica to the kubelet's periodic sync."""
+    digest = builders.desired_set_digest(children, ad_name)
+    if digest is None:
+        return
+    for body in builders.pod_nudges(pods, digest):
+        try:
+            k8s.apply(body, field_manager=SETTINGS.field_manager)
+        except ApiException as exc:
+            log.info("could not annotate pod %s: %s", body["metadata"]["name"], exc.reason)
 
 
 def reconcile(body: Obj) -> Obj:
@@ -140,8 +159,10 @@ def reconcile(body: Obj) -> Obj:
     names = builders.names(meta["name"])
     deployment = k8s.get("apps/v1", "Deployment", names.deployment, namespace)
     service = k8s.get("v1", "Service", names.service, namespace)
+    pods = running_pods(namespace, meta["name"])
+    nudge_pods(children, pods, meta["name"])
     resolved, _ = resolve_adapters(body, jobs)
-    reports = aggregate(pod_states(namespace, meta["name"]), {a.name: a.digest for a in resolved}) if resolved else None
+    reports = aggregate(pod_states(pods), {a.name: a.digest for a in resolved}) if resolved else None
     status = adapterdeployment_status(
         body,
         base_model=base,

@@ -7,6 +7,7 @@ routes, so the runtime load/unload endpoints are unreachable through the Service
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -125,6 +126,40 @@ def desired_adapter_set(
         adapters=adapters,
         target_modules=supported_target_modules(base.family),
     )
+
+
+DESIRED_SET_ANNOTATION = "lorafleet.io/desired-set"
+
+
+def desired_set_digest(children: list[Obj], ad_name: str) -> str | None:
+    """A short digest of the desired-adapter set among the children (None when they do not include it)."""
+    wanted = names(ad_name).adapters
+    for child in children:
+        if child["kind"] == "ConfigMap" and child["metadata"]["name"] == wanted:
+            return hashlib.sha256(child["data"][DESIRED_FILE].encode()).hexdigest()[:16]
+    return None
+
+
+def pod_nudges(pods: list[Obj], digest: str) -> list[Obj]:
+    """Apply bodies that stamp the desired set's digest on the replicas that do not carry it yet.
+
+    The kubelet refreshes a pod's ConfigMap volumes when it syncs the pod, periodically (a minute or more) or
+    when the pod changes: changing this annotation makes it sync at once, so the sidecar sees an added or
+    removed adapter within seconds. Containers are not touched (annotations do not restart anything).
+    """
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod["metadata"]["name"],
+                "namespace": pod["metadata"]["namespace"],
+                "annotations": {DESIRED_SET_ANNOTATION: digest},
+            },
+        }
+        for pod in pods
+        if (pod["metadata"].get("annotations") or {}).get(DESIRED_SET_ANNOTATION) != digest
+    ]
 
 
 def build_adapters_config_map(ad: Obj, desired: DesiredAdapterSet) -> Obj:
