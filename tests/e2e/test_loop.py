@@ -110,7 +110,11 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
         if (ftj.get("status") or {}).get("phase") == "Failed":
             raise AssertionError(f"the FineTuneJob failed: {ftj['status']}")
         _no_failed_adapter(ad)
-        return loop.phase_is("Succeeded")(ftj) and loop.adapter_states(ad) == {"support-bot": "Loaded"}
+        return (
+            loop.phase_is("Succeeded")(ftj)
+            and loop.phase_is("Ready")(ad)
+            and loop.adapter_states(ad) == {"support-bot": "Loaded"}
+        )
 
     def healthy() -> None:
         assert op.alive(), f"the operator exited:\n{op.log_tail()}"
@@ -170,6 +174,10 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
         {"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}},
         {"name": "extra", "artifact": {"uri": pushed.folder.uri, "digest": pushed.digest}},
     ]
+    def still_serving() -> None:  # the replica stays in the Service while the new adapter loads
+        healthy()
+        assert loop.chat(url, "support-bot") == adapter_answer
+
     t0 = time.monotonic()
     res.set_adapters(both)
     try:
@@ -182,7 +190,7 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
             ),
             timeout=240,
             show=print,
-            check=healthy,
+            check=still_serving,
         )
     except (AssertionError, TimeoutError) as e:
         raise AssertionError(f"{e}\n{_debug(node, namespace, op)}") from None

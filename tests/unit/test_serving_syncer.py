@@ -305,3 +305,35 @@ def test_an_engine_serving_another_base_model_gets_no_adapters(tmp_path: Path) -
         assert not ok and "other-base" in message
 
     run(scenario())
+
+
+def test_an_added_adapter_does_not_take_a_serving_pod_out_of_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the first full set the pod waits (the Service must not route to a pod missing adapters); after
+    it, an added adapter loads while the pod stays ready; a vLLM restart starts over."""
+    monkeypatch.setattr(syncer_module, "RETRY_MIN_S", 0.0)
+
+    async def scenario() -> None:
+        h = Harness(tmp_path)
+        h.store.down = True
+        h.write([("a", "s3://b/a/v1")])
+        await h.settle(passes=1)
+        assert h.syncer.ready(True)[0] is False
+        h.store.down = False
+        await h.settle()
+        assert h.syncer.ready(True) == (True, "serving 1 adapters")
+
+        h.store.down = True  # the new adapter stays Pending
+        h.write([("a", "s3://b/a/v1"), ("b", "s3://b/b/v1")])
+        states = await h.settle(passes=1)
+        assert states["b"]["state"] == "Pending"
+        assert h.syncer.ready(True) == (True, "serving 1 adapters; loading b")
+
+        assert h.syncer.ready(False)[0] is False  # vLLM unhealthy: out, and waiting again once back
+        assert h.syncer.ready(True) == (False, "waiting for adapters: b")
+        h.store.down = False
+        await h.settle()
+        assert h.syncer.ready(True) == (True, "serving 2 adapters")
+
+    run(scenario())

@@ -261,7 +261,11 @@ def run_real(keep: bool) -> int:
             failed = [a for a in (ad.get("status") or {}).get("adapters") or [] if a["state"] == "Failed"]
             if failed:
                 raise RuntimeError(f"an adapter failed: {failed}")
-            return loop.phase_is("Succeeded")(ftj) and loop.adapter_states(ad) == {"support-bot": "Loaded"}
+            return (
+                loop.phase_is("Succeeded")(ftj)
+                and loop.phase_is("Ready")(ad)
+                and loop.adapter_states(ad) == {"support-bot": "Loaded"}
+            )
 
         def operator_alive() -> None:
             if not operator or not operator.alive():

@@ -160,6 +160,9 @@ class Syncer:
         self._known_served: set[str] = set()
         self.lost_adapters = 0
         self.passes = 0
+        # Set once this pod has served the whole desired set: adapters added later no longer hold it out of the
+        # Service (the others are being served); a new pod or a restarted vLLM starts over.
+        self.served_full_set = False
         self.last_pass: float | None = None
         self.pod = os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -293,6 +296,7 @@ class Syncer:
         lost = self._known_served - set(served)
         if lost:
             self.lost_adapters += len(lost)
+            self.served_full_set = False  # reloading them, as a new pod would
             log.warning("vLLM no longer lists %s (restarted?); re-loading", ", ".join(sorted(lost)))
 
         # Unload what is no longer desired (only adapters this sidecar manages: their root is ours).
@@ -472,18 +476,26 @@ class Syncer:
         return [n for n, a in self.adapters.items() if a.state in (PENDING, LOADING)]
 
     def ready(self, engine_healthy: bool) -> tuple[bool, str]:
+        """Ready once vLLM is healthy and every desired adapter is loaded (or failed for good). After that,
+        an adapter added to the set does not make the pod unready while it loads: taking every replica out of
+        the Service to add one adapter would stop all the others."""
         if self.desired is None:
             return False, self.desired_error or "no desired adapter set read yet"
         if not engine_healthy:
+            self.served_full_set = False
             return False, "vLLM is not healthy"
         if self.engine_base is not None and self.engine_base != self.desired.base_model:
             return False, self.engine_message or "vLLM serves another base model"
         if self.passes == 0:
             return False, "no sync pass completed yet"
+        serving = f"serving {sum(a.state == LOADED for a in self.adapters.values())} adapters"
         waiting = self.blocking()
-        if waiting:
+        if waiting and not self.served_full_set:
             return False, "waiting for adapters: " + ", ".join(waiting)
-        return True, f"serving {sum(a.state == LOADED for a in self.adapters.values())} adapters"
+        if waiting:
+            return True, f"{serving}; loading {', '.join(waiting)}"
+        self.served_full_set = True
+        return True, serving
 
     def state(self) -> dict[str, Any]:
         desired = self.desired
