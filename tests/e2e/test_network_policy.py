@@ -15,19 +15,17 @@ import ipaddress
 import re
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from lorafleet.config import OperatorSettings
 from lorafleet.dev.cluster import LocalCluster
 from lorafleet.dev.node import NODE_IP, POD_SUBNET, LocalNode
-from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet.dev.testing import wait_until
 from lorafleet.resources import finetunejob as ftj_res
 from tests.e2e.conftest import NodeHandle
 from tests.unit import objects
@@ -121,35 +119,10 @@ def _pod_chain_exists(pod: str, ns: str) -> bool:
     return f"POD name:{pod} namespace: {ns} " in rules
 
 
-@pytest.fixture
-def netpol_namespace(cluster: ClusterHandle) -> Iterator[str]:
-    """A namespace shaped like the ``namespace`` fixture's (``<prefix>-<test name, 40>-<6 hex>``, 54 characters
-    here, as long as the longest it makes), but prefixed ``netpol-``."""
-    name = f"netpol-{'enforces-the-training-egress-policy-on-the-real'[:40]}-{uuid.uuid4().hex[:6]}"
-    core = cluster.core
-    core.create_namespace(
-        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"lorafleet.io/test": "true"}))
-    )
-    wait_until(lambda: _has_default_sa(core, name), timeout=30, what=f"ServiceAccount default in {name}")
-    yield name
-    with contextlib.suppress(ApiException):
-        core.delete_namespace(name, propagation_policy="Background")
-
-
-def _has_default_sa(core: client.CoreV1Api, ns: str) -> bool:
-    try:
-        core.read_namespaced_service_account("default", ns)
-        return True
-    except ApiException as e:
-        if e.status != 404:
-            raise
-        return False
-
-
-def test_training_egress_policy_is_enforced(node: NodeHandle, netpol_namespace: str) -> None:
+def test_training_egress_policy_is_enforced(node: NodeHandle, namespace: str) -> None:
     from lorafleet.dev import netpol
 
-    ns = netpol_namespace
+    ns = namespace
     engine = netpol.engine_for(LocalNode(LocalCluster())).status()
     assert engine["running"] and engine["forward_jump"], f"no NetworkPolicy engine on the node: {engine}"
 
