@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from boto3.s3.transfer import create_transfer_manager
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
 from lorafleet.dev.s3server import MINIO_VERSION, S3Server, build
 from lorafleet.storage import ArtifactStore, StoreSettings, version_folder
@@ -66,7 +66,13 @@ def bench(store: ArtifactStore, bucket: str, work: Path, size_mib: int, reps: in
     size = size_mib * MiB
     src = work / f"src-{size_mib}" / "model.safetensors"
     random_file(src, size)
-    tc = store._transfer_config  # the same TransferConfig for both sides
+    t = store.settings.transfer  # the same sizes and parallelism for both sides
+    tc = TransferConfig(
+        multipart_threshold=t.multipart_threshold,
+        multipart_chunksize=t.multipart_chunksize,
+        max_concurrency=t.max_concurrency,
+        preferred_transfer_client="classic",
+    )
     raw_key = f"raw/{size_mib}/model.safetensors"
     times: dict[str, list[float]] = {"raw_up": [], "lf_up": [], "raw_down": [], "lf_down": []}
     raw_dest = work / "raw-dl" / "model.safetensors"

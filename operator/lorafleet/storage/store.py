@@ -36,7 +36,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
@@ -232,13 +231,6 @@ class ArtifactStore:
         self.data_client = client or make_client(settings, verified_bodies=True)
         self._conditional: dict[str, bool] = {}
         self._forced_conditional = conditional_writes
-        # What these settings mean to boto3's TransferManager (the storage benchmark's baseline uses it).
-        self._transfer_config = TransferConfig(
-            multipart_threshold=settings.transfer.multipart_threshold,
-            multipart_chunksize=settings.transfer.multipart_chunksize,
-            max_concurrency=settings.transfer.max_concurrency,
-            preferred_transfer_client="classic",
-        )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ArtifactStore:
