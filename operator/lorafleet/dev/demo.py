@@ -223,10 +223,11 @@ def run_real(keep: bool) -> int:
         "MinIO and three images from source: expect 20 to 40 minutes; later runs take a few)",
         flush=True,
     )
-    cluster_started = LocalCluster().up()
+    local = LocalCluster()
+    cluster_started = local.up()
     node = LocalNode()
     node_started = node.up()
-    cluster = ClusterHandle(LocalCluster().kubeconfig, _api_client(str(LocalCluster().kubeconfig)), local=True)
+    cluster = ClusterHandle(local.kubeconfig, _api_client(str(local.kubeconfig)), local=True)
     mark("cluster and real node up")
     loop.ensure_images()
     mark("images built and imported")
@@ -313,7 +314,7 @@ def run_real(keep: bool) -> int:
             if node_started:
                 node.down()
             if cluster_started:
-                LocalCluster().down()
+                local.down()
         store.remove()
     print("\ntimings in seconds since launch:")
     for what, seconds in timings:

@@ -9,6 +9,8 @@ support-desk chat dataset is the private data.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -316,8 +318,6 @@ CHART = Path(__file__).resolve().parents[3] / "charts" / "lorafleet"
 def ensure_images(log: Callable[[str], None] = print) -> dict[str, float]:
     """Build lorafleet's images without Docker (cached layers: seconds when nothing changed) and import into
     containerd those whose digest it does not hold yet. Returns seconds per image."""
-    import subprocess
-
     from lorafleet.dev import images
 
     seconds: dict[str, float] = {}
@@ -369,9 +369,6 @@ class ChartOperator:
         }
 
     def helm(self, *args: str, timeout: float = 300) -> str:
-        import os
-        import subprocess
-
         from lorafleet.dev.build import Builder
 
         binary = Builder(log=lambda _: None).ensure(["helm"])["helm"]
