@@ -94,7 +94,14 @@ def mixed_length_dataset(n: int, min_words: int, max_words: int, seed: int = 0) 
 
 
 def plain_loop(
-    model_dir: Path, examples: list[Any], *, steps: int, batch_size: int, lr: float, seed: int
+    model_dir: Path,
+    examples: list[Any],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """The reference: what one writes by hand with transformers + peft."""
     import torch
@@ -104,7 +111,9 @@ def plain_loop(
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # On a GPU the base in bf16, as our trainer loads it for precision bf16 (peft keeps the LoRA weights in fp32).
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
     model.config.use_cache = False
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -129,6 +138,8 @@ def plain_loop(
     marks: list[tuple[float, float, int, int]] = []  # (wall, CPU time, useful tokens so far, step) after a step
     while done < steps:
         for batch in loader:
+            if device != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = model(**batch)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -315,65 +326,125 @@ def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
 # -- GPU -------------------------------------------------------------------------------------------------------
 
 
-def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """LoRA (r=16, all linear) on a random-init Llama of about 1B parameters in bf16: tokens/s and MFU.
+GPU_LLAMA_1B = {  # TinyLlama-1.1B's shape, random init
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+}
 
-    MFU counts 6 FLOPs per parameter per token for the forward and backward through the frozen base (2 forward,
-    2 for activation gradients, 2 for the recomputation with gradient checkpointing off: weight gradients of
-    frozen layers are not computed, so without checkpointing it is 4) plus attention, against the GPU's dense
-    bf16 peak given by --peak-tflops.
-    """
+
+def build_llama_1b(out: Path) -> Path:
+    """A random-init ~1.1B Llama saved in bf16, with the tiny model's local tokenizer (its ids fit the vocab)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        dtype="bfloat16",
-    )
+    from lorafleet.dev.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    config = LlamaConfig(**GPU_LLAMA_1B, dtype="bfloat16")
+    torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    batch, seq = args.gpu_batch, args.gpu_seq
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-    for _ in range(3):  # warm-up
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens_per_second = args.steps * batch * seq / seconds
-    layers, hidden = config.num_hidden_layers, config.hidden_size
-    flops_per_token = 4 * n_params + 3 * 4 * layers * hidden * seq  # base fwd + act-grad bwd; attention fwd+bwd
-    mfu = tokens_per_second * flops_per_token / (args.peak_tflops * 1e12)
-    return [
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def matmul_flops_per_token(config: dict[str, int], seq: int) -> float:
+    """Model FLOPs per trained token of LoRA on a frozen base, without gradient checkpointing: 2 per weight in the
+    forward pass and 2 for the activation gradients (frozen weights get no weight gradients; the LoRA matrices'
+    share is below 1%), over every matmul weight (the input embedding is a lookup, the LM head counts), plus causal
+    attention's score and value products (2 x 2 x seq x hidden per layer forward, counted in full as in the PaLM
+    paper's convention, times 3 for forward and backward)."""
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter  # q, o; k, v; gate, up, down
+    matmul_weights = layers * per_layer + h * config["vocab_size"]  # + LM head
+    return 4 * matmul_weights + 3 * 4 * layers * h * seq
+
+
+def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """LoRA (r=16, all linear) on a random-init ~1.1B Llama in bf16 on one GPU: lorafleet.trainer against the plain
+    transformers + peft loop, tokens/s and MFU (model FLOPs over the GPU's dense bf16 peak, --peak-tflops)."""
+    import gc
+
+    import torch
+    from tests.trainer_fixtures import TrainerEnv
+    from transformers import AutoTokenizer
+
+    from lorafleet.api.finetunejob import Dataset
+    from lorafleet.trainer import data
+
+    assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
+    batch, seq, steps = args.gpu_batch, args.gpu_seq, args.gpu_steps
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-gpu-"))
+    model_dir = build_llama_1b(work / "llama-1b")
+    os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
+    env = TrainerEnv(work, model_dir)
+    rng = random.Random(3)
+    # Every sample longer than the sequence, truncated to it: full rows, no padding on either side.
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq))} for _ in range(batch * (steps + 1))]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = work / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "text", "overlong": "truncate"})
+    examples = data.load_examples(path, dataset, tokenizer, max_length=seq, completion_only=False)[0]
+    assert min(len(e) for e in examples) == seq
+    flops_per_token = matmul_flops_per_token(GPU_LLAMA_1B, seq)
+
+    def ours_gpu(i: int) -> dict[str, float]:
+        config = env.config(
+            rows,
+            name=f"gpu-{i}",
+            dataset={"format": "text", "overlong": "truncate"},
+            lora={"r": 16, "alpha": 32, "dropout": 0.0},
+            maxSteps=steps,
+            batchSize=batch,
+            learningRate=1e-4,
+            warmupRatio=0.0,
+            lrScheduler="cosine",
+            loggingSteps=1,
+            checkpointInterval=10 * steps,
+            maxSequenceLength=seq,
+            precision="bf16",
+        )
+        from lorafleet.trainer.train import StopSignal, run
+
+        reporter = TimingReporter()
+        run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
+        return timed(reporter.marks, reporter.losses)
+
+    def plain_gpu() -> dict[str, float]:
+        return plain_loop(model_dir, examples, steps=steps, batch_size=batch, lr=1e-4, seed=42, device="cuda")
+
+    runs = []
+    for i in range(args.repeats):
+        o, p = alternate(i, partial(ours_gpu, i), plain_gpu)
+        gc.collect()
+        torch.cuda.empty_cache()
+        runs.append((o, p))
+        print(f"gpu run {i}: ours {o}, plain {p}", file=sys.stderr)
+    result = compare(f"LoRA r=16 all-linear, random-init Llama ~1.1B, bf16, batch {batch} x {seq}", runs, "tokens/s")
+    result.pop("cpuRatio")  # CPU time means nothing for GPU work
+    peak = args.peak_tflops * 1e12
+    result.update(
         {
-            "benchmark": "LoRA on a random-init Llama ~1.1B, bf16",
-            "parameters": n_params,
-            "tokensPerSecond": tokens_per_second,
-            "mfu": mfu,
-            "batch": batch,
-            "sequence": seq,
+            "oursMFU": result["ours"] * flops_per_token / peak,
+            "plainMFU": result["plain"] * flops_per_token / peak,
+            "flopsPerToken": flops_per_token,
+            "peakTflops": args.peak_tflops,
             "gpu": torch.cuda.get_device_name(),
+            "peakMemoryGiB": torch.cuda.max_memory_allocated() / 2**30,
+            "torch": torch.__version__,
         }
-    ]
+    )
+    return [result]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead of the CPU ones")
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--gpu-seq", type=int, default=2048)
+    parser.add_argument("--gpu-steps", type=int, default=30, help="steps of each GPU run (one epoch)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     args = parser.parse_args(argv)

@@ -98,6 +98,30 @@ def test_launcher_exit_codes(tmp_path: Path) -> None:
     assert exit_code(str(path), [-15]) == 0
 
 
+def test_shutdown_timeout_default_only_where_torchrun_has_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    pytest.importorskip("torch")
+    from torch.distributed.run import get_args_parser
+
+    from lorafleet.trainer.launch import with_shutdown_timeout
+
+    monkeypatch.delenv("LORAFLEET_SHUTDOWN_TIMEOUT", raising=False)
+    args = ["--standalone", "-m", "lorafleet.trainer"]
+    current = get_args_parser()  # torch 2.13 has --shutdown-timeout
+    assert with_shutdown_timeout(args, current) == ["--shutdown-timeout=100", *args]
+    assert with_shutdown_timeout(["--shutdown-timeout=5", *args], current) == ["--shutdown-timeout=5", *args]
+    monkeypatch.setenv("LORAFLEET_SHUTDOWN_TIMEOUT", "40")
+    assert with_shutdown_timeout(args, current)[0] == "--shutdown-timeout=40"
+    # torchrun of torch 2.11 (as in CUDA images) has no such option: passing it would fail every launch.
+    older = argparse.ArgumentParser()
+    older.add_argument("--standalone", action="store_true")
+    older.add_argument("-m", action="store_true")
+    older.add_argument("training_script")
+    assert with_shutdown_timeout(args, older) == args
+    older.parse_args(with_shutdown_timeout(args, older))
+
+
 def test_strategy_is_not_rendered_while_default() -> None:
     assert "strategy" not in DistributedSettings().model_dump(by_alias=True)
     fsdp = DistributedSettings(strategy="fsdp")

@@ -6,11 +6,14 @@ dataset (2: fail at once) from a crash (1: retry) or a preemption after a checkp
 torchrun's own code (torch.distributed.run) and, when it fails, exits with the code the trainer documents: the
 reason in the status file the workers wrote decides, else the workers' exit codes (2 before 3 before 1).
 It also gives the workers time to checkpoint on SIGTERM: --shutdown-timeout (torchrun's default is 30 s) defaults
-to LORAFLEET_SHUTDOWN_TIMEOUT or 100 s, below the pod's terminationGracePeriodSeconds (120).
+to LORAFLEET_SHUTDOWN_TIMEOUT or 100 s, below the pod's terminationGracePeriodSeconds (120). torchrun before
+torch 2.13 has no such option (CUDA images often pin an older torch): there the default is left out and torchrun's
+own 30 s applies.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -54,16 +57,23 @@ def exit_code(status_file: str | None, worker_codes: Sequence[int]) -> int:
     return EXIT_FAILED
 
 
+def with_shutdown_timeout(args: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """torchrun's arguments with our --shutdown-timeout default, where this torchrun has the option."""
+    known = {option for action in parser._actions for option in action.option_strings}
+    given = any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in args)
+    if given or "--shutdown-timeout" not in known:
+        return list(args)
+    timeout = os.environ.get("LORAFLEET_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
+    return [f"--shutdown-timeout={timeout}", *args]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in args_list):
-        timeout = os.environ.get("LORAFLEET_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
-        args_list = [f"--shutdown-timeout={timeout}", *args_list]
-    args = get_args_parser().parse_args(args_list)
+    parser = get_args_parser()
+    args = parser.parse_args(with_shutdown_timeout(sys.argv[1:] if argv is None else argv, parser))
     status_file = _trainer_status_file(args.training_script_args)
     try:
         run(args)  # type: ignore[no-untyped-call]

@@ -824,6 +824,7 @@ def run(
             "start",
             method=config.method,
             precision=precision,
+            device=f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu",
             packing=packing,
             worldSize=ranks.world_size,
             trainableParameters=trainable,
