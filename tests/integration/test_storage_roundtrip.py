@@ -120,6 +120,32 @@ def test_identical_push_is_a_no_op_and_different_content_is_refused(
     assert artifact_store.read_manifest(folder)[1] == first.digest  # nothing was overwritten
 
 
+def test_a_one_part_push_leaves_an_existing_version_to_the_conditional_commit(
+    s3_bucket: str, store_settings: StoreSettings, tmp_path: Path
+) -> None:
+    """A push of at most one part's worth of data does not read manifest.json first once the bucket's
+    conditional-write support is known: it uploads, and the conditional commit alone makes an identical re-push a
+    no-op and refuses other content; the staged upload is removed and nothing is overwritten."""
+    store = ArtifactStore(store_settings)
+    folder = version_folder(f"s3://{s3_bucket}", "adapter", "small", "v1")
+    src = write_tree(tmp_path / "a", {"adapter_model.safetensors": os.urandom(MiB)})
+    first = store.push(src, folder, kind="adapter", name="small", version="v1")
+    calls: list[str] = []
+    for client in (store.client, store.data_client):
+        client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+
+    again = store.push(src, folder, kind="adapter", name="small", version="v1")
+    assert not again.created and again.digest == first.digest
+    assert calls[:3] == ["PutObject", "PutObject", "GetObject"], calls  # data, refused commit, the winner's manifest
+    assert [v.uploads for v in store.list_versions(Location(s3_bucket))] == [[first.manifest.data_prefix[5:]]]
+
+    other = write_tree(tmp_path / "b", {"adapter_model.safetensors": os.urandom(MiB)})
+    with pytest.raises(VersionExists, match=r"adapters/small/v1 already exists .*adapter_model.safetensors"):
+        store.push(other, folder, kind="adapter", name="small", version="v1")
+    assert [v.uploads for v in store.list_versions(Location(s3_bucket))] == [[first.manifest.data_prefix[5:]]]
+    assert store.read_manifest(folder)[1] == first.digest
+
+
 def test_push_of_an_existing_big_version_stops_its_upload_and_leaves_nothing(
     s3_bucket: str, store_settings: StoreSettings, tmp_path: Path
 ) -> None:

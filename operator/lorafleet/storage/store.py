@@ -3,7 +3,8 @@
 The write protocol (docs/storage.md has the full argument):
 
 1. While step 2 runs, look for ``manifest.json``: if it exists the upload stops and is removed, and the local
-   files' hashes decide: the same content is a no-op, other content is refused.
+   files' hashes decide: the same content is a no-op, other content is refused. A push of at most one part's
+   worth of data skips this look once the bucket's conditional-write support is known: step 3 decides the same.
 2. Upload every file under ``<version>/data/<upload-id>/`` (unique per writer; multipart, parts in parallel),
    each part hashed as it is read and sent with its sha256 as the S3 checksum (the server verifies it).
 3. Create ``<version>/manifest.json`` with ``If-None-Match: *``. That PUT is the commit: exactly one writer
@@ -335,6 +336,10 @@ class ArtifactStore:
             return None  # an incomplete version is not a version: a new writer may still claim it
         return manifest, digest
 
+    def _probed(self, folder: VersionFolder) -> bool:
+        """Whether supports_conditional_writes answers without a request."""
+        return self._forced_conditional is not None or folder.bucket in self._conditional
+
     def supports_conditional_writes(self, folder: VersionFolder) -> bool:
         """Whether the server honours If-None-Match: * on PUT (AWS since 2024-08, MinIO, recent Ceph RGW).
 
@@ -412,24 +417,35 @@ class ArtifactStore:
 
         upload_id = new_upload_id()
         data_prefix = f"{DATA_DIR}/{upload_id}"
+        started_at = datetime.now(UTC).replace(microsecond=0)
         # The existence check and the conditional-write probe run while the files upload, so a new version (the
         # usual case) waits for neither. Finding a version (or failing to look) stops the upload at its next part.
+        # A push of at most one part's worth of data skips the check once the probe's answer is known: the check
+        # could stop no more than that much upload, and the conditional commit (or, without conditional writes,
+        # the fallback's own check) refuses an existing version anyway, with the same outcome. There the check
+        # only competed with the upload for CPU and GIL.
+        look = sum(f.size for f in files) > self.settings.transfer.multipart_threshold or not self._probed(folder)
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-check") as checks:
-            existing_check = checks.submit(self._existing, folder)
-            existing_check.add_done_callback(lambda f: stop.set() if f.exception() or f.result() else None)
-            conditional_check = checks.submit(self.supports_conditional_writes, folder)
+            pending: list[Future[Any]] = []
+            if look:
+                existing_check = checks.submit(self._existing, folder)
+                existing_check.add_done_callback(lambda f: stop.set() if f.exception() or f.result() else None)
+                pending = [existing_check, checks.submit(self.supports_conditional_writes, folder)]
             try:
                 entries = self._upload_files(files, folder, data_prefix, on_file, stop)
-                existing = existing_check.result()
-                conditional = conditional_check.result()
+                if look:
+                    existing = pending[0].result()
+                    conditional = pending[1].result()
+                else:
+                    existing, conditional = None, self.supports_conditional_writes(folder)  # known: no request
             except BaseException:
                 # Failed, interrupted, or stopped by the check: the version stays invisible. Remove what this
                 # writer staged; if even that fails (store down), gc removes it later.
                 self._cleanup_upload(folder, data_prefix)
-                if not stop.is_set() or not existing_check.done():
+                if not look or not stop.is_set() or not pending[0].done():
                     raise
-                existing = existing_check.result()  # the check's own error, when it failed, is the one to report
+                existing = pending[0].result()  # the check's own error, when it failed, is the one to report
                 if existing is None:
                     raise
                 entries = [file_entry(f, block_size) for f in files]
@@ -446,9 +462,11 @@ class ArtifactStore:
         if winner.data_prefix == data_prefix:
             # Our own PUT landed, its response was lost, and botocore's retry hit our manifest.
             return PushResult(folder, winner, winner_digest, created=True)
-        # Another writer committed first: our upload is garbage whatever the outcome.
+        # Another writer committed first: our upload is garbage whatever the outcome. Without the existence
+        # check, the winner's creation time tells a race from a version that was there before this push.
         self._cleanup_upload(folder, data_prefix)
-        return self._same_or_refuse(folder, manifest, winner, winner_digest, raced=True)
+        raced = look or _created_after(winner, started_at)
+        return self._same_or_refuse(folder, manifest, winner, winner_digest, raced=raced)
 
     def _same_or_refuse(
         self, folder: VersionFolder, ours: Manifest, theirs: Manifest, their_digest: str, raced: bool = False
@@ -488,8 +506,12 @@ class ArtifactStore:
                 for f in files
             ]
             try:
-                for upload in uploads:
-                    upload.start()
+                if len(uploads) == 1 and uploads[0].n_parts == 1:
+                    # One request in all: sent from this thread, without a hand-over to a pool thread and back.
+                    uploads[0].start(inline=True)
+                else:
+                    for upload in uploads:
+                        upload.start()
                 entries = []
                 for upload in uploads:
                     entries.append(upload.finish())
@@ -741,9 +763,22 @@ class _FileUpload:
         self.file_hash: Future[str] | None = None
         self.failed = stop  # shared by the files of one push: any failure stops them all
 
-    def start(self) -> None:
+    @property
+    def n_parts(self) -> int:
+        return max(1, -(-self.file.size // self.part_size))
+
+    def start(self, inline: bool = False) -> None:
+        """Submit the parts to the pool; inline: send a single-part file in this thread, now."""
         size, part = self.file.size, self.part_size
-        n_parts = max(1, -(-size // part))
+        n_parts = self.n_parts
+        if inline and n_parts == 1:
+            done: Future[tuple[dict[str, Any], list[str], str]] = Future()
+            try:
+                done.set_result(self._send(0, 0, size))
+            except Exception as e:
+                done.set_exception(e)
+            self.parts.append(done)
+            return
         if n_parts > 1:
             self.file_hash = self.hasher.submit(_sha256_file, self.file.abspath, self.failed)
             try:
@@ -1029,6 +1064,18 @@ class _FileJob:
 
 def _backoff(attempt: int) -> None:
     time.sleep(min(20.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+
+
+def _created_after(manifest: Manifest, since: datetime) -> bool:
+    """Whether the manifest was created after since, in a later second by the writer's clock (within the same
+    second it cannot tell, and "already exists" is true either way)."""
+    try:
+        created = datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return False
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return created > since
 
 
 def _describe_difference(ours: Manifest, theirs: Manifest) -> str:
