@@ -146,7 +146,8 @@ def test_nccl_under_torchrun(trainer_env: TrainerEnv) -> None:  # noqa: F811
     events = run_cli(
         env, config, "--standalone", "--nproc-per-node=1", "-m", "lorafleet.trainer", module="lorafleet.trainer.launch"
     )
-    assert start_event(events)["device"].startswith("cuda")
+    start = start_event(events)
+    assert start["device"].startswith("cuda") and start["distributedType"] == "MULTI_GPU", start
     check_trained(env, config)
 
 
@@ -162,7 +163,8 @@ def test_fsdp(trainer_env: TrainerEnv, method: str) -> None:  # noqa: F811
     events = run_cli(
         env, config, "--standalone", "--nproc-per-node=1", "-m", "lorafleet.trainer", module="lorafleet.trainer.launch"
     )
-    assert start_event(events)["device"].startswith("cuda")
+    start = start_event(events)
+    assert start["device"].startswith("cuda") and start["distributedType"] == "FSDP", start
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [40, 80]
     check_trained(env, config, quantized_base=method == "qlora")
 

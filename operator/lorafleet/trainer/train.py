@@ -825,6 +825,7 @@ def run(
             method=config.method,
             precision=precision,
             device=f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu",
+            distributedType=str(trainer.accelerator.distributed_type.value),
             packing=packing,
             worldSize=ranks.world_size,
             trainableParameters=trainable,
