@@ -183,6 +183,44 @@ class State:
         return cls(data["name"], data["ports"], procs, data.get("versions", {}), data.get("persistent", True))
 
 
+def run_command(
+    args: Sequence[str], error: type[Exception] = ClusterError, check: bool = True, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion with its output captured; with check, a failure raises `error` naming the
+    command and what it printed."""
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise error(f"{' '.join(args)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def stop_processes(
+    procs: Sequence[Proc],
+    grace: float,
+    alive: Callable[[Proc], bool],
+    children: dict[int, subprocess.Popen[bytes]],
+    log: Callable[[str], None],
+) -> None:
+    """SIGTERM each process group at once, give them `grace` seconds together, SIGKILL what is left, and reap the
+    ones this process started (in `children`)."""
+    for proc in procs:
+        if alive(proc):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    for proc in procs:
+        while alive(proc) and time.monotonic() < end:
+            time.sleep(0.1)
+        if alive(proc):
+            log(f"{proc.name} did not stop in {grace:.0f}s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        child = children.pop(proc.pid, None)
+        if child:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+
+
 class LocalCluster:
     """One named local cluster. ``up()`` is idempotent; ``down()`` leaves no process or state behind."""
 
@@ -573,22 +611,7 @@ class LocalCluster:
     def _down(self, grace: float = 10.0) -> None:
         st = self.state()
         procs = [st.processes[n] for n in reversed(PROCESSES) if st and n in st.processes]
-        for proc in procs:
-            if self.alive(proc):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        for proc in procs:
-            while self.alive(proc) and time.monotonic() < end:
-                time.sleep(0.1)
-            if self.alive(proc):
-                self.log(f"{proc.name} did not stop in {grace:.0f}s: SIGKILL")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            child = self._children.pop(proc.pid, None)
-            if child:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(timeout=5)
+        stop_processes(procs, grace, self.alive, self._children, self.log)
         if self.dir.exists():
             shutil.rmtree(self.dir)
         if procs:

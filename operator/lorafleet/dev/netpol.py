@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from lorafleet.dev.build import Builder, BuildError, cache_dir
-from lorafleet.dev.cluster import ClusterError, LocalCluster, _alive, _start_ticks, spawn_logged
+from lorafleet.dev.cluster import ClusterError, LocalCluster, _alive, _start_ticks, run_command, spawn_logged
 
 KUBE_ROUTER_VERSION = os.environ.get("LORAFLEET_KUBE_ROUTER_VERSION", "v2.1.0")
 KUBE_ROUTER_MODULE = "github.com/cloudnativelabs/kube-router/v2"
@@ -70,10 +70,7 @@ def _log(msg: str) -> None:
 
 
 def _run(args: Sequence[str], check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise NetpolError(f"{' '.join(args)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-    return proc
+    return run_command(args, NetpolError, check, timeout)
 
 
 # -- binary ------------------------------------------------------------------------------------------------

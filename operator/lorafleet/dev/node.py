@@ -81,7 +81,9 @@ from lorafleet.dev.cluster import (
     _alive,
     _free_ports,
     _start_ticks,
+    run_command,
     spawn_logged,
+    stop_processes,
 )
 
 NODE_NAME = "lorafleet-node"
@@ -179,10 +181,7 @@ def _log(msg: str) -> None:
 
 
 def _run(args: Sequence[str], check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise NodeError(f"{' '.join(args)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-    return proc
+    return run_command(args, NodeError, check, timeout)
 
 
 # -- binaries ----------------------------------------------------------------------------------------------
@@ -1158,20 +1157,7 @@ class LocalNode:
                 _run(["ip", "netns", "delete", ns], check=False)
 
     def _stop(self, proc: Proc, grace: float) -> None:
-        if self.alive(proc):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        while self.alive(proc) and time.monotonic() < end:
-            time.sleep(0.1)
-        if self.alive(proc):
-            self.log(f"{proc.name} did not stop in {grace:.0f}s: SIGKILL")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        child = self._children.pop(proc.pid, None)
-        if child:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=5)
+        stop_processes([proc], grace, self.alive, self._children, self.log)
 
     def _down(self, grace: float = 10.0) -> None:
         st = self.state()
