@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -384,67 +385,72 @@ def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
     batch, seq, steps = args.gpu_batch, args.gpu_seq, args.gpu_steps
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-gpu-"))
-    model_dir = build_llama_1b(work / "llama-1b")
-    os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
-    env = TrainerEnv(work, model_dir)
-    rng = random.Random(3)
-    # Every sample longer than the sequence, truncated to it: full rows, no padding on either side.
-    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq))} for _ in range(batch * (steps + 1))]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    path = work / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "text", "overlong": "truncate"})
-    examples = data.load_examples(path, dataset, tokenizer, max_length=seq, completion_only=False)[0]
-    assert min(len(e) for e in examples) == seq
-    flops_per_token = matmul_flops_per_token(GPU_LLAMA_1B, seq)
+    try:
+        model_dir = build_llama_1b(work / "llama-1b")
+        os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
+        env = TrainerEnv(work, model_dir)
+        rng = random.Random(3)
+        # Every sample longer than the sequence, truncated to it: full rows, no padding on either side.
+        rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq))} for _ in range(batch * (steps + 1))]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        path = work / "rows.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "text", "overlong": "truncate"})
+        examples = data.load_examples(path, dataset, tokenizer, max_length=seq, completion_only=False)[0]
+        assert min(len(e) for e in examples) == seq
+        flops_per_token = matmul_flops_per_token(GPU_LLAMA_1B, seq)
 
-    def ours_gpu(i: int) -> dict[str, float]:
-        config = env.config(
-            rows,
-            name=f"gpu-{i}",
-            dataset={"format": "text", "overlong": "truncate"},
-            lora={"r": 16, "alpha": 32, "dropout": 0.0},
-            maxSteps=steps,
-            batchSize=batch,
-            learningRate=1e-4,
-            warmupRatio=0.0,
-            lrScheduler="cosine",
-            loggingSteps=1,
-            checkpointInterval=10 * steps,
-            maxSequenceLength=seq,
-            precision="bf16",
+        def ours_gpu(i: int) -> dict[str, float]:
+            config = env.config(
+                rows,
+                name=f"gpu-{i}",
+                dataset={"format": "text", "overlong": "truncate"},
+                lora={"r": 16, "alpha": 32, "dropout": 0.0},
+                maxSteps=steps,
+                batchSize=batch,
+                learningRate=1e-4,
+                warmupRatio=0.0,
+                lrScheduler="cosine",
+                loggingSteps=1,
+                checkpointInterval=10 * steps,
+                maxSequenceLength=seq,
+                precision="bf16",
+            )
+            from lorafleet.trainer.train import StopSignal, run
+
+            reporter = TimingReporter()
+            run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
+            return timed(reporter.marks, reporter.losses)
+
+        def plain_gpu() -> dict[str, float]:
+            return plain_loop(model_dir, examples, steps=steps, batch_size=batch, lr=1e-4, seed=42, device="cuda")
+
+        runs = []
+        for i in range(args.repeats):
+            o, p = alternate(i, partial(ours_gpu, i), plain_gpu)
+            gc.collect()
+            torch.cuda.empty_cache()
+            runs.append((o, p))
+            print(f"gpu run {i}: ours {o}, plain {p}", file=sys.stderr)
+        result = compare(
+            f"LoRA r=16 all-linear, random-init Llama ~1.1B, bf16, batch {batch} x {seq}", runs, "tokens/s"
         )
-        from lorafleet.trainer.train import StopSignal, run
-
-        reporter = TimingReporter()
-        run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
-        return timed(reporter.marks, reporter.losses)
-
-    def plain_gpu() -> dict[str, float]:
-        return plain_loop(model_dir, examples, steps=steps, batch_size=batch, lr=1e-4, seed=42, device="cuda")
-
-    runs = []
-    for i in range(args.repeats):
-        o, p = alternate(i, partial(ours_gpu, i), plain_gpu)
-        gc.collect()
-        torch.cuda.empty_cache()
-        runs.append((o, p))
-        print(f"gpu run {i}: ours {o}, plain {p}", file=sys.stderr)
-    result = compare(f"LoRA r=16 all-linear, random-init Llama ~1.1B, bf16, batch {batch} x {seq}", runs, "tokens/s")
-    result.pop("cpuRatio")  # CPU time means nothing for GPU work
-    peak = args.peak_tflops * 1e12
-    result.update(
-        {
-            "oursMFU": result["ours"] * flops_per_token / peak,
-            "plainMFU": result["plain"] * flops_per_token / peak,
-            "flopsPerToken": flops_per_token,
-            "peakTflops": args.peak_tflops,
-            "gpu": torch.cuda.get_device_name(),
-            "peakMemoryGiB": torch.cuda.max_memory_allocated() / 2**30,
-            "torch": torch.__version__,
-        }
-    )
-    return [result]
+        result.pop("cpuRatio")  # CPU time means nothing for GPU work
+        peak = args.peak_tflops * 1e12
+        result.update(
+            {
+                "oursMFU": result["ours"] * flops_per_token / peak,
+                "plainMFU": result["plain"] * flops_per_token / peak,
+                "flopsPerToken": flops_per_token,
+                "peakTflops": args.peak_tflops,
+                "gpu": torch.cuda.get_device_name(),
+                "peakMemoryGiB": torch.cuda.max_memory_allocated() / 2**30,
+                "torch": torch.__version__,
+            }
+        )
+        return [result]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the 2.2 GB model
 
 
 def main(argv: list[str] | None = None) -> int:
