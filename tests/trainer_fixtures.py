@@ -14,6 +14,10 @@ Register with ``pytest_plugins = ["tests.trainer_fixtures"]`` in tests/conftest.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +172,40 @@ def tiny_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
     config = env.config(name="tiny-adapter", maxSteps=40, checkpointInterval=1000)
     train_in_process(env, config)
     return env.adapter_dir(config)
+
+
+# -- helpers for tests that run the trainer as a program -------------------------------------------------
+
+
+def adapter_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def cli(env: TrainerEnv, config: Any, *extra: str, module: str = "lorafleet.trainer") -> subprocess.Popen[str]:
+    path = env.write_config(config)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *extra, "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LORAFLEET_LOCAL_STORE": str(env.store), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_event(proc: subprocess.Popen[str], predicate: Any, timeout: float = 240) -> dict[str, Any]:
+    """Read the trainer's JSON lines until one satisfies predicate."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        event = json.loads(line)
+        if predicate(event):
+            return event
+        assert time.monotonic() < deadline, "timed out waiting for the trainer"
+    raise AssertionError(f"trainer exited ({proc.wait()}) first: {proc.stderr.read() if proc.stderr else ''}")

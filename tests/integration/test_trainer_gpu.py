@@ -21,13 +21,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_trainer_run import adapter_tensors, cli, max_difference, wait_for_event
 from tests.trainer_fixtures import (  # noqa: F401
     MEMORIZE_CHAT,
     MEMORIZE_QA,
     TrainerEnv,
+    adapter_tensors,
+    cli,
+    max_difference,
     tiny_model_dir,
     trainer_env,
+    wait_for_event,
 )
 
 pytestmark = pytest.mark.gpu

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,14 @@ from tests.trainer_fixtures import (  # noqa: F401
     MEMORIZE_CHAT,
     MEMORIZE_QA,
     TrainerEnv,
+    adapter_tensors,
+    cli,
+    max_difference,
     tiny_adapter_dir,
     tiny_model_dir,
     train_in_process,
     trainer_env,
+    wait_for_event,
 )
 
 # Resumed and uninterrupted runs do the same float operations in the same order on CPU; allow for rounding only.
@@ -39,40 +42,6 @@ RESUME_TOLERANCE = 1e-5
 # Same hyperparameters for the uninterrupted run and the interrupted ones (dropout exercises the RNG restore).
 RESUME_RUN = {"maxSteps": 60, "checkpointInterval": 10, "loggingSteps": 1, "learningRate": 5e-3}
 RESUME_LORA = {"dropout": 0.1}
-
-
-def adapter_tensors(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def cli(env: TrainerEnv, config: Any, *extra: str, module: str = "lorafleet.trainer") -> subprocess.Popen[str]:
-    path = env.write_config(config)
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *extra, "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "LORAFLEET_LOCAL_STORE": str(env.store), "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def wait_for_event(proc: subprocess.Popen[str], predicate: Any, timeout: float = 240) -> dict[str, Any]:
-    """Read the trainer's JSON lines until one satisfies predicate."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        event = json.loads(line)
-        if predicate(event):
-            return event
-        assert time.monotonic() < deadline, "timed out waiting for the trainer"
-    raise AssertionError(f"trainer exited ({proc.wait()}) first: {proc.stderr.read() if proc.stderr else ''}")
 
 
 # -- training works ------------------------------------------------------------------------------------------
