@@ -7,7 +7,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 name="${KIND_CLUSTER_NAME:-lorafleet}"
-# Same releases as lorafleet.dev.build (kind's node image follows the Kubernetes minor we pin).
+# Same releases as lorafleet_dev.build (kind's node image follows the Kubernetes minor we pin).
 k8s_version="${LORAFLEET_KUBERNETES_VERSION:-v1.34.4}"
 kwok_version="${LORAFLEET_KWOK_VERSION:-v0.8.0}"
 kwok_release="https://github.com/kubernetes-sigs/kwok/releases/download/${kwok_version}"
@@ -26,7 +26,7 @@ ctx="kind-${name}"
 kubectl --context "$ctx" apply -f "${kwok_release}/kwok.yaml"
 kubectl --context "$ctx" wait --for=condition=Established crd/stages.kwok.x-k8s.io --timeout=60s
 kubectl --context "$ctx" apply -f "${kwok_release}/stage-fast.yaml"
-PYTHONPATH="${root}/operator${PYTHONPATH:+:${PYTHONPATH}}" python3 -m lorafleet.dev.cluster manifests \
+PYTHONPATH="${root}/operator${PYTHONPATH:+:${PYTHONPATH}}" python3 -m lorafleet_dev.cluster manifests \
   | kubectl --context "$ctx" apply -f -
 kubectl --context "$ctx" -n kube-system rollout status deployment/kwok-controller --timeout=120s
 kubectl --context "$ctx" wait --for=condition=Ready nodes -l type=kwok --timeout=120s

@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real S3 server: MinIO built from source by lorafleet.dev.s3server. No mocks.
+"""Fixtures for tests against a real S3 server: MinIO built from source by lorafleet_dev.s3server. No mocks.
 
 * ``s3_server`` (session): one MinIO on 127.0.0.1, a free port and a temporary directory, with random root
   credentials. A missing Go toolchain or a failed build FAILS the tests that need it (never skips them).
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from lorafleet.dev.build import BuildError
-from lorafleet.dev.s3server import S3Server, build
 from lorafleet.storage import ArtifactStore, StoreSettings
 from lorafleet.storage.client import make_client
+from lorafleet_dev.build import BuildError
+from lorafleet_dev.s3server import S3Server, build
 
 S3_FIXTURES = {"s3_server", "s3_bucket", "store_settings", "artifact_store", "private_s3_server"}
 _build: dict[str, object] = {}

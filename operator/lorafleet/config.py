@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lorafleet import __version__
@@ -46,13 +46,103 @@ class OperatorSettings(BaseSettings):
     store_checksum_headers: bool = Field(
         default=True, description="Send each upload's sha256 as x-amz-checksum-sha256 (false: stores without it)."
     )
+    store_allowed_endpoints: list[str] = Field(
+        default_factory=list,
+        description="Endpoints (besides the default store's) where a spec's own store may use a Secret of its "
+        "namespace: the operator and its pods send that Secret nowhere else.",
+    )
+
+    store_sts: bool = Field(
+        default=False,
+        description="Give the default store's trainer pods short-lived credentials (STS AssumeRole with a session "
+        "policy limited to the namespace's root and the inputs it reads), minted by the operator into a child "
+        "Secret, instead of the copied store_credentials_secret.",
+    )
+    store_sts_duration_seconds: int = Field(
+        default=43200, ge=900, description="Lifetime of minted credentials; renewed after two thirds of it."
+    )
+    store_sts_role_arn: str = Field(
+        default="arn:aws:iam::000000000000:role/lorafleet-workload",
+        description="RoleArn of AssumeRole (MinIO ignores it; AWS and Ceph RGW need the role to assume).",
+    )
 
     network_policy: bool = Field(default=True, description="Create an egress-restricting NetworkPolicy per workload.")
     egress_cidrs: list[str] = Field(
         default_factory=list,
         description="CIDRs workloads may reach besides DNS (the API server and the artifact store).",
     )
-    resync_seconds: float = Field(default=30.0, description="Period of the level-driven resync timer.", gt=0)
+    # The cluster DNS workloads may query (port 53): pods with these labels in this namespace only, so a tenant
+    # cannot label a pod of its own kube-dns and receive every workload's port-53 traffic.
+    dns_namespace: str = Field(default="kube-system", description="Namespace of the cluster DNS pods.")
+    dns_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"k8s-app": "kube-dns"}, description="Labels of the cluster DNS pods."
+    )
+    resync_minutes: float = Field(
+        default=5.0,
+        gt=0,
+        description="Period of the safety-net resync (minutes): every object not finished is queued again; a "
+        "pass over objects that did not change writes nothing.",
+    )
+    resync_seconds: float | None = Field(
+        default=None, gt=0, description="The resync period in seconds; overrides resync_minutes when set (tests)."
+    )
+    workers: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Reconciles that run at once (work queue threads): each waits on the API server most of its "
+        "time, so more than the cores helps a burst until the API server is the bottleneck.",
+    )
+    stall_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds without a finished reconcile, while work is due or running, after which the work queue "
+        "counts as stalled and /healthz fails (lorafleet.controllers.liveness).",
+    )
+    finalizer_timeout_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds lorafleet's finalizer keeps trying to delete a FineTuneJob's adapter (deletionPolicy: "
+        "Delete) while AdapterDeployments reference it or the store fails; then it gives up with a Warning Event "
+        "and leaves the adapter in the store, so no deletion (nor namespace) hangs.",
+    )
     metrics_port: int = Field(default=8080, description="Port of /metrics.")
     health_port: int = Field(default=8081, description="Port of the liveness endpoint /healthz.")
     log_format: str = Field(default="json", description="json or text.")
+
+    # Leader election on a coordination.k8s.io Lease (lorafleet.controllers.leader). Off by default, so a single
+    # process (development, the integration tests) runs at once; the Helm chart turns it on for its replicas.
+    leader_election: bool = Field(
+        default=False, description="Campaign for a Lease and run the controllers only while holding it."
+    )
+    leader_election_lease_name: str = Field(
+        default="lorafleet-operator", description="Name of the Lease, in operator_namespace."
+    )
+    leader_election_lease_duration: int = Field(
+        default=15, ge=2, description="Seconds a standby waits after the last renewal before taking the Lease."
+    )
+    leader_election_renew_deadline: int = Field(
+        default=10, ge=2, description="Seconds the leader keeps retrying a renewal before it exits (code 1)."
+    )
+    leader_election_retry_period: int = Field(
+        default=2, ge=1, description="Seconds between attempts to acquire or renew the Lease."
+    )
+
+    @property
+    def resync_period(self) -> float:
+        """Seconds between two resync passes."""
+        return self.resync_seconds if self.resync_seconds is not None else self.resync_minutes * 60
+
+    @model_validator(mode="after")
+    def _election_timings(self) -> OperatorSettings:
+        # The library's own checks (kubernetes.leaderelection.electionconfig.Config) call sys.exit: fail here
+        # first with the setting names. The leader must give up before a standby may take over.
+        if self.leader_election_lease_duration <= self.leader_election_renew_deadline:
+            raise ValueError(
+                "LORAFLEET_LEADER_ELECTION_LEASE_DURATION must exceed LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE"
+            )
+        if self.leader_election_renew_deadline <= 1.2 * self.leader_election_retry_period:
+            raise ValueError(
+                "LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE must exceed 1.2 x LORAFLEET_LEADER_ELECTION_RETRY_PERIOD"
+            )
+        return self

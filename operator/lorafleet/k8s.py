@@ -374,20 +374,45 @@ def delete(
 
 
 def patch_status(
-    api_version: str, kind: str, name: str, namespace: str | None, status: Mapping[str, Any]
+    api_version: str,
+    kind: str,
+    name: str,
+    namespace: str | None,
+    status: Mapping[str, Any],
+    resource_version: str | None = None,
 ) -> dict[str, Any]:
     """JSON merge patch of `status` on the status subresource.
 
-    Not for the object a kopf handler is handling: that re-triggers the handler (kopf 916); return the
-    status from the handler or use its `patch` kwarg instead.
+    With `resource_version` (the one the status was computed from) the write is optimistic: the API server
+    refuses it with 409 Conflict when the object changed since, and the caller retries from a fresh read.
     """
     res = resource(api_version, kind)
     sub = res.subresources.get("status")
     if sub is None:
         raise ValueError(f"{api_version}/{kind} has no status subresource")
+    body: dict[str, Any] = {"status": dict(status)}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
     result = dynamic_client().patch(
         sub,
-        body={"status": dict(status)},
+        body=body,
+        name=name,
+        namespace=namespace if res.namespaced else None,
+        content_type="application/merge-patch+json",
+    )
+    return _to_dict(result)
+
+
+def patch_finalizers(
+    api_version: str, kind: str, name: str, namespace: str | None, finalizers: list[str], resource_version: str
+) -> dict[str, Any]:
+    """Set metadata.finalizers (a merge patch replaces the list) only if the object is still at
+    `resource_version`: a finalizer someone else added meanwhile is never dropped (409, retried from a fresh read)."""
+    res = resource(api_version, kind)
+    body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
+    result = dynamic_client().patch(
+        res,
+        body=body,
         name=name,
         namespace=namespace if res.namespaced else None,
         content_type="application/merge-patch+json",

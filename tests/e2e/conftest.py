@@ -1,7 +1,7 @@
 """Fixtures for end-to-end tests on a real node (docs/node.md).
 
 * ``node`` (session): the local cluster (the ``cluster`` fixture of tests/integration) plus a real node
-  (``lorafleet.dev.node``: containerd, kubelet, kube-proxy, CoreDNS), started if needed and stopped at the
+  (``lorafleet_dev.node``: containerd, kubelet, kube-proxy, CoreDNS), started if needed and stopped at the
   end unless ``hack/node up`` started it or ``LORAFLEET_KEEP_NODE=1``. If it cannot start, the tests FAIL;
   ``LORAFLEET_SKIP_E2E=1`` skips them instead. Needs root (the node runs containers).
 * ``cluster`` and ``namespace``: the fixtures of tests/integration/conftest.py.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.conftest import cluster, namespace  # noqa: F401  (fixtures used by the e2e tests)
 
 HERE = Path(__file__).parent
@@ -42,15 +43,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Build every binary before any test runs, so a cold build (minutes) is not cut by pytest-timeout."""
     if SKIP or not any(HERE in item.path.parents for item in session.items):
         return
-    from lorafleet.dev.node import LocalNode
+    from lorafleet_dev.node import LocalNode
 
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(
+            "\ne2e: building the node's binaries and lorafleet's images with buildah (cached: seconds when nothing "
+            "changed; a first run takes 20 to 30 minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             LocalNode().build()
             # lorafleet's images (minutes on a fresh machine); the node fixture imports them into containerd.
-            from lorafleet.dev import images
-            from lorafleet.dev.loop import LOOP_IMAGES
+            from lorafleet_dev import images
+            from lorafleet_dev.loop import LOOP_IMAGES
 
             for name in LOOP_IMAGES:
                 images.build(name)
@@ -78,7 +85,7 @@ class NodeHandle:
         ports: list[int] | None = None,
     ) -> dict[str, Any]:
         """A busybox pod pinned to the real node (image never pulled)."""
-        from lorafleet.dev.node import NODE_POOL, NODE_POOL_LABEL, TAINT_KEY
+        from lorafleet_dev.node import NODE_POOL, NODE_POOL_LABEL, TAINT_KEY
 
         container: dict[str, Any] = {
             "name": "main",
@@ -142,15 +149,15 @@ class NodeHandle:
 def node(cluster: ClusterHandle) -> Iterator[NodeHandle]:  # noqa: F811  (the imported fixture)
     if not cluster.local:
         pytest.fail("the e2e tests run on the local cluster's real node (LORAFLEET_CLUSTER=external is not supported)")
-    from lorafleet.dev.cluster import LocalCluster
-    from lorafleet.dev.node import BUSYBOX_IMAGE, NODE_IP, NODE_NAME, LocalNode
+    from lorafleet_dev.cluster import LocalCluster
+    from lorafleet_dev.node import BUSYBOX_IMAGE, NODE_IP, NODE_NAME, LocalNode
 
     local = LocalNode(LocalCluster())
     try:
         if _build_errors:
             raise RuntimeError(_build_errors[0])
         started = local.up()
-        from lorafleet.dev.loop import ensure_images
+        from lorafleet_dev.loop import ensure_images
 
         ensure_images()  # imports what containerd does not hold yet; pods never pull
     except Exception as e:  # not root, packages missing, a component that did not start

@@ -1,4 +1,4 @@
-"""The whole loop on the real node, as ``lorafleet demo`` runs it (lorafleet.dev.loop): a FineTuneJob trains a
+"""The whole loop on the real node, as ``lorafleet-dev demo`` runs it (lorafleet_dev.loop): a FineTuneJob trains a
 LoRA in a pod, the adapter lands in MinIO with its manifest, an AdapterDeployment's vLLM (the vllm-cpu image)
 serves the base model and the adapter through the Service, and adapters are added and removed without
 restarting the pod. The operator runs as a pod, installed with the Helm chart, and the NetworkPolicies it
@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from lorafleet.dev import loop
-from lorafleet.dev.operator import install_crds
-from lorafleet.dev.s3server import S3Server
 from lorafleet.storage import ArtifactStore, BaseModelRef, VersionFolder
+from lorafleet_dev import loop
+from lorafleet_dev.operator import install_crds
+from lorafleet_dev.s3server import S3Server
 from tests.e2e.conftest import NodeHandle
 
 pytestmark = pytest.mark.e2e
@@ -159,12 +159,12 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
 
     # A second adapter (pushed to the store from outside the cluster, pinned by digest) is loaded into the
     # running pod: no restart, no new pod.
-    from lorafleet.serving.local import make_lora_adapter
+    from lorafleet_dev.vllm_local import make_lora_adapter
 
     extra_dir = make_lora_adapter(world["model_dir"], Path(world["model_dir"]).parent / "extra", seed=7, r=8)
     pushed = ArtifactStore(world["server"].store_settings()).push(
         extra_dir,
-        VersionFolder.parse(f"{loop.ADAPTER_ROOT}/adapters/extra/v1"),
+        VersionFolder.parse(f"{loop.ADAPTER_ROOT}/{namespace}/adapters/extra/v1"),  # the namespace root
         kind="adapter",
         name="extra",
         version="v1",

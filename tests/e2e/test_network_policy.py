@@ -1,6 +1,6 @@
 """The egress NetworkPolicy lorafleet renders for a training pod is enforced on the real node (docs/node.md).
 
-The engine is kube-router's firewall (``lorafleet.dev.netpol``), started by ``hack/node up`` or by the ``node``
+The engine is kube-router's firewall (``lorafleet_dev.netpol``), started by ``hack/node up`` or by the ``node``
 fixture. Two HTTP listeners run on the host: one on the node's IP 10.85.0.1 (where MinIO listens in the
 training test; the policy's allowed CIDR here) and one on the machine's own address outside the pod network
 (e.g. eth0's), which pods reach through the host's INPUT chain, never through the node's FORWARD DROP.
@@ -23,10 +23,10 @@ import pytest
 from kubernetes import client
 
 from lorafleet.config import OperatorSettings
-from lorafleet.dev.cluster import LocalCluster
-from lorafleet.dev.node import NODE_IP, POD_SUBNET, LocalNode
-from lorafleet.dev.testing import wait_until
 from lorafleet.resources import finetunejob as ftj_res
+from lorafleet_dev.cluster import LocalCluster
+from lorafleet_dev.node import NODE_IP, POD_SUBNET, LocalNode
+from lorafleet_dev.testing import wait_until
 from tests.e2e.conftest import NodeHandle
 from tests.unit import objects
 
@@ -83,7 +83,8 @@ def _training_policy(ns: str, ftj_name: str) -> dict[str, Any]:
         egress_cidrs=[f"{NODE_IP}/32"],
     )
     ftj = objects.fine_tune_job(ftj_name, ns)
-    children = ftj_res.desired_children(ftj, objects.ready(objects.base_model(namespace=ns)), settings)
+    base = objects.as_base_model(objects.ready(objects.base_model(namespace=ns)))
+    children = ftj_res.desired_children(objects.as_fine_tune_job(ftj), base, settings)
     [policy] = [c for c in children if c["kind"] == "NetworkPolicy"]
     # The FineTuneJob is not in the cluster: without this the garbage collector would delete the policy.
     del policy["metadata"]["ownerReferences"]
@@ -120,7 +121,7 @@ def _pod_chain_exists(pod: str, ns: str) -> bool:
 
 
 def test_training_egress_policy_is_enforced(node: NodeHandle, namespace: str) -> None:
-    from lorafleet.dev import netpol
+    from lorafleet_dev import netpol
 
     ns = namespace
     engine = netpol.engine_for(LocalNode(LocalCluster())).status()

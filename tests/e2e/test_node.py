@@ -15,8 +15,8 @@ from pathlib import Path
 
 from kubernetes import client
 
-from lorafleet.dev.build import KUBERNETES_VERSION
-from lorafleet.dev.node import (
+from lorafleet_dev.build import KUBERNETES_VERSION
+from lorafleet_dev.node import (
     APISERVER_PROXY_PORT,
     CONTAINERD_SOCK,
     DNS_SERVICE_IP,
@@ -26,7 +26,7 @@ from lorafleet.dev.node import (
     TAINT_KEY,
     LocalNode,
 )
-from lorafleet.dev.testing import wait_until
+from lorafleet_dev.testing import wait_until
 from tests.e2e.conftest import NodeHandle
 
 HELLO = "hello from a real container"

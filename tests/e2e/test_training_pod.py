@@ -1,10 +1,11 @@
 """A FineTuneJob really trains in a pod on the real node (docs/node.md, "A FineTuneJob trains on the node").
 
 MinIO listens on the node's bridge address (10.85.0.1), which both the operator (a subprocess on this machine)
-and the pods reach. It holds the tiny Llama of ``lorafleet.dev.tiny_model`` as a model version and a small chat
+and the pods reach. It holds the tiny Llama of ``lorafleet_dev.tiny_model`` as a model version and a small chat
 dataset. The operator renders the training Job; its init container (the operator image) fetches the model, the
 trainer (the CPU trainer image) trains a LoRA for a few steps, checkpoints and publishes the adapter version.
-The test checks the FineTuneJob's status and the adapter's manifest in the store.
+The test checks the FineTuneJob's status, the live progress the trainer posted into its progress ConfigMap (its
+Role's only right), and the adapter's manifest in the store.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from lorafleet.dev.operator import OperatorProcess, install_crds
-from lorafleet.dev.s3server import S3Server
+from lorafleet.contracts.trainer import PROGRESS_KEY, parse_progress
+from lorafleet.resources import finetunejob as ftj_res
 from lorafleet.storage import ArtifactStore, VersionFolder
 from lorafleet.storage.client import make_client
+from lorafleet_dev.operator import OperatorProcess, install_crds
+from lorafleet_dev.s3server import S3Server
 from tests.e2e.conftest import NodeHandle
 from tests.integration.operator_fixtures import Custom, condition
 from tests.trainer_fixtures import MEMORIZE_CHAT
@@ -38,7 +41,7 @@ STORE_SECRET = "lorafleet-store"
 @pytest.fixture
 def store_on_node(node: NodeHandle, tmp_path: Path) -> Iterator[S3Server]:
     """MinIO bound to the node's bridge address, with the tiny model and a chat dataset."""
-    from lorafleet.dev.tiny_model import build
+    from lorafleet_dev.tiny_model import build
 
     server = S3Server(tmp_path / "minio" / "data", host=node.ip)
     server.start()
@@ -192,8 +195,14 @@ def test_finetunejob_trains_in_a_pod_on_the_real_node(
     assert pods and all(p.spec.node_name == node.name for p in pods), [p.spec.node_name for p in pods]
     assert condition(status, "Ready")["status"] == "True"  # type: ignore[index]
 
+    # The trainer posted its live progress into its own ConfigMap, with a token whose Role allows nothing else.
+    progress = node.cluster.core.read_namespaced_config_map(ftj_res.names("tiny").progress, namespace)
+    posted = parse_progress((progress.data or {}).get(PROGRESS_KEY))
+    assert posted is not None and posted.step and posted.total_steps == 10, progress.data
+    assert "lorafleet-trainer" in {m.manager for m in progress.metadata.managed_fields or []}
+
     artifact = status["artifact"]
-    assert artifact["uri"] == f"{ADAPTER_ROOT}/adapters/tiny-chat/v1", artifact
+    assert artifact["uri"] == f"{ADAPTER_ROOT}/{namespace}/adapters/tiny-chat/v1", artifact  # its namespace root
     assert artifact["digest"].startswith("sha256:") and artifact["sizeBytes"] > 0, artifact
 
     manifest, digest, _ = ArtifactStore(store_on_node.store_settings()).read_manifest(

@@ -1,6 +1,6 @@
 """Fixtures for tests against a real Kubernetes API server (docs/cluster.md).
 
-* ``cluster`` (session): by default uses the local control plane of ``lorafleet.dev.cluster`` (built from
+* ``cluster`` (session): by default uses the local control plane of ``lorafleet_dev.cluster`` (built from
   source on first use, then cached), starting it if needed. At the end it is stopped unless ``hack/cluster up``
   started it, another pytest session still uses it, or ``LORAFLEET_KEEP_CLUSTER=1``.
   With ``LORAFLEET_CLUSTER=external`` it uses ``$KUBECONFIG`` as is.
@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.testing import ClusterHandle, wait_until
 
 HERE = Path(__file__).parent
 # Test sessions may share one cluster (it is reused when already up): each session's namespaces carry its own
@@ -47,7 +47,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Build missing binaries before any test runs, so a cold build (minutes) is not cut by pytest-timeout."""
     if SKIP or EXTERNAL or not any(HERE in item.path.parents for item in session.items):
         return
-    from lorafleet.dev.cluster import LocalCluster
+    from lorafleet_dev.cluster import LocalCluster
 
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
@@ -67,7 +67,7 @@ def cluster() -> Iterator[ClusterHandle]:
         api.close()
         return
 
-    from lorafleet.dev.cluster import LocalCluster
+    from lorafleet_dev.cluster import LocalCluster
 
     local = LocalCluster()  # LORAFLEET_CLUSTER_NAME picks another one (default "lorafleet")
     try:
@@ -119,3 +119,22 @@ def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterato
     except ApiException as e:
         if e.status != 404:
             raise
+
+
+@pytest.fixture
+def private_namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace outside the glob the session's operator watches (<prefix>-*): only the operators a test starts
+    itself see its objects."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
+    name = f"{SESSION_PREFIX}l-{slug}-{uuid.uuid4().hex[:6]}"
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    try:
+        cluster.core.delete_namespace(name, propagation_policy="Background")
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+# The credential scan: after each test's body, and at the session's end (leak_scan.py).
+from tests.integration.leak_scan import pytest_runtest_call, pytest_sessionfinish  # noqa: E402, F401

@@ -16,10 +16,10 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lorafleet import GROUP, VERSION
-from lorafleet.dev.operator import OperatorProcess, install_crds
-from lorafleet.dev.s3server import S3Server
-from lorafleet.dev.testing import ClusterHandle, wait_until
 from lorafleet.storage import ArtifactStore, VersionFolder
+from lorafleet_dev.operator import OperatorProcess, install_crds
+from lorafleet_dev.s3server import S3Server
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.conftest import SESSION_PREFIX
 
 MODEL_URI = "s3://models/tiny-llama/r1"

@@ -26,15 +26,15 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from lorafleet.dev.operator import OperatorProcess
-from lorafleet.dev.s3server import S3Server, free_port
-from lorafleet.dev.testing import ClusterHandle, wait_until
 from lorafleet.resources import finetunejob as ftj_res
+from lorafleet_dev.operator import OperatorProcess
+from lorafleet_dev.s3server import S3Server, free_port
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, condition
+from tests.integration.test_chart_kustomize import DEPLOY
+from tests.integration.test_chart_kustomize import kubectl as kubectl_binary
+from tests.integration.test_chart_render import CHART, helm_binary, set_args
 from tests.unit import objects
-from tests.unit.test_chart import CHART, helm_binary, set_args
-from tests.unit.test_chart_kustomize import DEPLOY
-from tests.unit.test_chart_kustomize import kubectl as kubectl_binary
 
 Obj = dict[str, Any]
 STORE_SECRET = "lorafleet-store"
@@ -211,7 +211,7 @@ def test_install_upgrade_and_uninstall(
 
     helm.install(release, namespace)
     deployment = cluster.apps.read_namespaced_deployment(name, namespace)
-    assert deployment.status.ready_replicas == 1  # kwok: the pod is Ready without running
+    assert deployment.status.ready_replicas == 2  # kwok: the pods are Ready without running
     assert deployment.spec.template.spec.service_account_name == name
     assert rbac.read_cluster_role(name).rules
     assert rbac.read_cluster_role_binding(name).subjects[0].namespace == namespace
@@ -372,7 +372,7 @@ def _reconcile_everything(
     for kind, child in children.items():
         assert FIELD_MANAGER in _managers(child), f"{kind} {child.metadata.name} not applied by this operator"
     assert children["Service"].spec.cluster_ip == "None"
-    assert len(networking.list_namespaced_network_policy(namespace).items) == 2
+    assert len(networking.list_namespaced_network_policy(namespace).items) == 3  # 2 egress, 1 serving ingress
 
     # Events on condition transitions, posted with the chart's RBAC.
     wait_until(
@@ -410,7 +410,7 @@ def test_kustomize_base_applies_and_the_operator_becomes_available(cluster: Clus
         wait_until(
             lambda: (
                 (cluster.apps.read_namespaced_deployment("lorafleet", "lorafleet-system").status.ready_replicas or 0)
-                == 1
+                == 2
             ),
             timeout=60,
             what="the kustomize-installed operator Deployment to be available",

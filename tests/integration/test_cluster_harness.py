@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from lorafleet.dev.kwok import CPU_NODES, FAIL_ANNOTATION, GPU_NODES, GPU_PRODUCT
-from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.kwok import CPU_NODES, FAIL_ANNOTATION, GPU_NODES, GPU_PRODUCT
+from lorafleet_dev.testing import ClusterHandle, wait_until
 
 IMAGE = "registry.invalid/lorafleet/never-pulled:0"  # kwok pods never pull images
 KWOK = {"type": "kwok"}  # keeps pods off real nodes (kind)
@@ -63,7 +63,7 @@ def test_api_server_answers(cluster: ClusterHandle) -> None:
     version = client.VersionApi(cluster.api_client).get_code()
     assert version.git_version.startswith("v1.")
     if cluster.local:
-        from lorafleet.dev.build import KUBERNETES_VERSION
+        from lorafleet_dev.build import KUBERNETES_VERSION
 
         assert version.git_version == KUBERNETES_VERSION
         nodes = {n.metadata.name: n for n in cluster.core.list_node().items}

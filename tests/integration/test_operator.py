@@ -15,10 +15,10 @@ from kubernetes import client
 from lorafleet import k8s
 from lorafleet.config import OperatorSettings
 from lorafleet.controllers import finetunejob as ftj_controller
-from lorafleet.dev.s3server import S3Server
-from lorafleet.dev.testing import ClusterHandle, wait_until
 from lorafleet.resources import finetunejob as ftj_res
 from lorafleet.storage import ArtifactStore, ObjectNotFound, VersionFolder
+from lorafleet_dev.s3server import S3Server
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, OperatorProcess, condition
 from tests.unit import objects
 
@@ -68,7 +68,17 @@ def test_finetunejob_waits_for_its_base_model_then_trains_on_a_gpu_node(
     running = custom.wait_status("FineTuneJob", "support", _phase("Running"), what="FineTuneJob Running")
     assert running["status"]["jobName"] == "support-train"
     assert running["status"]["startTime"]
-    pods = cluster.core.list_namespaced_pod(namespace, label_selector="job-name=support-train").items
+    # Running follows the Job's startTime, which the Job controller sets when it creates the pod: the scheduler
+    # may not have placed it yet.
+    pods = wait_until(
+        lambda: [
+            p
+            for p in cluster.core.list_namespaced_pod(namespace, label_selector="job-name=support-train").items
+            if p.spec.node_name
+        ],
+        timeout=30,
+        what="the training pod scheduled",
+    )
     node = cluster.core.read_node(pods[0].spec.node_name)
     assert GPU_PRODUCT_LABEL in node.metadata.labels, "the training pod must land on a GPU node"
 
@@ -190,7 +200,7 @@ def test_restarted_operator_converges_without_duplicates(
         base["status"] = {"phase": "Ready"}  # what the dead operator had not written yet either
         # What the dead operator had done: the children exist, the status was never written.
         settings = OperatorSettings(store_endpoint=s3_server.endpoint, store_uri=ADAPTER_ROOT)
-        children, error = ftj_controller.plan(ftj, base, settings)
+        children, error = ftj_controller.plan(objects.as_fine_tune_job(ftj), objects.as_base_model(base), settings)
         assert error is None
         k8s.use_api_client(cluster.api_client)
         for child in children:
@@ -235,15 +245,17 @@ def test_delete_policy_removes_the_adapter_from_the_store(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
     store = ArtifactStore(s3_server.store_settings())
-    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/adapters/{namespace}/v1")
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"\1" * 64)
-    pushed = store.push(tmp_path, folder, kind="adapter", name=namespace, version="v1")
+    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/{namespace}/adapters/{namespace}/v1")  # the folder the spec names
 
     custom = Custom(cluster, namespace)
     custom.create(_base_model(namespace))
     ftj = _fine_tune_job(namespace, podAnnotations={"lorafleet.io/kwok-duration": "600s"})
-    ftj["spec"]["output"]["deletionPolicy"] = "Delete"
-    custom.create(ftj)
+    ftj["spec"]["output"].update(adapterName=namespace, deletionPolicy="Delete")
+    uid = custom.create(ftj)["metadata"]["uid"]
+    # What the trainer publishes: its lineage names this FineTuneJob, which deletion checks again.
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\1" * 64)
+    lineage = {"job": {"namespace": namespace, "name": "support", "uid": uid}}
+    pushed = store.push(tmp_path, folder, kind="adapter", name=namespace, version="v1", hyperparameters=lineage)
     custom.wait_status("FineTuneJob", "support", _phase("Running"))
     # What the trainer's verified report records; kwok pods run no trainer, so the test writes it.
     artifact = {"uri": folder.uri, "digest": pushed.digest, "sizeBytes": pushed.manifest.total_size}
@@ -270,7 +282,7 @@ def test_max_lora_rank_is_sized_from_the_stored_adapter(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
     store = ArtifactStore(s3_server.store_settings())
-    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/adapters/{namespace}-sql/v3")
+    folder = VersionFolder.parse(f"{ADAPTER_ROOT}/{namespace}/adapters/{namespace}-sql/v3")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\2" * 64)
     pushed = store.push(
         tmp_path, folder, kind="adapter", name=f"{namespace}-sql", version="v3", hyperparameters={"lora": {"r": 64}}

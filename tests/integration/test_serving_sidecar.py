@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.serving.local import http_get
+from lorafleet_dev.vllm_local import http_get
 from tests.serving_fixtures import BASE, ServingPod, post_json
 
 pytestmark = pytest.mark.integration

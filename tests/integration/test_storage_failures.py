@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from lorafleet.dev.s3server import S3Server, free_port
 from lorafleet.storage import (
     ArtifactStore,
     BadCredentials,
@@ -36,6 +35,7 @@ from lorafleet.storage import (
     version_folder,
 )
 from lorafleet.storage.settings import MiB
+from lorafleet_dev.s3server import S3Server, free_port
 
 pytestmark = pytest.mark.integration
 

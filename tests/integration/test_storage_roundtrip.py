@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from lorafleet.dev.s3server import S3Server
 from lorafleet.storage import (
     ArtifactStore,
     BaseModelRef,
@@ -25,6 +24,7 @@ from lorafleet.storage import (
 )
 from lorafleet.storage.cli import main as cli
 from lorafleet.storage.settings import MiB
+from lorafleet_dev.s3server import S3Server
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from lorafleet.contracts.serving import ENGINE_MODEL_DIR
 from tests.trainer_fixtures import (  # noqa: F401
     MEMORIZE_CHAT,
     MEMORIZE_QA,
@@ -42,6 +44,14 @@ RESUME_TOLERANCE = 1e-5
 # Same hyperparameters for the uninterrupted run and the interrupted ones (dropout exercises the RNG restore).
 RESUME_RUN = {"maxSteps": 60, "checkpointInterval": 10, "loggingSteps": 1, "learningRate": 5e-3}
 RESUME_LORA = {"dropout": 0.1}
+
+
+async def _resolved_by_vllm_filesystem_resolver(adapter_dir: Path) -> None:
+    """vLLM's own filesystem resolver (run in-process, as in a pod whose --model is ENGINE_MODEL_DIR) accepts it."""
+    from vllm.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
+
+    request = await FilesystemResolver(str(adapter_dir.parent)).resolve_lora(ENGINE_MODEL_DIR, adapter_dir.name)
+    assert request is not None and request.lora_path == str(adapter_dir)
 
 
 # -- training works ------------------------------------------------------------------------------------------
@@ -64,6 +74,10 @@ def test_loss_drops_and_adapter_changes_the_model(tiny_model_dir: Path, tiny_ada
     ]
     config = json.loads((tiny_adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+    # The value vLLM's resolver plugins compare with its --model; the base model's URI stays in the lineage.
+    assert config["base_model_name_or_path"] == ENGINE_MODEL_DIR
+    assert manifest["baseModel"]["uri"].startswith(("s3://", "pvc://", "/", "file://")), manifest["baseModel"]
+    asyncio.run(_resolved_by_vllm_filesystem_resolver(tiny_adapter_dir))
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -121,7 +135,7 @@ def test_cli_run_status_progress_lines_and_lineage(trainer_env: TrainerEnv) -> N
     assert [e["step"] for e in events if e["event"] == "eval"] == [6, 12]
 
     status = env.status(config)
-    assert set(status) == {"progress", "metrics", "artifact"}
+    assert set(status) == {"version", "progress", "metrics", "artifact"}
     assert status["progress"]["step"] == 12 and status["progress"]["totalSteps"] == 12
     assert {"trainLoss", "evalLoss", "tokensPerSecond", "trainSeconds", "wallSeconds"} <= status["metrics"].keys()
     assert status["artifact"]["uri"] == "s3://artifacts/lorafleet/adapters/cli/v1"

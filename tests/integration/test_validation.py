@@ -12,8 +12,9 @@ import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
-from lorafleet.dev.build import Builder
-from lorafleet.dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.build import Builder
+from lorafleet_dev.paths import CRDS
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.unit import objects
 
@@ -112,6 +113,17 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _set(AD, "spec.adapters.1.artifact.digest", "sha256:xyz"),
         "spec.adapters[1].artifact.digest",
     ),
+    # Paths and quantities (issue 15, point 7): a pvc:// path stays inside its claim; cpu and memory are quantities.
+    ("ftj-pvc-dotdot", _set(FTJ, "spec.dataset.uri", "pvc://claim/../x"), "spec.dataset.uri"),
+    ("ftj-pvc-absolute", _set(FTJ, "spec.dataset.uri", "pvc://claim//etc/passwd"), "spec.dataset.uri"),
+    ("ftj-pvc-encoded", _set(FTJ, "spec.dataset.uri", "pvc://claim/%2e%2e/x"), "spec.dataset.uri"),
+    ("ftj-pvc-backslash", _set(FTJ, "spec.dataset.uri", "pvc://claim/..\\x"), "spec.dataset.uri"),
+    ("ftj-pvc-eval", _set(FTJ, "spec.dataset.evalUri", "pvc://claim/a/../../x"), "spec.dataset.evalUri"),
+    ("bm-pvc-dotdot", _set(BM, "spec.source.uri", "pvc://models/../other"), "spec.source.uri"),
+    ("ftj-memory-lots", _set(FTJ, "spec.resources.memory", "lots"), "spec.resources.memory"),
+    ("ftj-cpu-negative", _set(FTJ, "spec.resources.cpu", -1), "spec.resources.cpu"),
+    ("ftj-memory-object", _set(FTJ, "spec.resources.memory", {"gi": 64}), "spec.resources.memory"),
+    ("ad-memory-lots", _set(AD, "spec.resources.memory", "64 gigs"), "spec.resources.memory"),
 ]
 
 
@@ -132,15 +144,21 @@ def test_there_are_at_least_twenty_cases() -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_passes_server_side_dry_run(cluster: ClusterHandle, crds: None, namespace: str, path: Path) -> None:
     custom = Custom(cluster, namespace)
+    # Cluster-scoped kinds (ClusterArtifactStore) are created at the cluster's endpoint, as kubectl would.
+    scopes = {
+        crd["spec"]["names"]["kind"]: crd["spec"]["scope"]
+        for crd in (yaml.safe_load(f.read_text()) for f in sorted(CRDS.glob("*.yaml")))
+    }
     for doc in yaml.safe_load_all(path.read_text()):
+        plural = custom.plural(doc["kind"])
+        if scopes[doc["kind"]] == "Cluster":
+            custom.api.create_cluster_custom_object(
+                "lorafleet.io", "v1alpha1", plural, doc, dry_run="All", field_validation="Strict"
+            )
+            continue
+        doc["metadata"].pop("namespace", None)  # an example may name its team's namespace: this test's is used
         custom.api.create_namespaced_custom_object(
-            "lorafleet.io",
-            "v1alpha1",
-            namespace,
-            custom.plural(doc["kind"]),
-            doc,
-            dry_run="All",
-            field_validation="Strict",
+            "lorafleet.io", "v1alpha1", namespace, plural, doc, dry_run="All", field_validation="Strict"
         )
 
 
@@ -149,6 +167,17 @@ def test_valid_objects_are_accepted(cluster: ClusterHandle, crds: None, namespac
     for obj in (BM, FTJ, AD):
         created = custom.create(obj)
         assert created["metadata"]["generation"] == 1
+
+
+def test_pvc_paths_inside_the_claim_and_quantities_are_accepted(
+    cluster: ClusterHandle, crds: None, namespace: str
+) -> None:
+    custom = Custom(cluster, namespace)
+    ftj = _set(FTJ, "spec.dataset.uri", "pvc://claim/data/.hidden/a..b.jsonl")
+    ftj = _set(_set(ftj, "spec.resources.cpu", "500m"), "spec.resources.memory", "1.5Gi")
+    assert custom.create(ftj)["spec"]["resources"]["memory"] == "1.5Gi"
+    bm = _set(_set(BM, "metadata.name", "on-a-claim"), "spec.source.uri", "pvc://models/llama/")
+    custom.create(bm)
 
 
 def test_finetunejob_spec_is_immutable(cluster: ClusterHandle, crds: None, namespace: str) -> None:

@@ -14,13 +14,9 @@ import pytest
 import yaml
 
 from lorafleet.resources.conditions import get_condition
-from lorafleet.resources.status import (
-    ArtifactCheck,
-    adapterdeployment_status,
-    basemodel_status,
-    finetunejob_status,
-)
+from lorafleet.resources.status import ArtifactCheck
 from tests.unit import objects
+from tests.unit.objects import adapterdeployment_status, basemodel_status, finetunejob_status
 
 lua51 = pytest.importorskip("lupa.lua51", reason="lupa (a Lua interpreter) is needed: pip install lupa")
 

@@ -1,12 +1,12 @@
 """Every child-object builder renders exactly the golden YAML under tests/unit/golden.
 
-Regenerate after an intended change with `LORAFLEET_UPDATE_GOLDEN=1 pytest tests/unit/test_builders_golden.py`
-and review the diff: the golden files are the reviewable contract of what the operator creates.
+The golden files are the reviewable contract of what the operator creates. The test only compares; after an
+intended change run `hack/generate` (it writes them with golden_files() below, the very function this test
+compares against) and review the diff.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.serving import DesiredAdapter
 from lorafleet.resources import adapterdeployment as ad_res
 from lorafleet.resources import finetunejob as ftj_res
-from lorafleet.serving.desired import DesiredAdapter
 from tests.unit import objects
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -29,12 +29,14 @@ SETTINGS = OperatorSettings(
 
 
 def _single_node() -> list[dict[str, Any]]:
-    return ftj_res.desired_children(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
+    bm = objects.as_base_model(objects.ready(objects.base_model()))
+    return ftj_res.desired_children(objects.as_fine_tune_job(objects.fine_tune_job()), bm, SETTINGS)
 
 
 def _multi_node() -> list[dict[str, Any]]:
     ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 8}, method="qlora")
-    return ftj_res.desired_children(ftj, objects.ready(objects.base_model()), SETTINGS)
+    bm = objects.as_base_model(objects.ready(objects.base_model()))
+    return ftj_res.desired_children(objects.as_fine_tune_job(ftj), bm, SETTINGS)
 
 
 def _cpu_from_pvc() -> list[dict[str, Any]]:
@@ -47,13 +49,15 @@ def _cpu_from_pvc() -> list[dict[str, Any]]:
         },
         activeDeadlineSeconds=3600,)
     bm = objects.base_model(source={"uri": "pvc://models/tiny-llama"})
-    return ftj_res.desired_children(ftj, objects.ready(bm), SETTINGS.model_copy(update={"network_policy": False}))
+    settings = SETTINGS.model_copy(update={"network_policy": False})
+    return ftj_res.desired_children(objects.as_fine_tune_job(ftj), objects.as_base_model(objects.ready(bm)), settings)
 
 
 def _serving_gpu() -> list[dict[str, Any]]:
     adapters = [DesiredAdapter(name="sql", uri="s3://lorafleet/adapters/sql/v3", digest="sha256:" + "ab" * 32)]
     bm = objects.ready(objects.base_model(), digest="sha256:" + "cd" * 32)
-    return ad_res.desired_children(objects.adapter_deployment(), bm, adapters, {"sql": 64}, SETTINGS)
+    ad = objects.adapter_deployment_obj(objects.adapter_deployment())
+    return ad_res.desired_children(ad, objects.as_base_model(bm), adapters, {"sql": 64}, SETTINGS)
 
 
 def _serving_cpu() -> list[dict[str, Any]]:
@@ -62,7 +66,8 @@ def _serving_cpu() -> list[dict[str, Any]]:
         resources={"gpusPerReplica": 0, "cpu": 2, "memory": "4Gi"},
         engine={"maxLoras": 2, "maxLoraRank": 16, "dtype": "float32", "extraArgs": ["--enforce-eager"]},
     )
-    return ad_res.desired_children(ad, objects.ready(objects.base_model()), [], {}, SETTINGS)
+    bm = objects.as_base_model(objects.ready(objects.base_model()))
+    return ad_res.desired_children(objects.adapter_deployment_obj(ad), bm, [], {}, SETTINGS)
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -81,11 +86,22 @@ CASES = {
 }
 
 
+def render(case: str) -> str:
+    """The golden text of one case: its children as YAML documents, keys sorted, shared objects written out."""
+    return yaml.dump_all(CASES[case](), Dumper=_NoAliasDumper, sort_keys=True)
+
+
+def golden_files() -> dict[str, str]:
+    """File name under tests/unit/golden -> text, for every case (what hack/generate writes)."""
+    return {f"{case}.yaml": render(case) for case in sorted(CASES)}
+
+
+def test_golden_folder_holds_exactly_the_cases() -> None:
+    assert sorted(p.name for p in GOLDEN.glob("*.yaml")) == sorted(golden_files()), "run hack/generate"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_builder_matches_golden(case: str) -> None:
-    rendered = yaml.dump_all(CASES[case](), Dumper=_NoAliasDumper, sort_keys=True)
     path = GOLDEN / f"{case}.yaml"
-    if os.environ.get("LORAFLEET_UPDATE_GOLDEN"):
-        path.write_text(rendered)
-    assert path.exists(), f"missing golden file {path}; run with LORAFLEET_UPDATE_GOLDEN=1"
-    assert rendered == path.read_text(), f"{case} differs from {path}; review and regenerate if intended"
+    assert path.exists(), f"missing golden file {path}; run hack/generate"
+    assert render(case) == path.read_text(), f"{case} differs from {path}; review, and run hack/generate if intended"

@@ -17,6 +17,7 @@ from lorafleet.resources.conditions import (
     ConditionType,
     Reason,
     get_condition,
+    notable_transitions,
     rfc3339,
     set_condition,
     transitions,
@@ -147,3 +148,18 @@ def test_reasons_are_camel_case() -> None:
     for values in (reasons, types):
         assert values and all(isinstance(v, str) and v[:1].isupper() and v.isalnum() for v in values)
         assert len(set(values)) == len(values)
+
+
+def test_a_first_status_posts_one_event_unless_something_is_wrong() -> None:
+    """Creating an object posts Ready's Event (plus Degraded=True's), not one per condition type: each Event is a
+    write, paid N times by a burst of N objects. Later, every transition is notable."""
+    first = [
+        {"type": "Ready", "status": "False", "reason": "JobCreating"},
+        {"type": "Succeeded", "status": "False", "reason": "Running"},
+        {"type": "Degraded", "status": "False", "reason": "AsExpected"},
+    ]
+    assert [t[0] for t in notable_transitions(None, first)] == ["Ready"]
+    degraded = [*first[:2], {"type": "Degraded", "status": "True", "reason": "StoreUnavailable"}]
+    assert [t[0] for t in notable_transitions([], degraded)] == ["Ready", "Degraded"]
+    later = [{**first[0], "status": "True", "reason": "Running"}, {**first[1], "reason": "Done"}, first[2]]
+    assert [t[0] for t in notable_transitions(first, later)] == ["Ready", "Succeeded"]

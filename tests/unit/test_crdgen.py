@@ -1,4 +1,10 @@
-"""Tests for lorafleet.api.crdgen: pydantic models -> structural CRD schemas."""
+"""lorafleet.api.crdgen turns pydantic models into structural CRD schemas.
+
+Invariants: every schema node has a type (structural) and camelCase names; nested models are inlined with their
+descriptions and CEL rules; Optional is nullable; enums, bounds, maps, lists and int-or-string map to their
+OpenAPI forms; an unsupported union, a recursive model or a field without a description raises naming the model
+and path; the YAML dump is deterministic and round-trips.
+"""
 
 from __future__ import annotations
 

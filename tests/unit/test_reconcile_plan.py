@@ -7,12 +7,18 @@ finished FineTuneJob (never restarted), and an unrenderable spec becomes a condi
 from __future__ import annotations
 
 import json
+import urllib.request
 from datetime import UTC, datetime
 
+import pytest
+
+from lorafleet import k8s
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.trainer import PROGRESS_CONFIG_MAP_ENV, PROGRESS_KEY, TrainerReport
 from lorafleet.controllers import adapterdeployment as ad_controller
 from lorafleet.controllers import finetunejob as ftj_controller
-from lorafleet.controllers.base import controller_owner, with_render_error
+from lorafleet.controllers.triggers import owners
+from lorafleet.resources import finetunejob as ftj_res
 from lorafleet.resources.conditions import get_condition
 from lorafleet.resources.stores import RenderError
 from tests.unit import objects
@@ -23,54 +29,106 @@ RBAC = ["ServiceAccount", "Role", "RoleBinding"]
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def _pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan is pure: besides the refused sockets of this tier, any read of the store, a Secret or the API server
+    from a plan fails the test."""
+
+    def refused(*_: object, **__: object) -> None:
+        raise AssertionError("plan read from outside: observe reads, plan only computes")
+
+    monkeypatch.setattr(ad_controller.artifacts, "check_version", refused)
+    monkeypatch.setattr(ad_controller.artifacts.MANIFESTS, "get", refused)
+    for name in ("get", "list_", "apply", "delete", "patch_status"):
+        monkeypatch.setattr(k8s, name, refused)
+
+
 def _kinds(children: list[dict]) -> list[str]:
     return [c["kind"] for c in children]
 
 
+# The controllers' plans on typed objects, as the handlers parse them.
+def _ftj_plan(ftj: dict, base: dict | None, settings: OperatorSettings) -> tuple[list[dict] | None, RenderError | None]:
+    typed = objects.fine_tune_job_obj(ftj)
+    assert typed is not None
+    return ftj_controller.plan(typed, objects.basemodel_obj(base), settings)
+
+
+def _ad_plan(
+    ad: dict, base: dict | None, jobs: dict[str, dict | None], settings: OperatorSettings
+) -> tuple[list[dict] | None, RenderError | None]:
+    typed_jobs = objects.fine_tune_jobs(jobs)
+    return ad_controller.plan(objects.adapter_deployment_obj(ad), objects.basemodel_obj(base), typed_jobs, settings)
+
+
+def _ranks(ad: dict, jobs: dict[str, dict | None]) -> dict[str, int | None]:
+    return ad_controller.adapter_ranks(objects.adapter_deployment_obj(ad), objects.fine_tune_jobs(jobs))
+
+
 def test_finetunejob_waits_for_a_missing_base_model() -> None:
-    assert ftj_controller.plan(objects.fine_tune_job(), None, SETTINGS) == ([], None)
+    assert _ftj_plan(objects.fine_tune_job(), None, SETTINGS) == (None, None)
 
 
 def test_finetunejob_waits_for_a_base_model_that_is_not_ready() -> None:
-    assert ftj_controller.plan(objects.fine_tune_job(), objects.base_model(), SETTINGS) == ([], None)
+    assert _ftj_plan(objects.fine_tune_job(), objects.base_model(), SETTINGS) == (None, None)
 
 
 def test_finetunejob_renders_config_job_and_policy_when_base_is_ready() -> None:
-    children, error = ftj_controller.plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
+    children, error = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
     assert error is None
-    assert _kinds(children) == ["ConfigMap", *RBAC, "Job", "NetworkPolicy"]
+    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Job", "NetworkPolicy"]
 
 
 def test_distributed_finetunejob_adds_a_headless_service() -> None:
     ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 1})
-    children, _ = ftj_controller.plan(ftj, objects.ready(objects.base_model()), SETTINGS)
-    assert _kinds(children) == ["ConfigMap", *RBAC, "Service", "Job", "NetworkPolicy"]
-    assert children[4]["spec"]["clusterIP"] == "None"
+    children, _ = _ftj_plan(ftj, objects.ready(objects.base_model()), SETTINGS)
+    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Service", "Job", "NetworkPolicy"]
+    assert children[5]["spec"]["clusterIP"] == "None"
 
 
 def test_finished_finetunejob_is_never_restarted() -> None:
     for phase in ("Succeeded", "Failed"):
         ftj = {**objects.fine_tune_job(), "status": {"phase": phase}}
-        assert ftj_controller.plan(ftj, objects.ready(objects.base_model()), SETTINGS) == ([], None)
+        assert _ftj_plan(ftj, objects.ready(objects.base_model()), SETTINGS) == (None, None)
 
 
 def test_missing_store_is_an_error_not_a_crash() -> None:
     base_on_pvc = objects.ready(objects.base_model(source={"uri": "pvc://models/tiny"}))
-    children, error = ftj_controller.plan(objects.fine_tune_job(), base_on_pvc, NO_STORE)
-    assert children == []
+    children, error = _ftj_plan(objects.fine_tune_job(), base_on_pvc, NO_STORE)
+    assert children is None  # an unrenderable spec leaves the children as they are
     assert isinstance(error, RenderError)
     assert error.reason == "StoreNotConfigured"
     assert "spec.output.uri" in error.message
-    _, error = ftj_controller.plan(objects.fine_tune_job(), objects.ready(objects.base_model()), NO_STORE)
+    _, error = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), NO_STORE)
     assert error is not None and "BaseModel spec.source.store" in error.message
 
 
 def test_render_error_becomes_conditions() -> None:
-    status = with_render_error({"phase": "Pending"}, RenderError("StoreNotConfigured", "no store"), 3, NOW)
+    """A render error is an input of the status function: Ready and Progressing False, Degraded True, and the
+    conditions' lastTransitionTime holds while the error does."""
+    ftj = objects.fine_tune_job()
+    ftj["metadata"]["generation"] = 3
+    error = RenderError("StoreNotConfigured", "no store")
+    base = objects.ready(objects.base_model())
+    status = objects.finetunejob_status(ftj, base_model=base, job=None, now=NOW, render_error=error)
+    assert status["phase"] == "Pending"
     ready = get_condition(status["conditions"], "Ready")
+    progressing = get_condition(status["conditions"], "Progressing")
     degraded = get_condition(status["conditions"], "Degraded")
     assert ready is not None and ready["status"] == "False" and ready["reason"] == "StoreNotConfigured"
+    assert progressing is not None and progressing["status"] == "False"
     assert degraded is not None and degraded["status"] == "True" and degraded["observedGeneration"] == 3
+    later = NOW.replace(hour=13)
+    again = objects.finetunejob_status(
+        {**ftj, "status": status}, base_model=base, job=None, now=later, render_error=error
+    )
+    assert again["conditions"] == status["conditions"]
+    ad = objects.adapter_deployment()
+    ad_status = objects.adapterdeployment_status(
+        ad, base_model=base, fine_tune_jobs={}, deployment=None, service_host=None, now=NOW, render_error=error
+    )
+    ad_degraded = get_condition(ad_status["conditions"], "Degraded")
+    assert ad_degraded is not None and ad_degraded["reason"] == "StoreNotConfigured"
 
 
 def _pod(message: str, finished: str, container: str = "trainer") -> dict:
@@ -83,20 +141,24 @@ def test_trainer_report_takes_the_newest_json_termination_message() -> None:
     new = _pod(json.dumps({"progress": {"step": 20}}), "2026-11-22T11:00:00Z")
     logs = _pod("Traceback (most recent call last): ...", "2026-11-22T12:00:00Z")
     other = _pod(json.dumps({"progress": {"step": 99}}), "2026-11-22T13:00:00Z", container="fetch-base-model")
-    assert ftj_controller.trainer_report([old, new, logs, other]) == {"progress": {"step": 20}}
+    assert ftj_controller.trainer_report([old, new, logs, other]) == TrainerReport.model_validate(
+        {"progress": {"step": 20}}
+    )
     assert ftj_controller.trainer_report([]) is None
 
 
 def test_adapterdeployment_waits_for_base_model() -> None:
-    assert ad_controller.plan(objects.adapter_deployment(), None, {}, SETTINGS) == ([], None)
+    assert _ad_plan(objects.adapter_deployment(), None, {}, SETTINGS) == (None, None)
 
 
 def test_adapterdeployment_serves_only_adapters_that_can_be_served() -> None:
     ad = objects.adapter_deployment()
     running = {**objects.fine_tune_job(), "status": {"phase": "Running"}}
-    children, error = ad_controller.plan(ad, objects.ready(objects.base_model()), {"support": running}, SETTINGS)
+    children, error = _ad_plan(ad, objects.ready(objects.base_model()), {"support": running}, SETTINGS)
     assert error is None
-    assert _kinds(children) == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+    assert _kinds(children) == [
+        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"
+    ]  # fmt: skip
     desired = json.loads(children[0]["data"]["adapters.json"])
     assert [a["name"] for a in desired["adapters"]] == ["sql"]  # support-bot waits for its FineTuneJob
 
@@ -108,8 +170,8 @@ def test_adapter_set_changes_do_not_touch_the_pod_template() -> None:
     running = {**objects.fine_tune_job(), "status": {"phase": "Running"}}
     artifact = {"uri": "s3://lorafleet/adapters/support-bot/v1", "digest": "sha256:" + "12" * 32, "sizeBytes": 1}
     done = {**objects.fine_tune_job(), "status": {"phase": "Succeeded", "artifact": artifact}}
-    before, _ = ad_controller.plan(ad, base, {"support": running}, SETTINGS)
-    after, _ = ad_controller.plan(ad, base, {"support": done}, SETTINGS)
+    before, _ = _ad_plan(ad, base, {"support": running}, SETTINGS)
+    after, _ = _ad_plan(ad, base, {"support": done}, SETTINGS)
     assert before[0] != after[0]
     assert before[1]["spec"]["template"] == after[1]["spec"]["template"]
 
@@ -117,8 +179,20 @@ def test_adapter_set_changes_do_not_touch_the_pod_template() -> None:
 def test_adapter_ranks_come_from_fine_tune_jobs() -> None:
     ad = objects.adapter_deployment()
     ftj = objects.fine_tune_job(lora={"r": 64})
-    assert ad_controller.adapter_ranks(ad, {"support": ftj}) == {"support-bot": 64, "sql": None}
-    assert ad_controller.adapter_ranks(ad, {"support": objects.fine_tune_job()}) == {"support-bot": 16, "sql": None}
+    assert _ranks(ad, {"support": ftj}) == {"support-bot": 64, "sql": None}
+    assert _ranks(ad, {"support": objects.fine_tune_job()}) == {"support-bot": 16, "sql": None}
+
+
+def test_stored_ranks_come_from_the_observe_step_and_size_vllm() -> None:
+    """The plan gets a stored adapter's rank from what observe read (the manifest cache), never reads it."""
+    ad = objects.adapter_deployment()
+    typed = objects.adapter_deployment_obj(ad)
+    assert ad_controller.adapter_ranks(typed, {}, {"sql": 64}) == {"support-bot": None, "sql": 64}
+    base = objects.basemodel_obj(objects.ready(objects.base_model()))
+    children, error = ad_controller.plan(typed, base, {}, SETTINGS, {"sql": 64})
+    assert error is None and children is not None
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    assert "--max-lora-rank=64" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_controller_owner_matches_only_our_controller_reference() -> None:
@@ -131,36 +205,59 @@ def test_controller_owner_matches_only_our_controller_reference() -> None:
             ]
         }
     }
-    assert controller_owner(child, "FineTuneJob") == "z"
-    assert controller_owner({"metadata": {}}, "FineTuneJob") is None
+    assert list(owners("Job", child)) == [("FineTuneJob", "z")]
+    assert list(owners("Job", {"metadata": {}})) == []
 
 
-def test_live_progress_annotation_is_used_until_a_final_report_exists() -> None:
-    running = {
-        "metadata": {
-            "creationTimestamp": "2026-11-22T10:00:00Z",
-            "annotations": {"lorafleet.io/progress": json.dumps({"step": 7, "totalSteps": 100, "loss": 1.5})},
-        },
-        "status": {"containerStatuses": [{"name": "trainer", "state": {"running": {}}}]},
-    }
-    assert ftj_controller.trainer_report([running]) == {"progress": {"step": 7, "totalSteps": 100, "loss": 1.5}}
+def test_live_progress_from_the_config_map_is_used_until_a_final_report_exists() -> None:
+    running = {"status": {"containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}}
+    progress = {"data": {PROGRESS_KEY: json.dumps({"step": 7, "totalSteps": 100, "loss": 1.5})}}
+    assert ftj_controller.trainer_report([running], progress) == TrainerReport.model_validate(
+        {"progress": {"step": 7, "totalSteps": 100, "loss": 1.5}}
+    )
     final = _pod(json.dumps({"progress": {"step": 100}, "metrics": {"train_loss": 0.1}}), "2026-11-22T11:00:00Z")
-    assert ftj_controller.trainer_report([running, final])["metrics"] == {"train_loss": 0.1}  # type: ignore[index]
-    broken = {"metadata": {"annotations": {"lorafleet.io/progress": "{not json"}}}
-    assert ftj_controller.trainer_report([broken]) is None
+    report = ftj_controller.trainer_report([running, final], progress)
+    assert report is not None and report.metrics == {"train_loss": 0.1}
+    assert ftj_controller.trainer_report([running], {"data": {PROGRESS_KEY: "{not json"}}) is None
+    # The pod annotation of earlier versions is no longer read: only the trainer's Role-limited ConfigMap counts.
+    annotated = {"metadata": {"annotations": {"lorafleet.io/progress": json.dumps({"step": 7})}}, **running}
+    assert ftj_controller.trainer_report([annotated], None) is None
+
+
+def test_the_trainer_may_patch_its_progress_config_map_and_nothing_else() -> None:
+    children, _ = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
+    progress = ftj_res.names("support").progress
+    config_map = next(c for c in children if c["kind"] == "ConfigMap" and c["metadata"]["name"] == progress)
+    assert "data" not in config_map  # created empty; the trainer's patches own data
+    (role,) = [c for c in children if c["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [progress], "verbs": ["patch"]}
+    ]
+    job = next(c for c in children if c["kind"] == "Job")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[PROGRESS_CONFIG_MAP_ENV] == progress
 
 
 def test_operator_and_sidecar_agree_on_the_gateway_routes() -> None:
-    from lorafleet.resources import adapterdeployment as builders
+    from lorafleet.contracts import serving as contract
     from lorafleet.serving import gateway
 
-    assert (builders.READY_PATH, builders.STATE_PATH) == (gateway.READY, gateway.STATE)
+    assert (contract.READY_PATH, contract.STATE_PATH) == (gateway.READY, gateway.STATE)
+    children, _ = _ad_plan(objects.adapter_deployment(), objects.ready(objects.base_model()), {}, SETTINGS)
+    pod = next(c for c in children if c["kind"] == "Deployment")["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["containers"] if c["name"] == "adapter-sync")
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": gateway.READY, "port": contract.GATEWAY_PORT}
 
 
-def test_unreachable_pod_counts_as_not_loaded() -> None:
+def test_unreachable_pod_counts_as_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     pod = {"metadata": {"name": "chat-vllm-0"}, "status": {"phase": "Running"}}
     assert ad_controller._fetch_state(pod) == {"pod": "chat-vllm-0", "error": "no pod IP yet"}
-    pod["status"]["podIP"] = "127.0.0.1"  # nothing listens on the gateway port here
+
+    def refused(*_: object, **__: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refused)  # nothing listens on the gateway port
+    pod["status"]["podIP"] = "127.0.0.1"
     state = ad_controller._fetch_state(pod)
     assert state["pod"] == "chat-vllm-0" and "error" in state
 
@@ -185,7 +282,7 @@ def test_transition_event_names_the_object_and_flags_trouble() -> None:
 
 
 def test_resync_matches_namespace_patterns_like_kopf() -> None:
-    from lorafleet.controllers.resync import _watched
+    from lorafleet.controllers.caches import watched as _watched
 
     assert _watched("team-a", ["team-*"])
     assert not _watched("other", ["team-*"])
@@ -197,40 +294,10 @@ def test_finetunejob_pins_the_base_models_verified_digest() -> None:
     """The fetch refuses any other version and the trainer records the digest in the adapter's lineage."""
     digest = "sha256:" + "a" * 64
     base = objects.ready(objects.base_model(), digest=digest)
-    children, error = ftj_controller.plan(objects.fine_tune_job(), base, SETTINGS)
+    children, error = _ftj_plan(objects.fine_tune_job(), base, SETTINGS)
     assert error is None
     job = next(c for c in children if c["kind"] == "Job")
     fetch = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-base-model")
     assert fetch["command"][-2:] == ["--digest", digest]
     config_map = next(c for c in children if c["kind"] == "ConfigMap")
     assert json.loads(config_map["data"]["trainer.json"])["baseModel"]["digest"] == digest
-
-
-def test_replicas_are_nudged_once_per_desired_set() -> None:
-    """Each replica gets the desired set's digest as an annotation (the kubelet then refreshes its ConfigMap
-    volume at once); a replica that has it is left alone; another set gives another digest."""
-    from lorafleet.resources import adapterdeployment as ad_res
-
-    ad = objects.adapter_deployment()
-    children, error = ad_controller.plan(ad, objects.ready(objects.base_model()), {}, SETTINGS)
-    assert error is None
-    digest = ad_res.desired_set_digest(children, ad["metadata"]["name"])
-    assert digest is not None and len(digest) == 16
-    pods = [
-        {"metadata": {"name": "a", "namespace": "ml"}},
-        {"metadata": {"name": "b", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: digest}}},
-        {"metadata": {"name": "c", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: "old"}}},
-    ]
-    nudges = ad_res.pod_nudges(pods, digest)
-    assert [n["metadata"]["name"] for n in nudges] == ["a", "c"]
-    assert nudges[0] == {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "a", "namespace": "ml", "annotations": {ad_res.DESIRED_SET_ANNOTATION: digest}},
-    }
-    other = [
-        {**c, "data": {k: v.replace("tiny", "other") for k, v in c["data"].items()}} if c["kind"] == "ConfigMap" else c
-        for c in children
-    ]
-    assert ad_res.desired_set_digest(other, ad["metadata"]["name"]) not in (None, digest)
-    assert ad_res.desired_set_digest([], ad["metadata"]["name"]) is None

@@ -10,6 +10,7 @@ observe(kind) counts every reconcile once with its result, times it, and counts 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import logging
@@ -18,12 +19,16 @@ from typing import Any
 
 import kopf
 import pytest
+import urllib3
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.leaderelection.leaderelection import LeaderElection
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from lorafleet import k8s
 from lorafleet.config import OperatorSettings
-from lorafleet.controllers import observability, runtime
+from lorafleet.controllers import leader, observability, runtime
 from lorafleet.controllers.observability import Metrics, observe
 
 
@@ -123,25 +128,27 @@ def test_handler_modules_are_the_controllers_and_the_resync_loop() -> None:
     }
 
 
-def test_only_adapter_deletion_puts_a_finalizer_on_objects() -> None:
-    """Finalizers without a running operator block namespace deletion and uninstall (kopf pitfall 3); kopf adds
-    one for every delete handler, timer and daemon. The only one allowed cleans the store for FineTuneJobs with
-    deletionPolicy: Delete, and its filter keeps it off every other object."""
+def test_kopf_never_writes_to_objects_and_only_adapter_deletion_needs_a_finalizer() -> None:
+    """kopf adds a finalizer for every delete handler, timer and daemon, and patches its own annotations on every
+    object it has a create or update handler for (a write per object, and a 409 for our next status write).
+    lorafleet's objects are queued from its watch-fed caches instead: kopf registers no handler on them. The only
+    finalizer, lorafleet's own, is kept on FineTuneJobs with deletionPolicy: Delete (finalizers without a running
+    operator block namespace deletion and uninstall: kopf pitfall 3)."""
     from lorafleet.controllers import finetunejob
 
     runtime.import_handlers()
     registry = kopf.get_default_registry()
-    handlers = [
+    resource_handlers = [
         *registry._changing.get_all_handlers(),  # kopf has no public listing
         *registry._spawning.get_all_handlers(),
+        *registry._watching.get_all_handlers(),
+        *registry._indexing.get_all_handlers(),
     ]
-    assert handlers, "the handler modules registered nothing"
-    finalizing = [h for h in handlers if getattr(h, "requires_finalizer", False)]
-    assert [h.id for h in finalizing] == ["delete-adapter"]
-    assert finalizing[0].when is finetunejob._deletes_its_adapter
-    assert finetunejob._deletes_its_adapter(spec={"output": {"deletionPolicy": "Delete"}})
-    assert not finetunejob._deletes_its_adapter(spec={"output": {"deletionPolicy": "Retain"}})
-    assert not finetunejob._deletes_its_adapter(spec={"output": {}})
+    assert resource_handlers == []
+    assert [h.id for h in registry._activities.get_all_handlers() if h.id == "resync"], "the startup handler"
+    assert finetunejob.RECONCILER.needs_cleanup({"spec": {"output": {"deletionPolicy": "Delete"}}})
+    assert not finetunejob.RECONCILER.needs_cleanup({"spec": {"output": {"deletionPolicy": "Retain"}}})
+    assert not finetunejob.RECONCILER.needs_cleanup({"spec": {"output": {}}})
 
 
 def test_json_logs_are_json() -> None:
@@ -257,3 +264,182 @@ def test_global_metrics_are_registered_once() -> None:
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         Metrics()
     assert observability.METRICS.registry is not None
+
+
+# --- leader election ------------------------------------------------------------------------------------------
+# The election is kubernetes.leaderelection's; these pin our wiring around it: the settings and their checks, the
+# Lease's name, namespace and holder, a timeout on every request, network errors as refused attempts (never a dead
+# election thread), the exit when the lease is lost, and the release on a graceful stop. A fake CoordinationV1Api
+# keeps one Lease in memory with resourceVersion conflicts, like the API server.
+
+
+class FakeLeaseApi:
+    def __init__(self) -> None:
+        self.lease: Any = None
+        self.calls: list[tuple[str, Any]] = []
+        self.fail: Exception | None = None
+
+    def _check(self, name: str, kwargs: dict[str, Any]) -> None:
+        self.calls.append((name, kwargs.get("_request_timeout")))
+        if self.fail is not None:
+            raise self.fail
+
+    @staticmethod
+    def _error(status: int, reason: str) -> ApiException:
+        error = ApiException(status=status, reason=reason)
+        error.body = json.dumps({"code": status, "reason": reason})
+        return error
+
+    def read_namespaced_lease(self, name: str, namespace: str, **kwargs: Any) -> Any:
+        self._check("read", kwargs)
+        if self.lease is None:
+            raise self._error(404, "NotFound")
+        return copy.deepcopy(self.lease)
+
+    def create_namespaced_lease(self, namespace: str, body: Any, **kwargs: Any) -> Any:
+        self._check("create", kwargs)
+        if self.lease is not None:
+            raise self._error(409, "AlreadyExists")
+        body = copy.deepcopy(body)
+        name = body.metadata["name"] if isinstance(body.metadata, dict) else body.metadata.name
+        body.metadata = client.V1ObjectMeta(name=name, namespace=namespace, resource_version="1")
+        self.lease = body
+        return copy.deepcopy(body)
+
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **kwargs: Any) -> Any:
+        self._check("replace", kwargs)
+        if body.metadata.resource_version != self.lease.metadata.resource_version:
+            raise self._error(409, "Conflict")
+        body = copy.deepcopy(body)
+        body.metadata.resource_version = str(int(body.metadata.resource_version) + 1)
+        self.lease = body
+        return copy.deepcopy(body)
+
+
+ELECTION_ENV = {"LORAFLEET_LEADER_ELECTION": "true", "LORAFLEET_OPERATOR_NAMESPACE": "ops"}
+
+
+def candidate(api: FakeLeaseApi, name: str, lost: list[int] | None = None) -> leader.LeaderElector:
+    ops = OperatorSettings(leader_election=True, operator_namespace="ops")
+    elector = leader.LeaderElector.from_settings(ops, candidate=name)
+    elector._on_lost = (lost if lost is not None else []).append
+    elector.lock.api_instance._api = api  # the timeout wrapper stays
+    return elector
+
+
+def attempt(elector: leader.LeaderElector) -> bool:
+    """One acquire-or-renew round of the library's own loop, without its sleeps."""
+    election = LeaderElection(elector.config)
+    return bool(election.try_acquire_or_renew())
+
+
+def test_election_is_off_by_default_with_client_go_timings() -> None:
+    ops = OperatorSettings()
+    assert ops.leader_election is False, "a lone process (development, tests) must not wait for a lease"
+    assert ops.leader_election_lease_name == "lorafleet-operator"
+    durations = (ops.leader_election_lease_duration, ops.leader_election_renew_deadline)
+    assert durations == (15, 10) and ops.leader_election_retry_period == 2
+
+
+def test_election_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {**ELECTION_ENV, "LORAFLEET_LEADER_ELECTION_LEASE_DURATION": "6"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE", "4")
+    monkeypatch.setenv("LORAFLEET_LEADER_ELECTION_RETRY_PERIOD", "1")
+    ops = OperatorSettings()
+    assert ops.leader_election and ops.operator_namespace == "ops"
+    assert (ops.leader_election_lease_duration, ops.leader_election_renew_deadline) == (6, 4)
+
+
+@pytest.mark.parametrize(
+    ("timings", "complaint"),
+    [
+        ({"leader_election_lease_duration": 10, "leader_election_renew_deadline": 10}, "must exceed"),
+        ({"leader_election_renew_deadline": 2, "leader_election_retry_period": 2}, "1.2 x"),
+        ({"leader_election_retry_period": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_election_timings_are_rejected_by_name(timings: dict[str, int], complaint: str) -> None:
+    # Not the library's sys.exit at startup: a ValidationError naming the setting, like every other setting.
+    with pytest.raises(ValidationError, match=complaint):
+        OperatorSettings(**timings)  # type: ignore[arg-type]
+
+
+def test_lock_is_the_named_lease_in_the_operator_namespace_held_by_the_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "lorafleet-7d9f-abcde")
+    ops = OperatorSettings(leader_election=True, operator_namespace="lorafleet-system", leader_election_retry_period=3)
+    elector = leader.LeaderElector.from_settings(ops)
+    assert isinstance(elector.lock, leader.BoundedLeaseLock)
+    assert (elector.lock.name, elector.lock.namespace) == ("lorafleet-operator", "lorafleet-system")
+    assert elector.identity == "lorafleet-7d9f-abcde"
+    config = elector.config
+    assert (config.lease_duration, config.renew_deadline, config.retry_period) == (15, 10, 3)
+
+
+def test_without_a_pod_name_two_processes_on_one_host_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POD_NAME", raising=False)
+    assert leader.identity() != leader.identity()
+
+
+def test_first_candidate_creates_the_lease_and_the_second_waits() -> None:
+    api = FakeLeaseApi()
+    a, b = candidate(api, "a"), candidate(api, "b")
+    assert attempt(a) is True
+    assert api.lease.spec.holder_identity == "a" and api.lease.spec.lease_duration_seconds == 15
+    assert attempt(b) is False, "the lease is held and has not expired"
+    assert api.lease.spec.holder_identity == "a"
+    # Every request carried a timeout no longer than a retry period.
+    assert api.calls and all(timeout == 2 for _, timeout in api.calls)
+
+
+def test_network_errors_are_refused_attempts_not_a_dead_election_thread() -> None:
+    api = FakeLeaseApi()
+    a = candidate(api, "a")
+    api.fail = urllib3.exceptions.MaxRetryError(None, "/apis/coordination.k8s.io", "connection refused")  # type: ignore[arg-type]
+    assert attempt(a) is False  # the library's own loop retries it
+    api.fail = None
+    assert attempt(a) is True
+    api.fail = TimeoutError("read timed out")
+    assert a.lock.update("lorafleet-operator", "ops", a.lock.get_lock_object(api.lease)) is False
+
+
+def test_losing_the_lease_exits_with_code_1_unless_stopping() -> None:
+    lost: list[int] = []
+    a = candidate(FakeLeaseApi(), "a", lost)
+    a._stopped_leading()  # the library's callback after the renew deadline passed
+    a._stopped_leading()
+    assert lost == [leader.EXIT_LEASE_LOST] == [1]
+    stopping: list[int] = []
+    b = candidate(FakeLeaseApi(), "b", stopping)
+    b.stopping = True
+    b._stopped_leading()
+    assert stopping == []
+
+
+def test_watchdog_exits_when_renewals_stall_past_the_renew_deadline() -> None:
+    lost: list[int] = []
+    api = FakeLeaseApi()
+    a = candidate(api, "a", lost)
+    assert attempt(a) is True
+    a._started_leading()
+    assert leader.LEADING._value.get() == 1  # the gauge on /metrics (prometheus_client has no public getter)
+    written = a.lock.last_write
+    assert written is not None
+    a.check_renewal(written + 9.9)
+    assert lost == []
+    a.check_renewal(written + 10.1)  # the library's loop may still be inside a request: we do not wait for it
+    assert lost == [1]
+
+
+def test_a_released_lease_is_taken_at_the_next_attempt() -> None:
+    api = FakeLeaseApi()
+    a, b = candidate(api, "a"), candidate(api, "b")
+    assert attempt(a) is True
+    a._started_leading()
+    assert attempt(b) is False
+    a.stop()
+    assert api.lease.spec.holder_identity is None
+    assert attempt(a) is False, "a released lock never renews again"
+    assert attempt(b) is True and api.lease.spec.holder_identity == "b"
+    # Releasing what another candidate holds does nothing.
+    assert a.lock.release() is False and api.lease.spec.holder_identity == "b"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from lorafleet.contracts.serving import DesiredAdapterSet
 from lorafleet.serving.checks import (
     PERMANENT,
     Reason,
@@ -20,7 +21,6 @@ from lorafleet.serving.checks import (
     read_adapter_config,
     supported_target_modules,
 )
-from lorafleet.serving.desired import DesiredAdapterSet
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from lorafleet.resources.status import adapterdeployment_status
 from lorafleet.serving.status import aggregate
+from tests.unit.objects import adapterdeployment_status
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -123,12 +123,12 @@ def test_the_operator_status_consumes_the_aggregate() -> None:
             "baseModelRef": {"name": "tiny"},
             "replicas": 2,
             "adapters": [
-                {"name": "a", "artifact": {"uri": "s3://b/a/v1", "digest": D1}},
-                {"name": "b", "artifact": {"uri": "s3://b/b/v1"}},
+                {"name": "a", "artifact": {"uri": "s3://bkt/a/v1", "digest": D1}},
+                {"name": "b", "artifact": {"uri": "s3://bkt/b/v1"}},
             ],
         },
     }
-    base = {"metadata": {"name": "tiny"}, "status": {"phase": "Ready"}}
+    base = {"metadata": {"name": "tiny"}, "spec": {"source": {"uri": "s3://models/tiny"}}, "status": {"phase": "Ready"}}
     deployment = {"status": {"replicas": 2, "readyReplicas": 2, "conditions": [
         {"type": "Available", "status": "True"},
         {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},

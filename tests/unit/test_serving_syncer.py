@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from lorafleet.contracts.serving import AdapterReason as Reason
+from lorafleet.contracts.serving import DesiredAdapter, DesiredAdapterSet
 from lorafleet.serving import syncer as syncer_module
-from lorafleet.serving.checks import Reason, Refusal
-from lorafleet.serving.desired import DesiredAdapter, DesiredAdapterSet
+from lorafleet.serving.checks import Refusal
 from lorafleet.serving.engine import EngineModel, EngineUnavailable, LoadResult
 from lorafleet.serving.syncer import Prepared, Syncer
 
@@ -132,15 +133,45 @@ def test_load_replace_unload(tmp_path: Path) -> None:
         h.write([("a", "s3://b/a/v2"), ("b", "s3://b/b/v1")])
         states = await h.settle()
         assert states["a"]["state"] == "Loaded" and states["a"]["uri"] == "s3://b/a/v2"
-        assert ("load_inplace", "a") in h.engine.calls  # swapped without an unload gap
-        assert ("unload", "a") not in h.engine.calls
-        assert h.engine.loras["a"] == states["a"]["path"]
+        # Loaded beside the old version under another name, routed to, then the old one unloaded: no gap, and
+        # never load_inplace (vLLM 0.32 would re-read the adapter at every step).
+        alias = "a@" + Path(states["a"]["path"]).name[:12]
+        assert h.engine.calls[-2:] == [("load", alias), ("unload", "a")]
+        assert not any(c[0] == "load_inplace" for c in h.engine.calls)
+        assert h.engine.loras == {alias: states["a"]["path"], "b": states["b"]["path"]}
+        assert h.syncer.routes.engine_name("a") == alias
         assert not old.exists()
+
+        # The next version takes the plain name again, freed by the unload.
+        h.write([("a", "s3://b/a/v3"), ("b", "s3://b/b/v1")])
+        states = await h.settle()
+        assert states["a"]["state"] == "Loaded" and h.engine.calls[-2:] == [("load", "a"), ("unload", alias)]
+        assert h.syncer.routes.engine_name("a") == "a" and h.engine.loras["a"] == states["a"]["path"]
 
         h.write([("b", "s3://b/b/v1")])
         states = await h.settle()
         assert set(states) == {"b"} and "a" not in h.engine.loras
         assert not (h.adapters_dir / "a").exists()
+
+    run(scenario())
+
+
+def test_old_version_unloaded_only_after_its_requests_end(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h = Harness(tmp_path)
+        h.write([("a", "s3://b/a/v1")])
+        old_path = (await h.settle())["a"]["path"]
+        in_flight = h.syncer.routes.enter()  # a request the gateway routed to v1 ("a")
+
+        h.write([("a", "s3://b/a/v2")])
+        states = await h.settle()
+        alias = h.syncer.routes.engine_name("a")
+        assert states["a"]["state"] == "Loaded" and alias != "a" and h.engine.loras[alias] == states["a"]["path"]
+        assert h.engine.loras["a"] == old_path and Path(old_path).is_dir()  # still answering that request
+
+        h.syncer.routes.leave(in_flight)
+        await h.settle()
+        assert set(h.engine.loras) == {alias} and not Path(old_path).exists()
 
     run(scenario())
 

@@ -17,17 +17,17 @@ from pydantic import BaseModel as PydanticModel
 
 from lorafleet.api.adapterdeployment import AdapterDeploymentStatus, AdapterStatus
 from lorafleet.api.basemodel import BaseModelStatus
-from lorafleet.api.common import Condition
+from lorafleet.api.common import Condition, ObjectStore
 from lorafleet.api.finetunejob import ArtifactStatus, FineTuneJobStatus, TrainingProgress
 from lorafleet.resources.conditions import get_condition, rfc3339
-from lorafleet.resources.status import (
-    ResolvedAdapter,
+from lorafleet.resources.status import ResolvedAdapter, basemodel_secret_names, resolve_adapters, status_patch
+from tests.unit.objects import (
+    adapter_deployment_obj,
     adapterdeployment_status,
-    basemodel_secret_names,
+    basemodel_obj,
     basemodel_status,
+    fine_tune_jobs,
     finetunejob_status,
-    resolve_adapters,
-    status_patch,
 )
 
 Obj = dict[str, Any]
@@ -224,8 +224,8 @@ def test_basemodel_keeps_storage_fields_and_transition_time() -> None:
 
 def test_basemodel_secret_names() -> None:
     store = {**STORE, "caBundleSecretRef": {"name": "ca", "key": "ca.pem"}}
-    assert basemodel_secret_names(base_model(store=store)) == ["minio-creds", "ca"]
-    assert basemodel_secret_names(base_model()) == []
+    assert basemodel_secret_names(basemodel_obj(base_model(store=store))) == ["minio-creds", "ca"]
+    assert basemodel_secret_names(basemodel_obj(base_model())) == []
 
 
 # -- FineTuneJob -----------------------------------------------------------------------------------
@@ -419,12 +419,13 @@ def test_finetunejob_transition_time_stable_then_flips() -> None:
     ("spec", "jobs", "resolved", "entry"),
     [
         pytest.param(from_artifact("a", store=STORE), {},
-                     ResolvedAdapter("a", "s3://adapters/x/v1", DIGEST2, STORE), None, id="artifact"),
+                     ResolvedAdapter("a", "s3://adapters/x/v1", DIGEST2, ObjectStore.model_validate(STORE)), None,
+                     id="artifact"),
         pytest.param(from_artifact("a", digest=None), {},
                      ResolvedAdapter("a", "s3://adapters/x/v1", None, None), None, id="artifact-without-digest"),
         pytest.param(from_job("a", "ft"),
                      {"ft": ftj_in("Succeeded", artifact=artifact(), output_store=STORE)},
-                     ResolvedAdapter("a", artifact()["uri"], DIGEST, STORE), None,
+                     ResolvedAdapter("a", artifact()["uri"], DIGEST, ObjectStore.model_validate(STORE)), None,
                      id="fine-tune-job-succeeded"),
         pytest.param(from_job("a", "ft"), {"ft": None}, None,
                      ("Pending", "FineTuneJobNotFound", '"ft" not found'), id="fine-tune-job-missing"),
@@ -444,14 +445,14 @@ def test_finetunejob_transition_time_stable_then_flips() -> None:
 )
 def test_resolve_adapters(spec: Obj, jobs: dict[str, Obj | None], resolved: ResolvedAdapter | None,
                           entry: tuple[str, str, str] | None) -> None:
-    got, waiting = resolve_adapters(ad(spec), jobs)
+    got, waiting = resolve_adapters(adapter_deployment_obj(ad(spec)), fine_tune_jobs(jobs))
     assert got == ([resolved] if resolved else [])
     if entry is None:
         assert waiting == []
     else:
         (w,) = waiting
-        assert (w["name"], w["state"], w["reason"], w["loadedReplicas"]) == ("a", entry[0], entry[1], 0)
-        assert entry[2] in w["message"]
+        assert (w.name, w.state, w.reason, w.loaded_replicas) == ("a", entry[0], entry[1], 0)
+        assert entry[2] in (w.message or "")
 
 
 # -- AdapterDeployment: status ---------------------------------------------------------------------

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from lorafleet.api.common import ObjectStore, S3CredentialsRef
-from lorafleet.dev.s3server import replace_directives
 from lorafleet.storage.cli import parse_duration
 from lorafleet.storage.errors import StoreError
 from lorafleet.storage.layout import Location, VersionFolder, infer_layout, new_upload_id, upload_time, version_folder
 from lorafleet.storage.settings import StoreSettings
+from lorafleet_dev.s3server import replace_directives
 
 
 def test_version_folder_keys() -> None:

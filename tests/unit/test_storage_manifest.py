@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from lorafleet.storage.hashing import FileHasher, hash_file
 from lorafleet.storage.manifest import (
     BaseModelRef,
     DatasetRef,
@@ -20,7 +21,6 @@ from lorafleet.storage.manifest import (
     check_relative_path,
     parse_manifest,
 )
-from lorafleet.storage.store import FileHasher, hash_file
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -171,7 +171,7 @@ def test_file_hasher_matches_hashlib_whatever_the_piece_sizes(tmp_path: Path) ->
 def test_file_entry_in_two_threads_equals_one_pass(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from lorafleet.storage.store import LocalFile, file_entry
+    from lorafleet.storage.hashing import LocalFile, file_entry
 
     path = tmp_path / "w.bin"
     path.write_bytes(os.urandom(5 * 1024 * 1024 + 7))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.trainer.config import TrainerConfig
-from lorafleet.trainer.errors import ADAPTER_VERSION_EXISTS, DATASET_NOT_FOUND, TrainerError
+from lorafleet.contracts.exits import ADAPTER_VERSION_EXISTS, DATASET_NOT_FOUND
+from lorafleet.contracts.trainer import TrainerConfig
+from lorafleet.trainer.errors import TrainerError
 from lorafleet.trainer.sink import LocalSink, S3Sink, pvc_path, sink_for
 
 

@@ -70,13 +70,20 @@ Call with (dict "image" .Values.images.trainer "root" .).
 {{/*
 The operator's RBAC rules in the watched namespaces (or cluster-wide), derived from what the code reads and writes.
 Children are written with server-side apply: a PATCH that creates the object when it is missing, so "create" and
-"patch". The operator never deletes children (owner references and the garbage collector do).
+"patch"; each pass lists an owner's children of each kind by lorafleet's owner label (to apply only what changed)
+and deletes the ones it controls that are no longer desired, so "list" and "delete". Children of a deleted owner
+go with the garbage collector.
 */}}
 {{- define "lorafleet.rules" -}}
-# The three kinds: kopf lists and watches them and patches its annotations and finalizers; handlers read them.
+# The three kinds: listed and watched into the operator's caches; patched only for lorafleet's finalizer
+# (FineTuneJobs with deletionPolicy: Delete).
 - apiGroups: ["lorafleet.io"]
   resources: ["basemodels", "finetunejobs", "adapterdeployments"]
   verbs: ["get", "list", "watch", "patch"]
+# A team's ArtifactStores, read when an object names one (storeRef, resolved in the object's own namespace).
+- apiGroups: ["lorafleet.io"]
+  resources: ["artifactstores"]
+  verbs: ["get"]
 # Status is written through the status subresource (merge patch).
 - apiGroups: ["lorafleet.io"]
   resources: ["basemodels/status", "finetunejobs/status", "adapterdeployments/status"]
@@ -86,40 +93,64 @@ Children are written with server-side apply: a PATCH that creates the object whe
 - apiGroups: ["lorafleet.io"]
   resources: ["finetunejobs/finalizers", "adapterdeployments/finalizers"]
   verbs: ["update"]
-# FineTuneJob children; kopf watches Jobs (labelled ones) to reconcile their owner at once.
+# Children. Every kind is listed and watched (with lorafleet's managed-by label selector) into the operator's
+# caches, so a child that changes or is deleted reconciles its owner at once; "get" reads by name a child's name
+# that the caches do not hold, to refuse taking over an object someone else created (no takeover, issue 15).
+# FineTuneJob children.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# AdapterDeployment children; kopf watches Deployments.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# AdapterDeployment children.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# Trainer config and desired-adapter ConfigMaps, rendezvous and serving Services.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Trainer config, trainer progress and desired-adapter ConfigMaps, rendezvous and serving Services. (Holding
+# configmaps patch is also what lets the operator grant the trainer's Role below: RBAC lets nobody grant what
+# they do not hold.)
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "create", "patch"]
-# The trainer's ServiceAccount, and a Role/RoleBinding that lets it patch its own pod (progress annotation).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The trainer's ServiceAccount, and a Role/RoleBinding that lets it patch its own progress ConfigMap (resourceNames:
+# that one name) and nothing else: no pods, no other ConfigMap, no Secret.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create", "patch"]
-# Read the trainer's pods (progress, termination message). The Role above grants pods get/patch, and RBAC lets
-# nobody grant what they do not hold (escalation prevention), so the operator holds get and patch too.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Pods, read only: the trainer's termination message (its final report), the serving replicas to ask for their
+# adapter states. No patch: a changed desired-adapter set reaches the replicas through the kubelet's own refresh
+# of their ConfigMap volume (resources/adapterdeployment.py, build_adapters_config_map).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "patch"]
-# Credentials and CA bundles that specs reference (read only, by name).
+  verbs: ["get", "list", "watch"]
+# Secrets, by name only (never list or watch: the operator holds no copy of any namespace's Secrets). Read where
+# a store needs them, in the namespace of the object that names them:
+# * controllers/artifacts.py `_secret_value`: the credentials (and CA bundle) of the store a BaseModel's
+#   spec.source.store or a FineTuneJob's spec.output.store names, at an endpoint the platform allows, to read a
+#   manifest (a BaseModel's digest, a finished FineTuneJob's adapter) and, with deletionPolicy Delete, to delete
+#   the adapter version that FineTuneJob wrote.
+# * controllers/basemodel.py `reconcile`: whether the Secrets a BaseModel names exist (a condition says which is
+#   missing, instead of pods stuck in CreateContainerConfigError).
+# Pods get their credentials through secretKeyRef and Secret volumes, which the kubelet resolves: creating them
+# needs no Secret access. Tenants' Secrets can have any name, so RBAC cannot narrow this further.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- if ((.Values.artifactStore).sts).enabled }}
+# artifactStore.sts: each FineTuneJob's minted store credentials (controllers/credentials.py), a Secret it owns,
+# written by name (apply: create and patch) and deleted once the job has finished. create cannot be narrowed by
+# name, and the names are per FineTuneJob; an existing Secret the FineTuneJob does not control is never written.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch", "delete"]
+{{- end }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Events on condition transitions and handler errors (kopf posts core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from lorafleet.api.basemodel import ModelDtype
 from lorafleet.api.common import (
     ADAPTER_NAME,
+    DNS_1035,
+    DNS_LABEL,
     S3_URI,
     SHA256_DIGEST,
     ApiModel,
@@ -16,8 +18,11 @@ from lorafleet.api.common import (
     LocalObjectReference,
     ObjectStore,
     PodSettings,
+    SecretKeySelector,
     StatusModel,
 )
+from lorafleet.api.stores import StoreRef, check_store_ref, store_ref_rule
+from lorafleet.contracts.states import AdapterState  # the states the replicas report
 
 # vLLM accepts only these ranks for --max-lora-rank (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -25,6 +30,8 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 class ArtifactRef(ApiModel):
     """A stored adapter version, pinned by digest."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [store_ref_rule("artifact", "store")]})
 
     uri: str = Field(
         description="s3:// URI of the adapter version folder (the one holding manifest.json).",
@@ -37,8 +44,20 @@ class ArtifactRef(ApiModel):
         pattern=SHA256_DIGEST,
     )
     store: ObjectStore | None = Field(
-        default=None, description="Object store holding the adapter; left out, the operator's default."
+        default=None,
+        description="Object store holding the adapter; left out, the operator's default, where the uri must lie under "
+        "<the default uri>/<this namespace>/.",
     )
+    store_ref: StoreRef | None = Field(
+        default=None,
+        description="A ClusterArtifactStore or ArtifactStore holding the adapter, instead of store: the uri must lie "
+        "under the store's bucket and prefix (a ClusterArtifactStore's: under <prefix>/<this namespace>/).",
+    )
+
+    @model_validator(mode="after")
+    def _store_ref(self) -> ArtifactRef:
+        check_store_ref(self, "artifact", "store")
+        return self
 
 
 class AdapterSpec(ApiModel):
@@ -62,6 +81,13 @@ class AdapterSpec(ApiModel):
         default=None, description="A FineTuneJob whose adapter is served once it has succeeded."
     )
     artifact: ArtifactRef | None = Field(default=None, description="A stored adapter version.")
+    api_key_secret_ref: SecretKeySelector | None = Field(
+        default=None,
+        description="A Secret key holding this adapter's API keys, one per line: requests for it must send one as "
+        "'Authorization: Bearer <key>' (else 401). Mounted into the replicas as a volume, so a changed key takes "
+        "effect without a restart; adding or removing the reference rolls the replicas. Left out, anyone who "
+        "may reach the Service may use the adapter.",
+    )
 
 
 class EngineSettings(ApiModel):
@@ -114,6 +140,23 @@ class ServiceSettings(ApiModel):
     """The Service in front of the replicas (inference routes only)."""
 
     port: int = Field(default=8000, description="Service port of the OpenAI-compatible API.", ge=1, le=65535)
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        description="Largest request body a replica accepts, in bytes; a larger one gets 413.",
+        ge=1024,
+        le=64 * 1024 * 1024,
+    )
+
+
+class AccessSettings(ApiModel):
+    """Who may reach the replicas over the network (enforced by a NetworkPolicy where the operator creates them)."""
+
+    allowed_namespaces: list[Annotated[str, StringConstraints(pattern=DNS_LABEL, max_length=63)]] = Field(
+        default_factory=list,
+        description="Namespaces, besides this one, whose pods may call the Service (e.g. an ingress controller's).",
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
 
 
 class AdapterDeploymentSpec(ApiModel):
@@ -130,9 +173,9 @@ class AdapterDeploymentSpec(ApiModel):
     engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM settings.")
     resources: ServingResources = Field(default_factory=ServingResources, description="Compute per replica.")
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="The Service.")
+    access: AccessSettings = Field(default_factory=AccessSettings, description="Network access to the replicas.")
 
 
-AdapterState = Literal["Pending", "Loading", "Loaded", "Failed"]
 AdapterDeploymentPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -167,3 +210,13 @@ class AdapterDeploymentStatus(StatusModel):
 
 # Cross-field rules of the whole spec live on the nested models; none span them yet.
 ADAPTER_DEPLOYMENT_VALIDATIONS: list[dict[str, str]] = []
+
+# Rules on the whole object (metadata.name is the only metadata CEL can see).
+ADAPTER_DEPLOYMENT_NAME_VALIDATIONS = [
+    {
+        "rule": f"self.metadata.name.matches('{DNS_1035}')",
+        "message": "metadata.name must start with a letter and hold only lowercase letters, digits and '-' (the "
+        "AdapterDeployment's Service, its endpoint's host, is named after it): e.g. 'chat-v1', not '1-chat' "
+        "or 'chat.v1'",
+    }
+]

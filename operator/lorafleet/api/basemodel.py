@@ -2,37 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
-from lorafleet.api.common import SHA256_DIGEST, ApiModel, ConditionList, ObjectStore, StatusModel
+from lorafleet.api.common import (
+    PVC_PATH_RULE,
+    SHA256_DIGEST,
+    ApiModel,
+    ConditionList,
+    ObjectStore,
+    StatusModel,
+    pvc_inside_claim,
+)
+from lorafleet.api.stores import StoreRef, check_store_ref
 
 MODEL_URI = (
     r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
     r"|hf://[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[A-Za-z0-9_./-]+)?)$"
 )
+# The pattern comes before the validator: after it, pydantic leaves the pattern out of the JSON schema.
+ModelUri = Annotated[
+    str,
+    Field(pattern=MODEL_URI, max_length=1024),
+    AfterValidator(pvc_inside_claim),
+    Field(json_schema_extra={"x-kubernetes-validations": [PVC_PATH_RULE]}),
+]
 
-ModelFamily = Literal["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi", "other"]
+# transformers' model_type of the architecture; lorafleet.serving.families says which vLLM serves with LoRA.
+ModelFamily = Literal[
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "phi",
+    "phi3",
+    "gpt_neox",
+    "falcon",
+    "gptj",
+    "gpt2",
+    "mpt",
+    "other",
+]
 ModelDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class ModelSource(ApiModel):
     """Where the weights are."""
 
-    uri: str = Field(
+    uri: ModelUri = Field(
         description=(
             "Location of the weights: s3://bucket/prefix (on-prem object store), pvc://claim/path "
             "(a PersistentVolumeClaim in this namespace) or hf://org/name@revision (public hub, only with "
             "allowPublicDownload: true)."
-        ),
-        pattern=MODEL_URI,
-        max_length=1024,
+        )
     )
     store: ObjectStore | None = Field(
         default=None,
         description="Object store holding an s3:// source; left out, the operator's default store is used.",
+    )
+    store_ref: StoreRef | None = Field(
+        default=None,
+        description="A ClusterArtifactStore or ArtifactStore holding an s3:// source, instead of store: the uri must "
+        "lie under the store's bucket and prefix (a ClusterArtifactStore's: under <prefix>/<this namespace>/).",
     )
     digest: str | None = Field(
         default=None,
@@ -44,6 +79,11 @@ class ModelSource(ApiModel):
         default=False,
         description="Allow fetching from a public hub at run time. Off by default: data stays on premises.",
     )
+
+    @model_validator(mode="after")
+    def _store_ref(self) -> ModelSource:
+        check_store_ref(self, "source", "store")
+        return self
 
 
 class ServingDefaults(ApiModel):
@@ -96,6 +136,16 @@ BASE_MODEL_VALIDATIONS = [
         "to allow it, or mirror the model into on-prem storage (s3:// or pvc://)",
         "fieldPath": ".source.uri",
         "reason": "FieldValueForbidden",
+    },
+    {
+        "rule": "!has(self.source.storeRef) || !has(self.source.store)",
+        "message": "source.storeRef names the store: remove source.store",
+        "fieldPath": ".source.storeRef",
+    },
+    {
+        "rule": "!has(self.source.storeRef) || self.source.uri.startsWith('s3://')",
+        "message": "source.storeRef applies to s3:// sources only; remove it or use an s3:// uri",
+        "fieldPath": ".source.storeRef",
     },
     {
         "rule": "!has(self.source.store) || self.source.uri.startsWith('s3://')",

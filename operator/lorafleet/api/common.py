@@ -5,14 +5,19 @@ Every field carries a description: the CRDs are generated from these models and 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from pydantic.alias_generators import to_camel
+
+from lorafleet.uris import pvc_subpath
 
 # Kubernetes object names (RFC 1123 DNS labels) and the adapter/version names we put into paths and vLLM.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A Service's name (DNS-1035 label, less its 63-character limit: lorafleet shortens longer names with a hash).
+DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
 VERSION_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 SHA256_DIGEST = r"^sha256:[a-f0-9]{64}$"
@@ -20,7 +25,56 @@ S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
 PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?$"
 DATA_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?)(/[^\s]*)?$"
 
-Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, for example 4, 500m or 16Gi.")]
+# A pvc:// URI whose path could leave its claim or mean two things (lorafleet.uris.pvc_subpath is the same rule):
+# a '.', '..' or empty segment, a backslash, a percent-encoded '.', '/' or '\', a control character. RE2 and
+# Python's re read it alike, and CEL's matches() searches, like re.search.
+PVC_UNSAFE = r"^pvc://[^/]*(/.*)?(//|/\.\.?(/|$))|\\|%(2[eEfF]|5[cC])|[\x00-\x1f\x7f]"
+PVC_PATH_RULE = {
+    "rule": f"!self.startsWith('pvc://') || !self.matches(r'{PVC_UNSAFE}')",
+    "message": "a pvc:// path must stay inside its claim: no '.', '..' or empty segments, backslashes, control "
+    "characters or %2e/%2f/%5c; write the plain path, e.g. pvc://claim/data/train.jsonl",
+}
+
+
+def pvc_inside_claim(uri: str) -> str:
+    """A pydantic validator: a pvc:// URI must stay inside its claim (other schemes pass)."""
+    if uri.startswith("pvc://"):
+        pvc_subpath(uri[len("pvc://") :].partition("/")[2], uri)
+    return uri
+
+
+# A URI that may be pvc://, checked by the API server (pattern and CEL) and again by the operator when it parses.
+# The pattern comes before the validator: after it, pydantic leaves the pattern out of the JSON schema.
+DataUri = Annotated[
+    str,
+    Field(pattern=DATA_URI, max_length=1024),
+    AfterValidator(pvc_inside_claim),
+    Field(json_schema_extra={"x-kubernetes-validations": [PVC_PATH_RULE]}),
+]
+
+# Kubernetes' quantity grammar (k8s.io/apimachinery resource.Quantity), without a sign: requests are never negative.
+QUANTITY = (
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(QUANTITY)
+
+
+def kubernetes_quantity(value: int | str) -> int | str:
+    """A pydantic validator: what the apiserver's quantity parser accepts (non-negative), else a clear error."""
+    if (isinstance(value, int) and value >= 0) or (isinstance(value, str) and _QUANTITY.match(value)):
+        return value
+    raise ValueError(f"{value!r} is not a Kubernetes quantity: write for example 4, 500m, 1.5 or 64Gi")
+
+
+# The schema says the same to the API server: int-or-string, strings matching the grammar, integers >= 0.
+Quantity = Annotated[
+    StrictInt | Annotated[StrictStr, Field(max_length=64)],  # strict: YAML true is no quantity
+    AfterValidator(kubernetes_quantity),
+    Field(
+        description="A Kubernetes quantity, for example 4, 500m or 16Gi.",
+        json_schema_extra={"pattern": QUANTITY, "maxLength": 64, "minimum": 0},
+    ),
+]
 
 
 class ApiModel(BaseModel):

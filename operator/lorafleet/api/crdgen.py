@@ -184,7 +184,8 @@ class _Converter:
 
     def convert(self, raw: Schema, path: str, model: str, stack: tuple[str, ...] = ()) -> Schema:
         node, stack = self._deref(raw, stack)
-        if "anyOf" in node or "oneOf" in node:
+        # Twice for Optional[union] (Optional[Quantity]): the outer union leaves the inner one to flatten.
+        while ("anyOf" in node or "oneOf" in node) and not node.get("x-kubernetes-int-or-string"):
             node, stack = self._flatten_union(node, path, stack)
         if node.get("x-kubernetes-int-or-string"):
             return self._finish(node, {"anyOf": node["anyOf"]})
@@ -340,6 +341,7 @@ def crd_manifest(
     status_model: type[BaseModel],
     description: str,
     spec_validations: list[dict[str, str]] | None = None,
+    object_validations: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Build a complete apiextensions.k8s.io/v1 CustomResourceDefinition for one served+storage version."""
     spec = structural_schema(spec_model)
@@ -385,6 +387,8 @@ def crd_manifest(
             "status": status,
         },
     }
+    if object_validations:  # at the root, where CEL sees metadata.name
+        root["x-kubernetes-validations"] = list(object_validations)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -5,22 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from lorafleet.api.common import (
     ADAPTER_NAME,
-    DATA_URI,
+    DNS_1035,
     S3_URI,
     VERSION_NAME,
     ApiModel,
     ConditionList,
+    DataUri,
     LocalObjectReference,
     ObjectStore,
     PodSettings,
     StatusModel,
 )
+from lorafleet.api.stores import StoreRef, check_store_ref, store_ref_rule
 
 DatasetFormat = Literal["chat", "instruction", "completion", "text"]
+DatasetFileFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"]
+ChatRole = Literal["system", "user", "assistant"]
 
 
 class FieldMapping(ApiModel):
@@ -38,7 +42,7 @@ class FieldMapping(ApiModel):
 
 
 class Dataset(ApiModel):
-    """Training data: JSON Lines, one sample per line."""
+    """Training data: a file of samples (JSON Lines, a JSON array, CSV, Parquet) or a saved Hugging Face dataset."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -51,18 +55,26 @@ class Dataset(ApiModel):
         }
     )
 
-    uri: str = Field(
-        description="JSONL file: s3://bucket/key.jsonl in the artifact store, or pvc://claim/path.jsonl.",
-        pattern=DATA_URI,
-        max_length=1024,
+    uri: DataUri = Field(
+        description="Dataset file: s3://bucket/key.jsonl in the artifact store, or pvc://claim/path.jsonl; a folder "
+        "written by Hugging Face datasets' save_to_disk for fileFormat datasets."
     )
     format: DatasetFormat = Field(description="Sample format: chat, instruction, completion or text.")
+    file_format: DatasetFileFormat = Field(
+        default="auto",
+        description="File format: jsonl (one object per line), json (one array of objects), csv (a header row), "
+        "parquet, or datasets (a save_to_disk folder); auto tells them by name and first character.",
+    )
     fields: FieldMapping = Field(
         default_factory=FieldMapping, description="JSON field names, where they differ from the defaults."
     )
-    eval_uri: str | None = Field(
-        default=None, description="Separate JSONL file for evaluation.", pattern=DATA_URI, max_length=1024
+    roles: dict[str, ChatRole] = Field(
+        default_factory=dict,
+        description="chat: role names of the data mapped to system, user or assistant, e.g. {bot: assistant} "
+        "(human and gpt, ShareGPT's, are mapped by default).",
+        max_length=32,
     )
+    eval_uri: DataUri | None = Field(default=None, description="Separate file for evaluation, in the same format.")
     eval_split: float | None = Field(
         default=None, description="Fraction of the dataset held out for evaluation.", gt=0, le=0.5
     )
@@ -74,14 +86,33 @@ class Dataset(ApiModel):
 class LoraSettings(ApiModel):
     """LoRA hyperparameters."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.targetExperts) || !self.targetExperts || self.dropout == 0.0",
+                    "message": "lora.targetExperts: expert weights are adapted as parameters (peft's ParamWrapper), "
+                    "which allows no LoRA dropout; set lora.dropout: 0",
+                    "fieldPath": ".dropout",
+                }
+            ]
+        }
+    )
+
     r: int = Field(default=16, description="Rank of the LoRA matrices.", ge=1, le=512)
     alpha: int = Field(default=32, description="LoRA scaling numerator (scale = alpha / r).", ge=1, le=4096)
     dropout: float = Field(default=0.05, description="Dropout on the LoRA input.", ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
-        description="Module names to adapt, or [all-linear] for every linear layer but the output head.",
+        description="Module names to adapt, or [all-linear] for every linear layer but the output head and, in "
+        "mixture-of-experts models, the experts and their router (see targetExperts).",
         min_length=1,
         max_length=64,
+    )
+    target_experts: bool = Field(
+        default=False,
+        description="Mixture-of-experts models: with all-linear, adapt the expert weights too (every expert, many "
+        "more trainable parameters); needs dropout 0.",
     )
 
 
@@ -139,7 +170,12 @@ class TrainingResources(PodSettings):
 
 
 class AdapterOutput(ApiModel):
-    """Where the adapter goes: <uri>/adapters/<adapterName>/<version>/ in the artifact store."""
+    """Where the adapter goes: <uri>/adapters/<adapterName>/<version>/ in the artifact store (uri left out:
+    <the operator's default uri>/<namespace>)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [store_ref_rule("output", "store", "uri")]}
+    )
 
     adapter_name: str = Field(
         description="Name of the adapter (also its served name).", pattern=ADAPTER_NAME, max_length=63
@@ -152,16 +188,31 @@ class AdapterOutput(ApiModel):
     )
     uri: str | None = Field(
         default=None,
-        description="s3://bucket/prefix of the artifact store; left out, the operator's default.",
+        description="s3://bucket/prefix of the artifact store; left out, the operator's default uri followed by "
+        "this namespace. Without store (the default store) it must lie under that namespace root.",
         pattern=S3_URI,
         max_length=1024,
     )
     store: ObjectStore | None = Field(
         default=None, description="Object store to write to; left out, the operator's default store."
     )
-    deletion_policy: Literal["Retain", "Delete"] = Field(
-        default="Retain", description="Retain keeps the adapter when the FineTuneJob is deleted; Delete removes it."
+    store_ref: StoreRef | None = Field(
+        default=None,
+        description="A ClusterArtifactStore or ArtifactStore to write to, instead of store and uri: the adapter "
+        "goes to <bucket>/<prefix>/<namespace>/adapters/... of a ClusterArtifactStore, <bucket>/<prefix>/adapters/... "
+        "of an ArtifactStore.",
     )
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description="Retain keeps the adapter when the FineTuneJob is deleted; Delete removes it: only the version "
+        "folder this spec names, only when its manifest's lineage names this FineTuneJob's UID, and not while an "
+        "AdapterDeployment references it (condition DeletionBlocked; the operator gives up after a bounded time).",
+    )
+
+    @model_validator(mode="after")
+    def _store_ref(self) -> AdapterOutput:
+        check_store_ref(self, "output", "store", "uri")
+        return self
 
 
 class FineTuneJobSpec(ApiModel):
@@ -232,4 +283,17 @@ FINE_TUNE_JOB_VALIDATIONS = [
         "message": "method qlora needs a GPU (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use method lora",
         "fieldPath": ".method",
     },
+]
+
+# Rules on the whole object (metadata.name is the only metadata CEL can see). A distributed job (nodes or
+# gpusPerNode above 1) gets a rendezvous Service named after it; a single-pod job accepts any object name.
+FINE_TUNE_JOB_NAME_VALIDATIONS = [
+    {
+        "rule": f"self.metadata.name.matches('{DNS_1035}') || !has(self.spec.resources) || "
+        "((!has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1) && "
+        "(!has(self.spec.resources.gpusPerNode) || self.spec.resources.gpusPerNode <= 1))",
+        "message": "metadata.name of a distributed FineTuneJob (resources.nodes or gpusPerNode above 1) must start "
+        "with a letter and hold only lowercase letters, digits and '-' (its rendezvous Service is named after it): "
+        "e.g. 'support-v1', not '1-support' or 'support.v1'",
+    }
 ]

@@ -10,13 +10,20 @@ from pydantic import BaseModel
 
 from lorafleet import GROUP, VERSION
 from lorafleet.api.adapterdeployment import (
+    ADAPTER_DEPLOYMENT_NAME_VALIDATIONS,
     ADAPTER_DEPLOYMENT_VALIDATIONS,
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
 )
 from lorafleet.api.basemodel import BASE_MODEL_VALIDATIONS, BaseModelSpec, BaseModelStatus
 from lorafleet.api.crdgen import CRDInfo, crd_manifest, dump_yaml
-from lorafleet.api.finetunejob import FINE_TUNE_JOB_VALIDATIONS, FineTuneJobSpec, FineTuneJobStatus
+from lorafleet.api.finetunejob import (
+    FINE_TUNE_JOB_NAME_VALIDATIONS,
+    FINE_TUNE_JOB_VALIDATIONS,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+from lorafleet.api.stores import ArtifactStoreSpec, ClusterArtifactStoreSpec, StoreStatus
 
 
 def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
@@ -33,9 +40,18 @@ class Kind:
     status: type[BaseModel]
     description: str
     validations: tuple[dict[str, str], ...]
+    # Rules on the whole object: what its name must be (children are named after it).
+    object_validations: tuple[dict[str, str], ...] = ()
 
     def crd(self) -> dict[str, Any]:
-        return crd_manifest(self.info, self.spec, self.status, self.description, list(self.validations))
+        return crd_manifest(
+            self.info,
+            self.spec,
+            self.status,
+            self.description,
+            list(self.validations),
+            list(self.object_validations),
+        )
 
     @property
     def plural(self) -> str:
@@ -86,6 +102,7 @@ FINE_TUNE_JOB = Kind(
     status=FineTuneJobStatus,
     description="A LoRA or QLoRA fine-tune of a BaseModel on a private dataset, run as a Kubernetes Job.",
     validations=tuple(FINE_TUNE_JOB_VALIDATIONS),
+    object_validations=tuple(FINE_TUNE_JOB_NAME_VALIDATIONS),
 )
 
 ADAPTER_DEPLOYMENT = Kind(
@@ -110,9 +127,54 @@ ADAPTER_DEPLOYMENT = Kind(
     status=AdapterDeploymentStatus,
     description="One base model served by vLLM with many LoRA adapters loaded at once.",
     validations=tuple(ADAPTER_DEPLOYMENT_VALIDATIONS),
+    object_validations=tuple(ADAPTER_DEPLOYMENT_NAME_VALIDATIONS),
 )
 
-KINDS: tuple[Kind, ...] = (BASE_MODEL, FINE_TUNE_JOB, ADAPTER_DEPLOYMENT)
+CLUSTER_ARTIFACT_STORE = Kind(
+    info=CRDInfo(
+        group=GROUP,
+        version=VERSION,
+        kind="ClusterArtifactStore",
+        plural="clusterartifactstores",
+        singular="clusterartifactstore",
+        short_names=("cas",),
+        categories=("lorafleet",),
+        printer_columns=(
+            _column("Endpoint", ".spec.endpoint"),
+            _column("Bucket", ".spec.bucket"),
+            _column("Prefix", ".spec.prefix"),
+        ),
+        scope="Cluster",
+    ),
+    spec=ClusterArtifactStoreSpec,
+    status=StoreStatus,
+    description="An artifact store the platform team defines for many namespaces; each namespace's artifacts "
+    "live under <prefix>/<namespace>/.",
+    validations=(),
+)
+
+ARTIFACT_STORE = Kind(
+    info=CRDInfo(
+        group=GROUP,
+        version=VERSION,
+        kind="ArtifactStore",
+        plural="artifactstores",
+        singular="artifactstore",
+        short_names=("ast",),
+        categories=("lorafleet",),
+        printer_columns=(
+            _column("Endpoint", ".spec.endpoint"),
+            _column("Bucket", ".spec.bucket"),
+            _column("Prefix", ".spec.prefix"),
+        ),
+    ),
+    spec=ArtifactStoreSpec,
+    status=StoreStatus,
+    description="A team's own artifact store, with credentials of its namespace, at an endpoint the platform allows.",
+    validations=(),
+)
+
+KINDS: tuple[Kind, ...] = (BASE_MODEL, FINE_TUNE_JOB, ADAPTER_DEPLOYMENT, CLUSTER_ARTIFACT_STORE, ARTIFACT_STORE)
 
 
 def crd_files() -> dict[str, str]:

@@ -2,108 +2,138 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-import kopf
-from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel
 
-from lorafleet import GROUP, VERSION, k8s
-from lorafleet.api.adapterdeployment import ArtifactRef
+from lorafleet.api.adapterdeployment import AdapterDeploymentStatus
+from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject, FineTuneJobObject
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.base import lenient_copy
+from lorafleet.contracts.serving import STATE_PATH, STATE_PORT, DesiredAdapter
+from lorafleet.contracts.stores import ObjectStore
 from lorafleet.controllers import artifacts
 from lorafleet.controllers.base import (
-    MANAGED_CHILDREN,
     SETTINGS,
     Obj,
-    apply_all,
-    get_custom,
+    Reconciler,
+    get_typed,
     now,
-    reconcile_by_name,
-    reconcile_owner,
     register_reconciler,
-    with_render_error,
+    sync_children,
 )
+from lorafleet.controllers.caches import CACHES
+from lorafleet.controllers.store_refs import bind_adapterdeployment, bind_basemodel, bind_finetunejob
 from lorafleet.resources import adapterdeployment as builders
-from lorafleet.resources.status import adapterdeployment_status, resolve_adapters
+from lorafleet.resources.children import conflict_message
+from lorafleet.resources.conditions import Reason
+from lorafleet.resources.status import AdapterDeploymentObserved, adapterdeployment_status, resolve_adapters
 from lorafleet.resources.stores import RenderError
-from lorafleet.serving.desired import DesiredAdapter
+from lorafleet.serving.families import lora_refusal
 from lorafleet.serving.status import aggregate
 
 KIND = "AdapterDeployment"
+FineTuneJobs = dict[str, FineTuneJobObject | None]
 
 
-def _fine_tune_job_names(body: Obj) -> list[str]:
-    return [a["fineTuneJobRef"]["name"] for a in body["spec"].get("adapters") or [] if a.get("fineTuneJobRef")]
+def _fine_tune_job_names(ad: AdapterDeploymentObject) -> list[str]:
+    return [a.fine_tune_job_ref.name for a in ad.spec.adapters if a.fine_tune_job_ref is not None]
 
 
-def adapter_ranks(body: Obj, fine_tune_jobs: dict[str, Obj | None]) -> dict[str, int | None]:
-    """LoRA ranks per adapter: from its FineTuneJob's spec, or the lineage in a stored artifact's manifest."""
+def adapter_ranks(
+    ad: AdapterDeploymentObject, fine_tune_jobs: FineTuneJobs, stored: Mapping[str, int | None] | None = None
+) -> dict[str, int | None]:
+    """LoRA ranks per adapter (pure): from its FineTuneJob's spec, or the lineage in a stored artifact's manifest
+    (`stored`, read by `stored_ranks` in the observe step; unknown ranks are None)."""
     ranks: dict[str, int | None] = {}
-    namespace = body["metadata"]["namespace"]
-    for adapter in body["spec"].get("adapters") or []:
-        ref = adapter.get("fineTuneJobRef")
-        if ref:
-            job = fine_tune_jobs.get(ref["name"])
-            # LoraSettings' default rank applies when the FineTuneJob left lora.r out.
-            ranks[adapter["name"]] = job["spec"].get("lora", {}).get("r", 16) if job else None
-        else:
-            artifact = ArtifactRef.model_validate(adapter["artifact"])
-            ranks[adapter["name"]] = _stored_rank(artifact, namespace)
+    for adapter in ad.spec.adapters:
+        if adapter.fine_tune_job_ref is not None:
+            job = fine_tune_jobs.get(adapter.fine_tune_job_ref.name)
+            ranks[adapter.name] = job.spec.lora.r if job is not None else None
+        elif adapter.artifact is not None:
+            ranks[adapter.name] = (stored or {}).get(adapter.name)
     return ranks
 
 
-class _Unverified(Exception):
-    pass
-
-
-def _stored_rank(artifact: ArtifactRef, namespace: str) -> int | None:
-    # A pinned version never changes: its manifest is read once. An unpinned one is read every pass.
-    try:
-        if artifact.digest:
-            return _pinned_rank(artifact.model_dump_json(), namespace)
-        return _read_rank(artifact, namespace)
-    except _Unverified:
-        return None  # the sidecar reports what is wrong with it
-
-
-def _read_rank(artifact: ArtifactRef, namespace: str) -> int | None:
-    check = artifacts.check_version(artifact.store, namespace, artifact.uri, artifact.digest)
-    if check.problem is not None:
-        raise _Unverified(check.problem[1])
-    return check.rank
-
-
-@functools.lru_cache(maxsize=1024)
-def _pinned_rank(artifact_json: str, namespace: str) -> int | None:
-    # Raising keeps failures out of the cache: a missing or unreachable version may appear later.
-    return _read_rank(ArtifactRef.model_validate_json(artifact_json), namespace)
+def stored_ranks(ad: AdapterDeploymentObject) -> dict[str, int | None]:
+    """Observe: the rank in each stored artifact's manifest, through the manifest cache (artifacts.MANIFESTS:
+    keyed by store, URI and digest, bounded timeouts). A version that cannot be verified has no rank here; the
+    sidecar reports what is wrong with it."""
+    ranks: dict[str, int | None] = {}
+    for adapter in ad.spec.adapters:
+        artifact = adapter.artifact
+        if artifact is None:
+            continue
+        check = artifacts.MANIFESTS.get(artifact.store, ad.namespace, artifact.uri, artifact.digest)
+        ranks[adapter.name] = check.rank if check.problem is None else None
+    return ranks
 
 
 def plan(
-    body: Obj, base: Obj | None, jobs: dict[str, Obj | None], settings: OperatorSettings
-) -> tuple[list[Obj], RenderError | None]:
-    """Children to apply now (pure): nothing while the BaseModel is missing or not Ready; otherwise the
-    whole set, with only the adapters that can be served now in the desired-adapter ConfigMap."""
-    if not base or (base.get("status") or {}).get("phase") != "Ready":
-        return [], None
-    resolved, _ = resolve_adapters(body, jobs)
+    ad: AdapterDeploymentObject,
+    base: BaseModelObject | None,
+    jobs: FineTuneJobs,
+    settings: OperatorSettings,
+    ranks: Mapping[str, int | None] | None = None,
+) -> tuple[list[Obj] | None, RenderError | None]:
+    """The desired children (pure: no API server, store or pod is asked; `ranks` are the stored adapters' ranks
+    from the observe step), or None to leave them as they are while the BaseModel is missing or not
+    Ready or the spec cannot be rendered; only the adapters that can be served now go into the desired-adapter
+    ConfigMap."""
+    if base is None or base.status is None or base.status.phase != "Ready":
+        return None, None
+    refusal = lora_refusal(base.spec.family)
+    if refusal is not None:  # vLLM would not start with --enable-lora, or has no class for it at all
+        return None, RenderError(Reason.LORA_NOT_SUPPORTED, refusal)
+    resolved, _ = resolve_adapters(ad, jobs)
     adapters = [
-        DesiredAdapter.model_validate({"name": a.name, "uri": a.uri, "digest": a.digest, "store": a.store})
+        DesiredAdapter(
+            name=a.name,
+            uri=a.uri,
+            digest=a.digest,
+            store=lenient_copy(ObjectStore, a.store) if a.store is not None else None,
+        )
         for a in resolved
     ]
     try:
-        return builders.desired_children(body, base, adapters, adapter_ranks(body, jobs), settings), None
+        return builders.desired_children(ad, base, adapters, adapter_ranks(ad, jobs, ranks), settings), None
     except RenderError as exc:
-        return [], exc
+        return None, exc
 
 
+# Each replica's state is asked with bounds: connect and read timeouts, a whole-request deadline (a pod that
+# trickles bytes cannot hold a thread longer), a size cap, and one shared pool of POD_STATE_CONCURRENCY threads
+# for all reconciles (8 queue workers x many replicas never open more connections than that). A pod that does
+# not answer in time counts as not reporting: its adapters are not Loaded, which the status shows.
 POD_STATE_TIMEOUT = 2.0
+POD_STATE_DEADLINE = 5.0
+POD_STATE_MAX_BYTES = 1024 * 1024
+POD_STATE_CONCURRENCY = 32
+_CHUNK = 64 * 1024
 log = logging.getLogger("lorafleet.controller")
+_pool = ThreadPoolExecutor(max_workers=POD_STATE_CONCURRENCY, thread_name_prefix="pod-state")
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def _read_bounded(response: Any, deadline: float) -> bytes:
+    body = bytearray()
+    read = getattr(response, "read1", response.read)  # read1: at most one recv, so the deadline is checked often
+    while chunk := read(_CHUNK):
+        body += chunk
+        if len(body) > POD_STATE_MAX_BYTES:
+            raise _TooLarge(f"state larger than {POD_STATE_MAX_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete answer within {POD_STATE_DEADLINE:g} s")
+    return bytes(body)
 
 
 def _fetch_state(pod: Obj) -> Obj:
@@ -111,10 +141,11 @@ def _fetch_state(pod: Obj) -> Obj:
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return {"pod": name, "error": "no pod IP yet"}
-    url = f"http://{ip}:{builders.GATEWAY_PORT}{builders.STATE_PATH}"
+    url = f"http://{ip}:{STATE_PORT}{STATE_PATH}"
+    deadline = time.monotonic() + POD_STATE_DEADLINE
     try:
         with urllib.request.urlopen(url, timeout=POD_STATE_TIMEOUT) as response:
-            state = json.loads(response.read())
+            state = json.loads(_read_bounded(response, deadline))
     except (OSError, ValueError) as exc:
         return {"pod": name, "error": f"GET {url}: {exc}"}
     return {**state, "pod": name} if isinstance(state, dict) else {"pod": name, "error": "not a JSON object"}
@@ -123,81 +154,78 @@ def _fetch_state(pod: Obj) -> Obj:
 def running_pods(namespace: str, name: str) -> list[Obj]:
     return [
         p
-        for p in k8s.list_("v1", "Pod", namespace, f"lorafleet.io/adapterdeployment={name}")
+        for p in CACHES.select("v1", "Pod", namespace, builders.pod_labels(name))
         if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") == "Running"
     ]
 
 
 def pod_states(pods: list[Obj]) -> list[Obj]:
-    """Each live replica's own account of its adapters (the sidecar's /lorafleet/state), asked in parallel."""
+    """Each live replica's own account of its adapters (the sidecar's /lorafleet/state), asked in parallel on the
+    shared pool; a replica without an answer by the deadline is reported as not answering."""
     if not pods:
         return []
-    with ThreadPoolExecutor(max_workers=min(len(pods), 16)) as pool:
-        return list(pool.map(_fetch_state, pods))
+    futures = [_pool.submit(_fetch_state, pod) for pod in pods]
+    done, _ = wait(futures, timeout=POD_STATE_DEADLINE + POD_STATE_TIMEOUT)
+    states: list[Obj] = []
+    for pod, future in zip(pods, futures, strict=True):
+        if future in done:
+            states.append(future.result())
+        else:
+            future.cancel()
+            states.append({"pod": pod["metadata"]["name"], "error": "no answer in time"})
+    return states
 
 
-def nudge_pods(children: list[Obj], pods: list[Obj], ad_name: str) -> None:
-    """Tell the kubelet to refresh the desired set in each replica now (builders.pod_nudges). Best effort: a
-    failure (a pod deleted meanwhile) only leaves that replica to the kubelet's periodic sync."""
-    digest = builders.desired_set_digest(children, ad_name)
-    if digest is None:
-        return
-    for body in builders.pod_nudges(pods, digest):
-        try:
-            k8s.apply(body, field_manager=SETTINGS.field_manager)
-        except ApiException as exc:
-            log.info("could not annotate pod %s: %s", body["metadata"]["name"], exc.reason)
+def _bound(ftj: FineTuneJobObject | None) -> FineTuneJobObject | None:
+    return bind_finetunejob(ftj)[0] if ftj is not None else None
 
 
-def reconcile(body: Obj) -> Obj:
-    meta = body["metadata"]
-    namespace = meta["namespace"]
-    base = get_custom("BaseModel", body["spec"]["baseModelRef"]["name"], namespace)
-    jobs = {name: get_custom("FineTuneJob", name, namespace) for name in _fine_tune_job_names(body)}
-    children, error = plan(body, base, jobs, SETTINGS)
-    apply_all(children)
-    names = builders.names(meta["name"])
-    deployment = k8s.get("apps/v1", "Deployment", names.deployment, namespace)
-    service = k8s.get("v1", "Service", names.service, namespace)
-    pods = running_pods(namespace, meta["name"])
-    nudge_pods(children, pods, meta["name"])
-    resolved, _ = resolve_adapters(body, jobs)
+def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
+    namespace = ad.namespace
+    ad, refused = bind_adapterdeployment(ad)  # storeRefs -> the stores they stand for, URIs checked against them
+    base = get_typed(BaseModelObject, ad.spec.base_model_ref.name, namespace)
+    base = bind_basemodel(base)[0] if base is not None else None
+    jobs: FineTuneJobs = {
+        name: _bound(get_typed(FineTuneJobObject, name, namespace)) for name in _fine_tune_job_names(ad)
+    }
+    if refused is None:
+        desired, error = plan(ad, base, jobs, SETTINGS, stored_ranks(ad))
+    else:
+        desired, error = None, refused
+    children = sync_children(ad, desired, builders.CHILD_KINDS)
+    names = builders.names(ad.name)
+    deployment = children.get("apps/v1", "Deployment", names.deployment)
+    service = children.get("v1", "Service", names.service)
+    # No pod is written: a changed desired set reaches the replicas through the kubelet's own refresh of their
+    # ConfigMap volume (resources.adapterdeployment.build_adapters_config_map says why).
+    pods = running_pods(namespace, ad.name)
+    resolved, _ = resolve_adapters(ad, jobs)
     reports = aggregate(pod_states(pods), {a.name: a.digest for a in resolved}) if resolved else None
-    status = adapterdeployment_status(
-        body,
+    observed = AdapterDeploymentObserved(
         base_model=base,
         fine_tune_jobs=jobs,
         deployment=deployment,
+        service_host=builders.service_host(ad) if service else None,
         adapter_reports=reports,
-        service_host=builders.service_host(body) if service else None,
-        now=now(),
+        render_error=error,
+        conflict=conflict_message(children.conflicts, KIND) if children.conflicts else None,
     )
-    return with_render_error(status, error, meta.get("generation"), now())
+    return adapterdeployment_status(ad, observed, now())
 
 
-@kopf.index(GROUP, VERSION, "adapterdeployments")
-def adapterdeployments_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
-    return {(body.metadata.namespace, body.spec["baseModelRef"]["name"]): body.metadata.name}
+ADAPTERS_POLL_SECONDS = 10.0
 
 
-@kopf.index(GROUP, VERSION, "adapterdeployments")
-def adapterdeployments_by_fine_tune_job(body: kopf.Body, **_: Any) -> dict[Any, str]:
-    meta = body.metadata
-    return {(meta.namespace, job): str(meta.name) for job in _fine_tune_job_names(dict(body))}
+def poll_after(status: BaseModel) -> float | None:
+    """Adapters load and unload inside the pods without any watched object changing: while an adapter is not
+    settled (Loaded, or Failed with its reason), ask the replicas again shortly."""
+    if not isinstance(status, AdapterDeploymentStatus) or status.phase == "Failed":
+        return None
+    settled = all(a.state in ("Loaded", "Failed") for a in status.adapters)
+    return None if settled and status.phase == "Ready" else ADAPTERS_POLL_SECONDS
 
 
-register_reconciler("adapterdeployments", reconcile)
+RECONCILER = Reconciler(KIND, "adapterdeployments", AdapterDeploymentObject, reconcile, poll_after)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_CHILDREN, id="owner")
-def deployment_changed(body: kopf.Body, **_: Any) -> None:
-    reconcile_owner(reconcile, KIND, body)
-
-
-@kopf.on.event(GROUP, VERSION, "finetunejobs", id="adapter-source")
-def fine_tune_job_changed(body: kopf.Body, **kwargs: Any) -> None:
-    """A FineTuneJob succeeding puts its adapter into the deployments that serve it, without a restart."""
-    key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    index: kopf.Index[Any, str] = kwargs["adapterdeployments_by_fine_tune_job"]
-    for name in list(index.get(key, ())):  # kopf mutates indexes concurrently
-        reconcile_by_name(reconcile, KIND, name, key[0])
+register_reconciler(RECONCILER)

@@ -8,15 +8,23 @@ they are never logged or written anywhere.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import os
 import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from lorafleet import k8s
 from lorafleet.api.common import ObjectStore
+from lorafleet.config import OperatorSettings
+from lorafleet.resources.adapter_guard import lineage_problem, lineage_uid
 from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status import ArtifactCheck
+from lorafleet.resources.stores import credentials_refusal
 from lorafleet.storage import (
     ArtifactStore,
     BadCredentials,
@@ -27,11 +35,37 @@ from lorafleet.storage import (
     VersionFolder,
 )
 
-__all__ = ["SecretMissing", "StoreError", "check_version", "delete_version", "store_for"]
+__all__ = [
+    "MANIFESTS",
+    "Deletion",
+    "ManifestCache",
+    "SecretMissing",
+    "StoreError",
+    "check_version",
+    "delete_if_owned",
+    "delete_version",
+    "store_for",
+]
+
+# The operator's own checks (a manifest, a few KiB) are bounded: a store that accepts connections and never
+# answers costs at most CHECK_ATTEMPTS x (connect + read) seconds to the object that uses it, and its failure is
+# remembered for FAILED_TTL seconds, so the next passes of that object do not wait again.
+CHECK_CONNECT_TIMEOUT = 3.0
+CHECK_READ_TIMEOUT = 10.0
+CHECK_ATTEMPTS = 2
 
 
 class SecretMissing(Exception):
     """A Secret the spec references does not exist (yet)."""
+
+
+class StoreNotAllowed(StoreError):
+    """A spec's store names a Secret at an endpoint the platform does not allow: the Secret is never read."""
+
+
+@functools.cache
+def _operator_settings() -> OperatorSettings:
+    return OperatorSettings()
 
 
 def _secret_value(namespace: str, name: str, key: str) -> str:
@@ -56,13 +90,23 @@ def _ca_file(pem: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _store(settings: StoreSettings) -> ArtifactStore:
     # boto3 clients are expensive to build and thread-safe: one per distinct endpoint and credentials.
-    return ArtifactStore(settings)
+    return ArtifactStore(
+        dataclasses.replace(
+            settings,
+            connect_timeout=CHECK_CONNECT_TIMEOUT,
+            read_timeout=CHECK_READ_TIMEOUT,
+            max_attempts=CHECK_ATTEMPTS,
+        )
+    )
 
 
 def store_for(spec_store: ObjectStore | None, namespace: str) -> ArtifactStore:
     """The store a spec points at, or the operator's default store (from its environment)."""
     if spec_store is None:
         return _store(StoreSettings.from_env())
+    refusal = credentials_refusal(spec_store, _operator_settings(), "the store")
+    if refusal is not None:
+        raise StoreNotAllowed(refusal)
     access_key = secret_key = ca = None
     if spec_store.credentials_secret_ref is not None:
         ref = spec_store.credentials_secret_ref
@@ -81,6 +125,8 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
         manifest, digest, _ = store.read_manifest(VersionFolder.parse(uri))
     except SecretMissing as exc:
         return ArtifactCheck(problem=(Reason.SECRET_NOT_FOUND, f'Secret "{exc}" referenced by the store not found'))
+    except StoreNotAllowed as exc:
+        return ArtifactCheck(problem=(Reason.STORE_NOT_ALLOWED, str(exc)))
     except (IncompleteVersion, ObjectNotFound) as exc:
         return ArtifactCheck(problem=(Reason.MANIFEST_NOT_FOUND, str(exc)))
     except BadCredentials as exc:
@@ -101,9 +147,101 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
         size_bytes=manifest.total_size,
         revision=manifest.version,
         rank=rank if isinstance(rank, int) else None,
+        job_uid=lineage_uid(manifest.hyperparameters),
     )
 
 
 def delete_version(spec_store: ObjectStore | None, namespace: str, uri: str) -> int:
     """Remove a version (manifest first, so it stops being served before its files go); returns objects removed."""
     return store_for(spec_store, namespace).delete_version(VersionFolder.parse(uri))
+
+
+@dataclasses.dataclass(frozen=True)
+class Deletion:
+    """What deleting a FineTuneJob's version found: no manifest, a manifest another job wrote (left in place),
+    or its own (removed)."""
+
+    found: bool
+    owner_uid: str | None = None
+    removed: int = 0
+
+
+def delete_if_owned(spec_store: ObjectStore | None, namespace: str, uri: str, uid: str) -> Deletion:
+    """Delete the version at `uri` only when its manifest's lineage names `uid`, read fresh from the store now
+    (not from the cache). SecretMissing and StoreError propagate: the caller decides to wait or give up."""
+    store = store_for(spec_store, namespace)
+    folder = VersionFolder.parse(uri)
+    try:
+        manifest, _, _ = store.read_manifest(folder)
+    except (IncompleteVersion, ObjectNotFound):
+        return Deletion(found=False)  # nothing committed there: nothing this job could prove it wrote
+    except ValueError:
+        return Deletion(found=True)  # a manifest that does not parse proves no ownership: left in place
+    owner = lineage_uid(manifest.hyperparameters)
+    if lineage_problem(uri, uid, owner) is not None:
+        return Deletion(found=True, owner_uid=owner)
+    return Deletion(found=True, owner_uid=owner, removed=store.delete_version(folder))
+
+
+Check = Callable[[ObjectStore | None, str, str, str | None], ArtifactCheck]
+
+
+class ManifestCache:
+    """What the store said about a version folder, keyed by store, namespace, URI and expected digest.
+
+    A verified version pinned by digest never changes: kept until evicted. A verified unpinned one is read again
+    after `ttl` seconds (someone may push another version under the same URI); a problem after `failed_ttl`
+    seconds, so a fixed store or a manifest that appears is seen soon, and a hanging store is not waited on at
+    every pass. Thread-safe; the store is read outside the lock (two passes may read the same key at once).
+    """
+
+    def __init__(
+        self,
+        check: Check | None = None,
+        *,
+        ttl: float = 600.0,
+        failed_ttl: float = 30.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self._ttl, self._failed_ttl, self._max = ttl, failed_ttl, max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str, str, str], tuple[ArtifactCheck, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(
+        spec_store: ObjectStore | None, namespace: str, uri: str, expected: str | None
+    ) -> tuple[str, str, str, str]:
+        store = spec_store.model_dump_json() if spec_store is not None else ""
+        return (store, namespace, uri, expected or "")
+
+    def _fresh(self, check: ArtifactCheck, expected: str | None, at: float) -> bool:
+        age = self._clock() - at
+        if check.problem is not None:
+            return age < self._failed_ttl
+        if expected and check.digest == expected:
+            return True
+        return age < self._ttl
+
+    def get(self, spec_store: ObjectStore | None, namespace: str, uri: str, expected: str | None) -> ArtifactCheck:
+        key = self._key(spec_store, namespace, uri, expected)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and self._fresh(entry[0], expected, entry[1]):
+                self._entries.move_to_end(key)
+                return entry[0]
+        check = (self._check or check_version)(spec_store, namespace, uri, expected)
+        with self._lock:
+            self._entries[key] = (check, self._clock())
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return check
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+MANIFESTS = ManifestCache()

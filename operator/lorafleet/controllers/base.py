@@ -1,7 +1,10 @@
-"""Plumbing shared by the three controllers: settings, the clock, status writing and transition events.
+"""Plumbing shared by the three controllers: settings, the clock, children, status writing and transition events.
 
-Each controller's reconcile is: read inputs -> render desired children (pure) -> apply -> read children ->
-compute status (pure) -> write it once. Handlers only pick where the status goes.
+Each controller's reconcile is: observe (the object's inputs and its children, listed by lorafleet's owner label)
+-> plan (pure: the desired children, or None to leave them as they are) -> execute (apply only the children whose
+content hash differs, delete owned children no longer desired) -> status (pure) -> write it only when it changed,
+with the resourceVersion it was computed from. The body is parsed into its typed model once, here, where a
+handler (or the resync loop) hands it over; the controllers work on typed objects from there on.
 """
 
 from __future__ import annotations
@@ -9,19 +12,35 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import kopf
 from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel, ValidationError
 
-from lorafleet import API_VERSION, GROUP, VERSION, k8s
+from lorafleet import API_VERSION, FINALIZER, k8s
+from lorafleet.api.objects import CustomResource, parse
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.base import MAX_MESSAGE
+from lorafleet.controllers.caches import CACHES
 from lorafleet.controllers.observability import observe
-from lorafleet.resources.conditions import set_condition, transitions
-from lorafleet.resources.status import status_patch
-from lorafleet.resources.stores import RenderError
+from lorafleet.controllers.workqueue import WorkQueue
+from lorafleet.resources.children import (
+    ChildKind,
+    ChildPlan,
+    Conflict,
+    diff,
+    key,
+    owner_labels,
+    owner_selector,
+    unobserved,
+)
+from lorafleet.resources.conditions import notable_transitions
+from lorafleet.resources.status import status_dict, status_patch
+from lorafleet.resources.status.invalid import invalid_spec_status
+from lorafleet.storage.scrub import scrub, scrub_tree
 
 Obj = dict[str, Any]
 log = logging.getLogger("lorafleet.controllers")
@@ -36,38 +55,130 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def apply_all(children: list[Obj]) -> None:
-    for child in children:
-        k8s.apply(child, field_manager=SETTINGS.field_manager)
+_unlistable: set[ChildKind] = set()  # kinds the operator's RBAC may not list: applied whole, never pruned
+
+
+@dataclass
+class Children:
+    """An owner's children after a pass: as listed (unchanged ones) or as returned by their apply."""
+
+    current: dict[tuple[str, str], Obj]
+    listed: set[str]  # kinds that were listed: a child of another kind is read with a GET when asked for
+    namespace: str
+    conflicts: list[Conflict] = field(default_factory=list)  # names held by others: nothing was applied
+
+    def get(self, api_version: str, kind: str, name: str) -> Obj | None:
+        if kind in self.listed or (kind, name) in self.current:
+            return self.current.get((kind, name))
+        return CACHES.get(api_version, kind, name, self.namespace)
+
+
+def observe_children(owner: CustomResource, kinds: tuple[ChildKind, ...]) -> dict[str, list[Obj]]:
+    """Each child kind of the owner, selected by lorafleet's owner labels: from the watch-fed cache of the kind,
+    or (no cache serves it) with one LIST per kind."""
+    selector = owner_selector(owner.kind, owner.name)
+    labels = owner_labels(owner.kind, owner.name)
+    observed: dict[str, list[Obj]] = {}
+    for api_version, kind in kinds:
+        if CACHES.serves(api_version, kind):
+            observed[kind] = CACHES.select(api_version, kind, owner.namespace, labels)
+            continue
+        if (api_version, kind) in _unlistable:
+            continue
+        try:
+            observed[kind] = k8s.list_(api_version, kind, owner.namespace, selector)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            _unlistable.add((api_version, kind))
+            log.warning("the operator may not list %s %s: applied every pass and never pruned", api_version, kind)
+    return observed
+
+
+def execute_children(plan: ChildPlan) -> dict[tuple[str, str], Obj]:
+    """Delete what is no longer desired (first, as kubeai does), then apply what differs; returns the children."""
+    for child in plan.delete:
+        meta = child["metadata"]
+        try:
+            k8s.delete(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
+            CACHES.forget(child)
+            log.info("pruned %s %s/%s", child["kind"], meta.get("namespace"), meta["name"])
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            log.warning("the operator may not delete %s %s: left in place", child["kind"], meta["name"])
+    current = {key(c): c for c in plan.unchanged}
+    for child in plan.apply:
+        # A new child is applied without force: an object someone created since the read is not taken over
+        # (the apply fails with 409, and the next pass reads it and reports the conflict).
+        applied = k8s.apply(child, field_manager=SETTINGS.field_manager, force=key(child) not in plan.new)
+        CACHES.record(applied)
+        current[key(child)] = applied
+    return current
+
+
+def read_by_name(api_version: str, kind: str, name: str, namespace: str) -> Obj | None:
+    """The object holding a name, whoever made it: from the cache when it is there (it carries lorafleet's
+    managed-by label), else from the API server (the caches hold no object without that label)."""
+    if CACHES.serves(api_version, kind):
+        cached = CACHES.get(api_version, kind, name, namespace)
+        if cached is not None:
+            return cached
+    return k8s.get(api_version, kind, name, namespace)
+
+
+def sync_children(
+    owner: CustomResource,
+    desired: list[Obj] | None,
+    kinds: tuple[ChildKind, ...],
+    create_only: frozenset[str] = frozenset(),
+) -> Children:
+    """Observe the owner's children, apply only the differences, prune what it no longer wants; a desired name
+    held by an object the owner does not control changes nothing (Children.conflicts says which)."""
+    observed = observe_children(owner, kinds)
+    if desired is None:  # leave them as they are
+        current = {key(c): c for items in observed.values() for c in items}
+        return Children(current, set(observed), owner.namespace)
+    # Only children not found among the owner's are read by name: on creation, or when one was deleted.
+    existing = {(k, n): read_by_name(v, k, n, owner.namespace) for v, k, n in unobserved(desired, observed)}
+    plan = diff(desired, observed, owner.metadata.uid, create_only, existing)
+    if plan.conflicts:
+        log.warning(
+            "%s %s/%s: %s", owner.kind, owner.namespace, owner.name, "; ".join(c.describe() for c in plan.conflicts)
+        )
+    current = execute_children(plan)
+    return Children(current, set(observed), owner.namespace, plan.conflicts)
 
 
 def get_custom(kind: str, name: str, namespace: str) -> Obj | None:
-    return k8s.get(API_VERSION, kind, name, namespace)
+    """One of our objects from the cache; an object the cache has not seen yet (kopf's watch told us first) is
+    read from the API server."""
+    body = CACHES.get(API_VERSION, kind, name, namespace)
+    if body is None and CACHES.serves(API_VERSION, kind):
+        body = k8s.get(API_VERSION, kind, name, namespace)
+    return body
 
 
-def with_render_error(status: Obj, error: RenderError | None, generation: int | None, when: datetime) -> Obj:
-    """Overlay a render error (the inputs exist but cannot be turned into children yet) on a status."""
-    if error is None:
-        return status
-    conditions = status.get("conditions") or []
-    for type_, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
-        conditions = set_condition(
-            conditions,
-            type=type_,
-            status=value,  # type: ignore[arg-type]
-            reason=error.reason,
-            message=error.message,
-            generation=generation,
-            now=when,
-        )
-    return {**status, "conditions": conditions}
+_O = TypeVar("_O", bound=CustomResource)
+
+
+def get_typed(model: type[_O], name: str, namespace: str) -> _O | None:
+    """Another custom resource (a dependency), read from the cache and parsed into its model; None when it does
+    not exist (when it appears, triggers.dependents queues the objects that wait for it)."""
+    body = CACHES.get(API_VERSION, model.KIND, name, namespace)
+    return None if body is None else parse(model, body)
 
 
 def transition_event(body: Obj, type_: str, status: str, reason: str, message: str, when: datetime) -> Obj:
-    """A core/v1 Event about `body` (pure). Posted by us rather than kopf.event(), which works only inside
-    kopf's own tasks and so not from the resync thread."""
-    meta = body["metadata"]
+    """A core/v1 Event about a condition transition of `body` (pure)."""
     healthy = (type_ == "Degraded") == (status == "False")
+    return object_event(body, "Normal" if healthy else "Warning", reason, f"{type_}={status}: {message}", when)
+
+
+def object_event(body: Obj, event_type: str, reason: str, message: str, when: datetime) -> Obj:
+    """A core/v1 Event about `body` (pure). Posted by us rather than kopf.event(), which works only inside
+    kopf's own tasks and so not from the work queue's threads."""
+    meta = body["metadata"]
     stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "apiVersion": "v1",
@@ -80,9 +191,9 @@ def transition_event(body: Obj, type_: str, status: str, reason: str, message: s
             "namespace": meta["namespace"],
             "uid": meta.get("uid"),
         },
-        "type": "Normal" if healthy else "Warning",
+        "type": event_type,
         "reason": reason,
-        "message": f"{type_}={status}: {message}"[:1024],
+        "message": scrub(message)[:MAX_MESSAGE],
         "source": {"component": "lorafleet-operator"},
         "reportingComponent": "lorafleet-operator",
         "reportingInstance": EVENT_INSTANCE,
@@ -93,75 +204,146 @@ def transition_event(body: Obj, type_: str, status: str, reason: str, message: s
 
 
 def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -> None:
-    """One Kubernetes Event per condition transition; a failing Event never fails the reconcile."""
-    for type_, status, reason, message in transitions(
+    """One Kubernetes Event per notable condition transition; a failing Event never fails the reconcile."""
+    for type_, status, reason, message in notable_transitions(
         (old_status or {}).get("conditions"), new_status.get("conditions") or []
     ):
-        try:
-            k8s.apply(transition_event(body, type_, status, reason, message, now()), SETTINGS.field_manager)
-        except ApiException as exc:
-            if exc.status == 403 and "being terminated" in str(exc.body):
-                continue  # its namespace is going away, and the Event with it
-            log.warning("could not post event %s for %s: %s", reason, body["metadata"]["name"], exc)
-        except Exception:  # events are best effort; the status carries the truth
-            log.warning("could not post event %s for %s", reason, body["metadata"]["name"], exc_info=True)
+        post_event(transition_event(body, type_, status, reason, message, now()))
 
 
-def write_status(body: Obj, status: Obj, patch: kopf.Patch | None) -> None:
-    """Through the handler's patch for the object being handled (kopf 916), else the status subresource."""
-    post_transition_events(body, body.get("status"), status)
-    # Merge patches keep keys they do not mention: null out what the new status dropped.
-    change = status_patch(body.get("status"), status)
-    if patch is not None:
-        patch.status.update(change)
-        return
-    meta = body["metadata"]
-    k8s.patch_status(body.get("apiVersion", API_VERSION), body["kind"], meta["name"], meta["namespace"], change)
-
-
-Reconciler = Callable[[Obj], Obj]
-
-
-def reconcile_and_write(reconcile: Reconciler, body: Obj, patch: kopf.Patch | None) -> None:
-    with observe(body["kind"]), k8s.temporary_on_conflict():
-        status = reconcile(body)
-        write_status(body, status, patch)
-
-
-def reconcile_by_name(reconcile: Reconciler, kind: str, name: str, namespace: str) -> None:
-    """Reconcile another object (a dependent or an owner) from a handler of something it depends on."""
-    body = get_custom(kind, name, namespace)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return
+def post_event(event: Obj) -> None:
+    """Best effort: the status carries the truth."""
+    name = event["involvedObject"]["name"]
     try:
-        reconcile_and_write(reconcile, body, None)
-    except kopf.TemporaryError as exc:
-        # The object's own handlers and the resync loop retry; the triggering handler has nothing to retry.
-        log.warning("reconciling %s %s/%s failed, will resync: %s", kind, namespace, name, exc)
+        k8s.apply(event, SETTINGS.field_manager)
+    except ApiException as exc:
+        if exc.status == 403 and "being terminated" in str(exc.body):
+            return  # its namespace is going away, and the Event with it
+        log.warning("could not post event %s for %s: %s", event["reason"], name, exc)
+    except Exception:
+        log.warning("could not post event %s for %s", event["reason"], name, exc_info=True)
+
+
+def write_status(body: Obj, status: Obj) -> bool:
+    """Write the status only when it differs from the one read, as a merge patch carrying the resourceVersion
+    it was computed from: a concurrent writer makes it fail with 409 (a retry from a fresh read) instead of
+    regressing a condition. Events are posted only after the write succeeded, so each transition once."""
+    status = scrub_tree(status)  # no credential reaches a status (issue 15: careful deputy)
+    old = body.get("status")
+    if (old or {}) == status:
+        return False
+    # Merge patches keep keys they do not mention: null out what the new status dropped.
+    change = status_patch(old, status)
+    meta = body["metadata"]
+    written = k8s.patch_status(
+        body.get("apiVersion", API_VERSION),
+        body["kind"],
+        meta["name"],
+        meta["namespace"],
+        change,
+        resource_version=meta.get("resourceVersion"),
+    )
+    CACHES.record(written)
+    post_transition_events(body, old, status)
+    return True
+
+
+@dataclass(frozen=True)
+class Reconciler(Generic[_O]):
+    """One kind's reconcile: its typed model and the pass from the typed object to its Status model."""
+
+    kind: str
+    plural: str
+    model: type[_O]
+    reconcile: Callable[[_O], BaseModel]
+    # Seconds until the object should be looked at again although no watched object changed (a state only the
+    # pods know: adapters loading, training progress); None when its next change comes as a watch event.
+    poll_after: Callable[[BaseModel], float | None] = lambda _status: None
+    # Work outside the cluster before the object goes (a FineTuneJob's stored adapter with deletionPolicy:
+    # Delete): which objects need it (only they carry lorafleet's finalizer) and the work itself, which returns
+    # None when done (the finalizer goes) or seconds after which to try again (it waits, bounded by the kind).
+    needs_cleanup: Callable[[Obj], bool] = lambda _body: False
+    cleanup: Callable[[Obj], float | None] | None = None
+
+
+def reconcile_and_write(reconciler: Reconciler[Any], body: Mapping[str, Any]) -> bool:
+    """Parse the body into its typed model (the only place it is parsed), reconcile it and write its status
+    when it changed; True when it was written. An object still converging is queued again after its poll delay."""
+    raw = dict(body)
+    with observe(reconciler.kind), k8s.temporary_on_conflict():
+        try:
+            typed = parse(reconciler.model, raw)
+        except ValidationError as exc:  # a spec the CRD let through: a condition names the fields, nothing renders
+            return write_status(raw, invalid_spec_status(raw, exc, now()))
+        status = reconciler.reconcile(typed)
+        written = write_status(raw, status_dict(status))
+    delay = reconciler.poll_after(status)
+    if delay is not None:
+        meta = raw["metadata"]
+        enqueue(reconciler.kind, meta["namespace"], meta["name"], delay)
+    return written
+
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+_RECONCILERS: dict[str, Reconciler[Any]] = {}
+
+
+def reconcile_key(key: Key) -> None:
+    """The work queue's only job: read the object and reconcile it. Errors go back to the queue (per-key
+    exponential backoff); a 409 on the status write (someone wrote since the read) retries from a fresh read."""
+    kind, namespace, name = key
+    reconciler = _RECONCILERS[kind]
+    body = get_custom(kind, name, namespace)
+    if body is None:
+        return  # gone: the garbage collector takes the children
+    try:
+        body = sync_finalizer(reconciler, body)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # going: cleaned up (if it needed it); the garbage collector takes the children
+        reconcile_and_write(reconciler, body)
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile (with its namespace, say): nothing left to reconcile
             raise
 
 
-def register_reconciler(plural: str, reconcile: Reconciler) -> None:
-    """Reconcile a kind when it is created or changed and when the operator starts (resume)."""
+def sync_finalizer(reconciler: Reconciler[Any], body: Obj) -> Obj | None:
+    """Keep lorafleet's finalizer on exactly the objects that need cleanup; on deletion, clean up, then release
+    the object. Returns the object as it is now, or None once it was released. Each change of the finalizer list
+    is a merge patch with the resourceVersion read, so another controller's finalizer is never dropped."""
+    meta = body["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    has = FINALIZER in finalizers
+    deleting = bool(meta.get("deletionTimestamp"))
+    want = not deleting and reconciler.needs_cleanup(body)
+    if has == want:
+        return body
+    if deleting and reconciler.cleanup is not None:
+        # An error retries with backoff; a wait looks again after its delay; the finalizer stays meanwhile.
+        wait = reconciler.cleanup(body)
+        if wait is not None:
+            enqueue(reconciler.kind, meta["namespace"], meta["name"], wait)
+            return body
+    changed = [f for f in finalizers if f != FINALIZER] if has else [*finalizers, FINALIZER]
+    written = k8s.patch_finalizers(
+        body.get("apiVersion", API_VERSION), body["kind"], meta["name"], meta["namespace"], changed,
+        str(meta.get("resourceVersion") or ""),
+    )  # fmt: skip
+    if deleting:
+        return None
+    CACHES.record(written)
+    return written
 
-    @kopf.on.resume(GROUP, VERSION, plural, id="reconcile-resume")
-    @kopf.on.create(GROUP, VERSION, plural, id="reconcile-create")
-    @kopf.on.update(GROUP, VERSION, plural, id="reconcile-update")
-    def handle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        reconcile_and_write(reconcile, dict(body), patch)
+
+QUEUE: WorkQueue[Key] = WorkQueue(reconcile_key, workers=SETTINGS.workers)
 
 
-def reconcile_owner(reconcile: Reconciler, kind: str, child: kopf.Body) -> None:
-    """A child changed (finished, failed, deleted): reconcile its controller at once, restoring it if need be."""
-    owner = controller_owner(dict(child), kind)
-    if owner:
-        reconcile_by_name(reconcile, kind, owner, child["metadata"]["namespace"])
+def enqueue(kind: str, namespace: str, name: str, delay: float = 0.0) -> None:
+    """Ask for a reconcile of one object; duplicates coalesce and one object is never reconciled twice at once."""
+    QUEUE.add((kind, namespace, name), delay)
 
 
-def controller_owner(child: Obj, kind: str) -> str | None:
-    for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == kind and ref.get("apiVersion") == API_VERSION:
-            return str(ref["name"])
-    return None
+def register_reconciler(reconciler: Reconciler[Any]) -> None:
+    """Make a kind reconcilable by the queue. What queues its objects: the caches' changes (controllers.triggers)
+    and the resync, which also runs once the caches have listed at start-up. kopf has no handler on the objects,
+    so it never writes to them (no annotations of its own, no finalizer)."""
+    _RECONCILERS[reconciler.kind] = reconciler

@@ -7,46 +7,35 @@ AdapterDeployments that wait for a BaseModel are reconciled as soon as it change
 
 from __future__ import annotations
 
-from typing import Any
-
-import kopf
-
-from lorafleet import GROUP, VERSION, k8s
-from lorafleet.api.basemodel import BaseModelSpec
-from lorafleet.controllers import adapterdeployment, artifacts, finetunejob
-from lorafleet.controllers.base import SETTINGS, Obj, now, reconcile_by_name, register_reconciler
-from lorafleet.resources.status import basemodel_secret_names, basemodel_status
+from lorafleet import k8s
+from lorafleet.api.basemodel import BaseModelStatus
+from lorafleet.api.objects import BaseModelObject
+from lorafleet.controllers import artifacts
+from lorafleet.controllers.base import SETTINGS, Reconciler, now, register_reconciler
+from lorafleet.controllers.store_refs import bind_basemodel
+from lorafleet.resources.status import ArtifactCheck, BaseModelObserved, basemodel_secret_names, basemodel_status
 
 KIND = "BaseModel"
 
 
-def reconcile(body: Obj) -> Obj:
-    namespace = body["metadata"]["namespace"]
-    missing = next((n for n in basemodel_secret_names(body) if k8s.get("v1", "Secret", n, namespace) is None), None)
-    spec = BaseModelSpec.model_validate(body["spec"])
-    configured = bool(SETTINGS.store_endpoint) or spec.source.store is not None
+def reconcile(bm: BaseModelObject) -> BaseModelStatus:
+    namespace = bm.namespace
+    bm, refused = bind_basemodel(bm)
+    if refused is not None:  # the store is never read: the reference itself is the problem
+        refusal = ArtifactCheck(problem=(refused.reason, refused.message))
+        observed = BaseModelObserved(default_store_configured=True, source_check=refusal)
+        return basemodel_status(bm, observed, now())
+    missing = next((n for n in basemodel_secret_names(bm) if k8s.get("v1", "Secret", n, namespace) is None), None)
+    source = bm.spec.source
+    configured = bool(SETTINGS.store_endpoint) or source.store is not None
     check = None
-    if spec.source.uri.startswith("s3://") and configured and not missing:
-        check = artifacts.check_version(spec.source.store, namespace, spec.source.uri, spec.source.digest)
-    return basemodel_status(
-        body,
-        default_store_configured=bool(SETTINGS.store_endpoint),
-        missing_secret=missing,
-        now=now(),
-        source_check=check,
+    if source.uri.startswith("s3://") and configured and not missing:
+        check = artifacts.MANIFESTS.get(source.store, namespace, source.uri, source.digest)
+    observed = BaseModelObserved(
+        default_store_configured=bool(SETTINGS.store_endpoint), missing_secret=missing, source_check=check
     )
+    return basemodel_status(bm, observed, now())
 
 
-register_reconciler("basemodels", reconcile)
-
-
-@kopf.on.event(GROUP, VERSION, "basemodels", id="dependents")
-def wake_dependents(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
-    """A BaseModel appearing, becoming Ready or going away moves the jobs and deployments that wait for it."""
-    if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
-        return
-    key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    for name in list(kwargs["finetunejobs_by_base_model"].get(key, ())):  # kopf mutates it concurrently
-        reconcile_by_name(finetunejob.reconcile, finetunejob.KIND, name, key[0])
-    for name in list(kwargs["adapterdeployments_by_base_model"].get(key, ())):
-        reconcile_by_name(adapterdeployment.reconcile, adapterdeployment.KIND, name, key[0])
+RECONCILER = Reconciler(KIND, "basemodels", BaseModelObject, reconcile)
+register_reconciler(RECONCILER)

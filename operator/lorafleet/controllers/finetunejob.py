@@ -3,35 +3,44 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from datetime import datetime
 
-import kopf
-
-from lorafleet import GROUP, VERSION, k8s
-from lorafleet.api.finetunejob import FineTuneJobSpec
+from lorafleet import API_VERSION, k8s
+from lorafleet.api.finetunejob import FineTuneJobStatus
+from lorafleet.api.objects import BaseModelObject, FineTuneJobObject, parse
 from lorafleet.config import OperatorSettings
-from lorafleet.controllers import artifacts
+from lorafleet.contracts.trainer import (
+    PROGRESS_KEY,
+    ReportArtifact,
+    ReportProgress,
+    TrainerReport,
+    parse_progress,
+)
+from lorafleet.controllers import artifacts, credentials
 from lorafleet.controllers.base import (
-    MANAGED_CHILDREN,
     SETTINGS,
     Obj,
-    apply_all,
-    get_custom,
+    Reconciler,
+    enqueue,
+    get_typed,
     log,
     now,
-    reconcile_owner,
+    object_event,
+    post_event,
     register_reconciler,
-    with_render_error,
+    sync_children,
+    write_status,
 )
+from lorafleet.controllers.caches import CACHES
+from lorafleet.controllers.store_refs import bind_basemodel, bind_finetunejob
+from lorafleet.resources import adapter_guard as guard
 from lorafleet.resources import finetunejob as builders
-from lorafleet.resources.status import finetunejob_status
+from lorafleet.resources.children import conflict_message
+from lorafleet.resources.status import FineTuneJobObserved, finetunejob_status, status_dict
+from lorafleet.resources.status.finetunejob import TERMINAL, deletion_blocked
 from lorafleet.resources.stores import RenderError
 
 KIND = "FineTuneJob"
-TERMINAL = ("Succeeded", "Failed")
-
-
-PROGRESS_ANNOTATION = "lorafleet.io/progress"
 
 
 def _json_object(text: str | None) -> Obj | None:
@@ -42,15 +51,12 @@ def _json_object(text: str | None) -> Obj | None:
     return value if isinstance(value, dict) else None
 
 
-def trainer_report(pods: list[Obj]) -> Obj | None:
-    """What the trainer last said: its newest JSON termination message (final status), else the live progress
-    it posts on its running pod (annotation lorafleet.io/progress)."""
+def trainer_report(pods: list[Obj], progress_config_map: Obj | None = None) -> TrainerReport | None:
+    """What the trainer last said: its newest JSON termination message (final report), else the live progress
+    it posts into its progress ConfigMap (contracts.trainer.PROGRESS_KEY). Parsed here, where it enters the
+    operator: untrusted (spec.image may run anything), so capped and lenient (parse_progress)."""
     finals: list[tuple[str, Obj]] = []
-    live: list[tuple[str, Obj]] = []
     for pod in pods:
-        progress = _json_object(((pod.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION))
-        if progress is not None:
-            live.append((str((pod.get("metadata") or {}).get("creationTimestamp") or ""), {"progress": progress}))
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
             if container.get("name") != builders.TRAINER_CONTAINER:
                 continue
@@ -58,82 +64,190 @@ def trainer_report(pods: list[Obj]) -> Obj | None:
             report = _json_object(terminated.get("message"))
             if report is not None:
                 finals.append((str(terminated.get("finishedAt") or ""), report))
-    for reports in (finals, live):
-        if reports:
-            return max(reports, key=lambda r: r[0])[1]
+    if finals:
+        return TrainerReport.model_validate(max(finals, key=lambda r: r[0])[1])
+    live = parse_progress(((progress_config_map or {}).get("data") or {}).get(PROGRESS_KEY))
+    if live is not None:
+        return TrainerReport(progress=ReportProgress.model_validate(live.model_dump(exclude={"version"})))
     return None
 
 
-def verified_report(body: Obj, report: Obj | None) -> Obj | None:
-    """The trainer's report with its artifact replaced by what the store's manifest says, or dropped until the
-    manifest can be read (the status then says the artifact is not recorded yet)."""
-    claimed = (report or {}).get("artifact")
-    if not report or not claimed or (body.get("status") or {}).get("artifact"):
-        return report
-    spec = FineTuneJobSpec.model_validate(body["spec"])
-    check = artifacts.check_version(spec.output.store, body["metadata"]["namespace"], claimed["uri"], claimed["digest"])
-    if check.problem is not None:
-        log.warning("adapter %s of %s not verified: %s", claimed.get("uri"), body["metadata"]["name"], check.problem[1])
-        return {k: v for k, v in report.items() if k != "artifact"}
-    return {**report, "artifact": {"uri": claimed["uri"], "digest": check.digest, "sizeBytes": check.size_bytes}}
-
-
-def plan(body: Obj, base: Obj | None, settings: OperatorSettings) -> tuple[list[Obj], RenderError | None]:
-    """Children to apply now (pure). Rendered whole or not at all: nothing while the BaseModel is missing or
-    not Ready, and nothing once the job has finished, so a finished job is never restarted."""
-    if (body.get("status") or {}).get("phase") in TERMINAL:
-        return [], None
-    if not base or (base.get("status") or {}).get("phase") != "Ready":
-        return [], None  # the status says what we wait for
+def verified_report(
+    ftj: FineTuneJobObject, report: TrainerReport | None
+) -> tuple[TrainerReport | None, guard.Problem | None]:
+    """The trainer's report with its artifact replaced by what the store's manifest says, or dropped: until the
+    manifest can be read (the status then says the artifact is not recorded yet), and for good when the report
+    names another version folder than the spec's, or the manifest's lineage another FineTuneJob (the report is
+    untrusted input: adapter_guard). The second value says why an artifact was refused."""
+    claimed = report.artifact if report is not None else None
+    if report is None or claimed is None or (ftj.status is not None and ftj.status.artifact is not None):
+        return report, None
+    dropped = report.model_copy(update={"artifact": None})
     try:
-        return builders.desired_children(body, base, settings), None
+        expected = builders.output_target(ftj, SETTINGS).adapter_uri
     except RenderError as exc:
-        return [], exc
+        return dropped, (guard.ARTIFACT_REJECTED, f"no version folder to record: {exc.message}")
+    problem = guard.uri_problem(claimed.uri, expected)
+    if problem is None:
+        check = artifacts.MANIFESTS.get(ftj.spec.output.store, ftj.namespace, expected, claimed.digest)
+        if check.problem is not None:
+            log.warning("adapter %s of %s not verified: %s", expected, ftj.name, check.problem[1])
+            return dropped, None
+        if check.digest is None or check.size_bytes is None:
+            return dropped, None
+        problem = guard.lineage_problem(expected, ftj.metadata.uid, check.job_uid)
+        if problem is None:
+            verified = ReportArtifact(uri=expected, digest=check.digest, size_bytes=check.size_bytes)
+            return report.model_copy(update={"artifact": verified}), None
+    log.warning("adapter reported for %s/%s refused: %s", ftj.namespace, ftj.name, problem[1])
+    return dropped, problem
 
 
-def reconcile(body: Obj) -> Obj:
-    meta = body["metadata"]
-    namespace = meta["namespace"]
-    names = builders.names(meta["name"])
-    base = get_custom("BaseModel", body["spec"]["baseModelRef"]["name"], namespace)
-    children, error = plan(body, base, SETTINGS)
-    apply_all(children)
-    job = k8s.get("batch/v1", "Job", names.job, namespace)
-    pods = k8s.list_("v1", "Pod", namespace, f"job-name={names.job}") if job else []
-    report = verified_report(body, trainer_report(pods))
-    status = finetunejob_status(body, base_model=base, job=job, now=now(), trainer_report=report)
-    return with_render_error(status, error if job is None else None, meta.get("generation"), now())
+def plan(
+    ftj: FineTuneJobObject, base: BaseModelObject | None, settings: OperatorSettings
+) -> tuple[list[Obj] | None, RenderError | None]:
+    """The desired children (pure), or None to leave the children as they are: while the BaseModel is missing or
+    not Ready, while the spec cannot be rendered, and once the job has finished (it is never restarted, and its
+    Job keeps the trainer's pods for the record)."""
+    if ftj.status is not None and ftj.status.phase in TERMINAL:
+        return None, None
+    if base is None or base.status is None or base.status.phase != "Ready":
+        return None, None  # the status says what we wait for
+    try:
+        return builders.desired_children(ftj, base, settings), None
+    except RenderError as exc:
+        return None, exc
 
 
-@kopf.index(GROUP, VERSION, "finetunejobs")
-def finetunejobs_by_base_model(body: kopf.Body, **_: Any) -> dict[Any, str]:
-    return {(body.metadata.namespace, body.spec["baseModelRef"]["name"]): body.metadata.name}
+def reconcile(ftj: FineTuneJobObject) -> FineTuneJobStatus:
+    namespace = ftj.namespace
+    names = builders.names_of(ftj)
+    ftj, refused = bind_finetunejob(ftj)  # storeRef -> the store and location it stands for
+    base = get_typed(BaseModelObject, ftj.spec.base_model_ref.name, namespace)
+    base = bind_basemodel(base)[0] if base is not None else None
+    desired, error = plan(ftj, base, SETTINGS) if refused is None else (None, refused)
+    if SETTINGS.store_sts:
+        desired, error = _workload_credentials(ftj, base, desired, error)
+    children = sync_children(ftj, desired, builders.CHILD_KINDS, builders.CREATE_ONLY)
+    job = children.get("batch/v1", "Job", names.job)
+    pods = CACHES.select("v1", "Pod", namespace, {"job-name": names.job}) if job else []
+    progress = children.get("v1", "ConfigMap", names.progress)
+    report, artifact_problem = verified_report(ftj, trainer_report(pods, progress))
+    observed = FineTuneJobObserved(
+        base_model=base,
+        job=job,
+        report=report,
+        render_error=error,
+        artifact_problem=artifact_problem,
+        conflict=conflict_message(children.conflicts, KIND) if children.conflicts else None,
+    )
+    return finetunejob_status(ftj, observed, now())
 
 
-register_reconciler("finetunejobs", reconcile)
+def _workload_credentials(
+    ftj: FineTuneJobObject, base: BaseModelObject | None, desired: list[Obj] | None, error: RenderError | None
+) -> tuple[list[Obj] | None, RenderError | None]:
+    """Minted store credentials (settings.store_sts) exist before the Job that reads them, are renewed in time
+    (the FineTuneJob is queued again for then), and go once the job has finished."""
+    name = builders.names_of(ftj).credentials
+    if ftj.status is not None and ftj.status.phase in TERMINAL:
+        credentials.remove(ftj, name)
+        return desired, error
+    if desired is None or base is None:
+        return desired, error
+    grant = builders.workload_grant(ftj, base.spec, SETTINGS)  # desired_children checked it already
+    if grant is None:
+        return desired, error
+    try:
+        renew_in = credentials.ensure(ftj, name, builders.COMPONENT, grant)
+    except RenderError as exc:
+        return None, exc
+    enqueue(KIND, ftj.namespace, ftj.name, renew_in)
+    return desired, error
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_CHILDREN, id="owner")
-def job_changed(body: kopf.Body, **_: Any) -> None:
-    """A Job finishing, failing or being deleted is reflected (and a deleted Job restored) at once."""
-    reconcile_owner(reconcile, KIND, body)
+def deletes_its_adapter(body: Obj) -> bool:
+    """Only FineTuneJobs with deletionPolicy: Delete carry lorafleet's finalizer: the others can be deleted with
+    or without a running operator (a finalizer nobody removes blocks namespace deletion and uninstall)."""
+    return bool(((body.get("spec") or {}).get("output") or {}).get("deletionPolicy") == "Delete")
 
 
-def _deletes_its_adapter(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("output") or {}).get("deletionPolicy") == "Delete")
+# How soon a waiting deletion looks again without a watch event (an AdapterDeployment's change queues it at once).
+DELETION_RETRY_SECONDS = 30.0
 
 
-# Only FineTuneJobs with deletionPolicy: Delete get this handler, and so kopf's finalizer: the others can be
-# deleted with or without a running operator.
-@kopf.on.delete(GROUP, VERSION, "finetunejobs", id="delete-adapter", when=_deletes_its_adapter)
-def delete_adapter(body: kopf.Body, **_: Any) -> None:
-    artifact = (body.get("status") or {}).get("artifact")
-    if not artifact:
-        return  # nothing was stored
-    spec = FineTuneJobSpec.model_validate(dict(body.spec))
-    with k8s.temporary_on_conflict():
-        try:
-            removed = artifacts.delete_version(spec.output.store, body.metadata.namespace or "", artifact["uri"])
-        except artifacts.StoreError as exc:
-            raise kopf.TemporaryError(f"could not delete {artifact['uri']}: {exc}", delay=30) from exc
-    kopf.info(body, reason="AdapterDeleted", message=f"deleted {artifact['uri']} ({removed} objects)")
+def _adapter_deployments(namespace: str) -> list[Obj]:
+    """Every AdapterDeployment the caches hold (all watched namespaces: a reference by URI may come from any),
+    else this namespace's, listed."""
+    cached = CACHES.all(API_VERSION, "AdapterDeployment")
+    return cached if cached is not None else k8s.list_(API_VERSION, "AdapterDeployment", namespace)
+
+
+def delete_adapter(body: Obj) -> float | None:
+    """Before the FineTuneJob goes, remove the adapter version it wrote: only the version folder its spec names,
+    and only when that manifest's lineage names this FineTuneJob's UID (read again now). Returns None to release
+    the object, or seconds after which to look again (the finalizer stays): while AdapterDeployments reference
+    the adapter or the store fails, with the condition DeletionBlocked saying why, up to
+    SETTINGS.finalizer_timeout_seconds after the deletion was asked for. Then, or at once when the store's Secret
+    is gone (a namespace being deleted loses its Secrets first) or the store is not allowed, it gives up with a
+    Warning Event."""
+    ftj, refused = bind_finetunejob(parse(FineTuneJobObject, body))
+    if refused is not None:
+        _warn(body, "DeletionAbandoned", f"no store to delete the adapter from: {refused.message}")
+        return None
+    when = now()
+    deadline = guard.deletion_deadline(ftj.metadata.deletion_timestamp, when, SETTINGS.finalizer_timeout_seconds)
+    try:
+        uri = builders.output_target(ftj, SETTINGS).adapter_uri
+    except RenderError:
+        return None  # no store to write to: the trainer never published anything
+    recorded = ftj.status.artifact.uri if ftj.status is not None and ftj.status.artifact is not None else None
+    users = guard.referencing_deployments(
+        ftj.namespace, ftj.name, [uri, *([recorded] if recorded else [])], _adapter_deployments(ftj.namespace)
+    )
+    if users:
+        return _wait_or_give_up(body, ftj, guard.in_use_problem(uri, users, deadline), deadline, when)
+    try:
+        deletion = artifacts.delete_if_owned(ftj.spec.output.store, ftj.namespace, uri, ftj.metadata.uid)
+    except artifacts.SecretMissing as exc:
+        _warn(
+            body,
+            "DeletionAbandoned",
+            f'Secret "{exc}" of spec.output.store is gone (is the namespace being deleted?): {uri} cannot be '
+            "deleted and stays in the store; delete it by hand",
+        )
+        return None
+    except artifacts.StoreNotAllowed as exc:
+        _warn(body, "DeletionAbandoned", f"{exc}: {uri} was not deleted and stays in the store")
+        return None  # the operator sends no credentials there: waiting would not change that
+    except artifacts.StoreError as exc:
+        return _wait_or_give_up(body, ftj, guard.store_problem(uri, str(exc), deadline), deadline, when)
+    if recorded is not None and not guard.same_uri(recorded, uri):  # recorded before this check existed
+        _warn(body, "AdapterNotDeleted", f"status.artifact names {recorded}, not this job's {uri}: left in place")
+    foreign = guard.lineage_problem(uri, ftj.metadata.uid, deletion.owner_uid) if deletion.found else None
+    if foreign is not None:
+        _warn(body, "AdapterNotDeleted", f"{foreign[1]}: left in place")
+    elif deletion.found:
+        post_event(object_event(body, "Normal", "AdapterDeleted", f"deleted {uri} ({deletion.removed} objects)", when))
+    return None
+
+
+def _warn(body: Obj, reason: str, message: str) -> None:
+    log.warning("%s/%s: %s", body["metadata"].get("namespace"), body["metadata"].get("name"), message)
+    post_event(object_event(body, "Warning", reason, message, now()))
+
+
+def _wait_or_give_up(
+    body: Obj, ftj: FineTuneJobObject, problem: guard.Problem, deadline: datetime, when: datetime
+) -> float | None:
+    if guard.gives_up(when, deadline):
+        _warn(body, "DeletionAbandoned", f"gave up after {SETTINGS.finalizer_timeout_seconds:g} s: {problem[1]}")
+        return None
+    write_status(body, status_dict(deletion_blocked(ftj, problem, when)))
+    return min(DELETION_RETRY_SECONDS, max((deadline - when).total_seconds(), 1.0))
+
+
+RECONCILER = Reconciler(
+    KIND, "finetunejobs", FineTuneJobObject, reconcile, needs_cleanup=deletes_its_adapter, cleanup=delete_adapter
+)
+register_reconciler(RECONCILER)

@@ -1,4 +1,4 @@
-"""Running the operator: kopf settings, logging, metrics, liveness, and the handler modules.
+"""Running the operator: kopf settings, logging, metrics, liveness, leader election, and the handler modules.
 
 `kopf_settings(ops)` is the whole kopf configuration as data (unit-tested); `configure()` applies it and runs
 both before `kopf.run` (our own entry point) and in the startup handler (so `kopf run -m ...` gets it too).
@@ -16,9 +16,10 @@ from typing import Any
 import kopf
 from kubernetes.config.config_exception import ConfigException
 
-from lorafleet import GROUP, __version__, k8s
+from lorafleet import FINALIZER, GROUP, __version__, k8s
 from lorafleet.config import OperatorSettings
-from lorafleet.controllers import observability
+from lorafleet.controllers import leader, observability
+from lorafleet.storage.scrub import install_log_filter
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ HANDLER_MODULES = (
     "lorafleet.controllers.resync",
 )
 
-FINALIZER = f"{GROUP}/finalizer"
 DIFFBASE_KEY = "last-handled-configuration"
 PEERING_NAME = "lorafleet"
 MAX_WORKERS = 16  # sync handlers (blocking API calls) share this thread pool
@@ -56,8 +56,9 @@ def kopf_settings(ops: OperatorSettings, *, instance: str = "lorafleet") -> dict
         "persistence.progress_storage": kopf.AnnotationsProgressStorage(prefix=GROUP, v1=False),
         "persistence.diffbase_storage": kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key=DIFFBASE_KEY, v1=False),
         "persistence.finalizer": FINALIZER,
-        # Standalone: peering is not leader election (docs/peering.rst). Running several replicas needs
-        # peering turned on with a distinct priority each; the name is ours in case someone does.
+        # Standalone: peering is not leader election (docs/peering.rst). Several replicas elect one leader on a
+        # Lease (lorafleet.controllers.leader) and only the leader runs kopf; the name is ours in case someone
+        # turns peering on.
         "peering.standalone": True,
         "peering.name": PEERING_NAME,
         "peering.mandatory": False,
@@ -104,6 +105,7 @@ def configure_logging(log_format: str) -> None:
         kopf.configure(log_format=kopf.LogFormat.JSON, log_prefix=False)
     else:
         kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
+    install_log_filter()  # store errors may carry credential values: no log line does
 
 
 def _ops_from(memo: Any) -> OperatorSettings:
@@ -157,6 +159,7 @@ def run() -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"lorafleet operator: {exc}", file=sys.stderr)
         return 2
+    elector = campaign(ops) if ops.leader_election else None
     settings = kopf.OperatorSettings()
     configure(settings, ops)
     namespaces = list(ops.namespaces)
@@ -172,4 +175,31 @@ def run() -> int:
         liveness_endpoint=liveness_endpoint(ops),
         memo=kopf.Memo(ops=ops),
     )
+    if elector is not None:  # kopf stopped on SIGTERM/SIGINT: hand the lease to a standby now
+        elector.stop()
     return 0
+
+
+def campaign(ops: OperatorSettings) -> leader.LeaderElector:
+    """Block until this process holds the Lease, answering /healthz as a standby meanwhile.
+
+    Once it returns, the election thread keeps renewing, and exits the process (code 1) if the Lease is lost.
+    """
+    elector = leader.LeaderElector.from_settings(ops)
+    # /metrics from the start (lorafleet_leader 0), so a scrape of a standby succeeds; the startup handler finds
+    # it already served once this process leads.
+    observability.start_metrics_server(ops.metrics_port)
+    standby = leader.StandbyHealth(ops.health_port)
+    standby.start()
+    try:
+        elector.start()
+        logger.info(
+            "standby until %s holds the lease %s/%s",
+            elector.identity,
+            ops.operator_namespace,
+            ops.leader_election_lease_name,
+        )
+        elector.wait_leading()
+    finally:
+        standby.stop()  # kopf's liveness endpoint takes the port over
+    return elector

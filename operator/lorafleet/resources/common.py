@@ -1,6 +1,6 @@
 """Helpers shared by the child-object builders: names, labels, owner references, pod hardening, env.
 
-Everything here is pure: dicts in, dicts out.
+Everything here is pure: typed owners in, Kubernetes objects (dicts) out.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import hashlib
 import json
 from typing import Any
 
-from lorafleet import API_VERSION
 from lorafleet.api.common import ObjectStore, S3CredentialsRef, Toleration
+from lorafleet.api.objects import CustomResource
 
 Obj = dict[str, Any]
 
@@ -25,7 +25,12 @@ SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"}]
 
 
-def child_name(owner_name: str, suffix: str, limit: int = 63) -> str:
+# Kubernetes limits: a DNS-1123/1035 label (Service names, pod hostnames) and a label value.
+DNS_LABEL_MAX = 63
+LABEL_VALUE_MAX = 63
+
+
+def child_name(owner_name: str, suffix: str, limit: int = DNS_LABEL_MAX) -> str:
     """Deterministic child name `<owner>-<suffix>`, shortened with a hash when over the limit."""
     name = f"{owner_name}-{suffix}"
     if len(name) <= limit:
@@ -35,35 +40,48 @@ def child_name(owner_name: str, suffix: str, limit: int = 63) -> str:
     return f"{head}-{digest}-{suffix}"
 
 
+def fit(value: str, limit: int = DNS_LABEL_MAX) -> str:
+    """`value` itself when it fits the limit, else its head and a hash of the whole: deterministic, distinct for
+    distinct values, and still starting and ending with an alphanumeric (a name's first and last characters are)."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{value[: limit - len(digest) - 1].rstrip('-.')}-{digest}"
+
+
+def label_value(name: str) -> str:
+    """An object's name as a label value (at most 63 characters; names may have up to 253)."""
+    return fit(name, LABEL_VALUE_MAX)
+
+
 def labels(kind: str, name: str, component: str) -> dict[str, str]:
+    value = label_value(name)
     return {
         PART_OF: "lorafleet",
         MANAGED_BY_LABEL: MANAGED_BY,
         COMPONENT: component,
-        INSTANCE: name,
-        f"{LABEL_PREFIX}/{kind.lower()}": name,
+        INSTANCE: value,
+        f"{LABEL_PREFIX}/{kind.lower()}": value,
     }
 
 
-def owner_reference(owner: Obj) -> Obj:
+def owner_reference(owner: CustomResource) -> Obj:
     """Controller owner reference so the garbage collector removes children with their owner."""
-    meta = owner["metadata"]
     return {
-        "apiVersion": owner.get("apiVersion", API_VERSION),
-        "kind": owner["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
+        "apiVersion": owner.api_version,
+        "kind": owner.kind,
+        "name": owner.metadata.name,
+        "uid": owner.metadata.uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }
 
 
-def object_meta(owner: Obj, name: str, component: str, extra_labels: dict[str, str] | None = None) -> Obj:
-    meta = owner["metadata"]
+def object_meta(owner: CustomResource, name: str, component: str, extra_labels: dict[str, str] | None = None) -> Obj:
     return {
         "name": name,
-        "namespace": meta["namespace"],
-        "labels": {**labels(owner["kind"], meta["name"], component), **(extra_labels or {})},
+        "namespace": owner.metadata.namespace,
+        "labels": {**labels(owner.kind, owner.metadata.name, component), **(extra_labels or {})},
         "ownerReferences": [owner_reference(owner)],
     }
 
@@ -112,8 +130,10 @@ def offline_env(allow_public_download: bool) -> list[Obj]:
     return [] if allow_public_download else [dict(e) for e in OFFLINE_ENV]
 
 
-def store_env(store: ObjectStore | None, prefix: str = "LORAFLEET_STORE") -> list[Obj]:
-    """Store settings as env; credentials only by secretKeyRef, never by value."""
+def store_env(store: ObjectStore | None, prefix: str = "LORAFLEET_STORE", *, platform: bool = False) -> list[Obj]:
+    """Store settings as env; credentials only by secretKeyRef, never by value. A store that names no Secret
+    and is not the platform's default store is reached unsigned: the pod's ambient credentials (node or
+    workload identity) belong to the platform, not to whoever named the endpoint."""
     if store is None:
         return []
     env: list[Obj] = [
@@ -128,6 +148,8 @@ def store_env(store: ObjectStore | None, prefix: str = "LORAFLEET_STORE") -> lis
         env.append({"name": f"{prefix}_CHECKSUM_HEADERS", "value": "false"})
     if store.credentials_secret_ref is not None:
         env.extend(credentials_env(store.credentials_secret_ref))
+    elif not platform:
+        env.append({"name": f"{prefix}_ANONYMOUS", "value": "true"})
     return env
 
 
@@ -155,32 +177,43 @@ def ca_bundle_volume(store: ObjectStore | None) -> tuple[list[Obj], list[Obj], l
     return [volume], [mount], env
 
 
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
+DEFAULT_DNS_LABELS = {"k8s-app": "kube-dns"}
+
+
+def namespace_peer(namespace: str) -> Obj:
+    """A NetworkPolicy peer: every pod of one namespace, by the label the API server maintains (immutable)."""
+    return {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
+
+
 def egress_network_policy(
-    owner: Obj,
+    owner: CustomResource,
     name: str,
     component: str,
     pod_labels: dict[str, str],
     egress_cidrs: list[str],
-    ingress_ports: list[int] | None = None,
+    *,
+    dns_namespace: str = "kube-system",
+    dns_pod_labels: dict[str, str] | None = None,
 ) -> Obj:
-    """Deny all egress from the workload's pods except DNS and the listed CIDRs (API server, store).
+    """Deny all egress from the workload's pods except the cluster DNS and the listed CIDRs (API server, store),
+    and all ingress except from the workload's own pods (torchrun rendezvous; serving adds its own policy).
 
-    Ingress is left open on the given ports only (serving); training pods accept traffic only from
-    their own Job (rendezvous).
+    DNS is the cluster DNS pods in their namespace only: a namespace selector and a pod selector in the same peer
+    (both must match), so no tenant can attract port-53 traffic with a pod labelled like kube-dns.
     """
+    dns_peer = {
+        **namespace_peer(dns_namespace),
+        "podSelector": {"matchLabels": dict(dns_pod_labels if dns_pod_labels is not None else DEFAULT_DNS_LABELS)},
+    }
     egress: list[Obj] = [
-        {
-            "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
-            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
-        },
+        {"to": [dns_peer], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
         # Pods of the same workload talk to each other (torchrun rendezvous, NCCL/gloo).
         {"to": [{"podSelector": {"matchLabels": pod_labels}}]},
     ]
     if egress_cidrs:
         egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in egress_cidrs]})
     ingress: list[Obj] = [{"from": [{"podSelector": {"matchLabels": pod_labels}}]}]
-    if ingress_ports:
-        ingress.append({"ports": [{"protocol": "TCP", "port": p} for p in ingress_ports]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

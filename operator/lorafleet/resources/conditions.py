@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from lorafleet.contracts.serving import AdapterReason
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 Transition = tuple[str, str, str, str]
 
@@ -18,12 +20,15 @@ class ConditionType:
     READY = "Ready"
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
+    # FineTuneJob, only while False: vLLM cannot serve LoRA adapters on its base model's family (a warning).
+    LORA_SERVABLE = "LoRAServable"
 
 
 class Reason:
     """CamelCase reasons; they also become the reason of the Events emitted on transitions."""
 
     AS_EXPECTED = "AsExpected"
+    INVALID_SPEC = "InvalidSpec"  # the operator cannot parse the spec (the API server should have refused it)
     # BaseModel
     SOURCE_VALID = "SourceValid"
     VERIFIED = "Verified"
@@ -31,6 +36,8 @@ class Reason:
     MANIFEST_NOT_FOUND = "ManifestNotFound"
     STORE_UNAVAILABLE = "StoreUnavailable"
     STORE_NOT_CONFIGURED = "StoreNotConfigured"
+    STORE_NOT_ALLOWED = "StoreNotAllowed"
+    STORE_NOT_FOUND = "StoreNotFound"  # a storeRef names no ClusterArtifactStore or ArtifactStore of the namespace
     SECRET_NOT_FOUND = "SecretNotFound"
     # Dependencies on a BaseModel
     BASE_MODEL_NOT_FOUND = "BaseModelNotFound"
@@ -42,6 +49,8 @@ class Reason:
     SUCCEEDED = "Succeeded"
     JOB_FAILED = "JobFailed"
     TRAINER_ERROR = "TrainerError"
+    ARTIFACT_REJECTED = "ArtifactRejected"  # the trainer's report named a version that is not this job's
+    ADAPTER_IN_USE = "AdapterInUse"  # deletion waits for AdapterDeployments that reference the adapter
     # AdapterDeployment
     FINE_TUNE_JOB_NOT_FOUND = "FineTuneJobNotFound"
     FINE_TUNE_JOB_NOT_SUCCEEDED = "FineTuneJobNotSucceeded"
@@ -50,11 +59,15 @@ class Reason:
     DEPLOYMENT_CREATING = "DeploymentCreating"
     REPLICAS_NOT_READY = "ReplicasNotReady"
     NO_READY_REPLICAS = "NoReadyReplicas"
-    ADAPTER_LOADING = "AdapterLoading"
+    ADAPTER_LOADING = AdapterReason.ADAPTER_LOADING  # as an adapter's reason, the same as the aggregation's
     ADAPTERS_NOT_LOADED = "AdaptersNotLoaded"
     ADAPTER_FAILED = "AdapterFailed"
     SCALED_TO_ZERO = "ScaledToZero"
     SERVING = "Serving"
+    # AdapterDeployment refused, FineTuneJob warned: vLLM serves no LoRA on the base model's family
+    LORA_NOT_SUPPORTED = "LoRANotSupported"
+    # FineTuneJob and AdapterDeployment: a child's name is held by an object they do not control (no takeover)
+    CHILD_CONFLICT = "ChildConflict"
     # Reported by the Deployment controller; passed through.
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
     MINIMUM_REPLICAS_UNAVAILABLE = "MinimumReplicasUnavailable"
@@ -117,3 +130,13 @@ def transitions(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> 
         if before is None or before.get("status") != condition["status"] or before.get("reason") != condition["reason"]:
             changed.append((condition["type"], condition["status"], condition["reason"], condition.get("message", "")))
     return changed
+
+
+def notable_transitions(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[Transition]:
+    """The transitions worth an Event: all of them once the object has conditions; on its first status only
+    Ready's and Degraded=True (a problem), so creating an object posts one
+    Event, not one per condition type (each Event is a write, and a burst of objects pays it N times)."""
+    changes = transitions(old, new)
+    if old:
+        return changes
+    return [t for t in changes if t[0] == "Ready" or (t[0] == "Degraded" and t[1] == "True")]

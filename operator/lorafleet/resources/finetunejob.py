@@ -7,14 +7,33 @@ import json
 from dataclasses import dataclass
 
 from lorafleet.api.basemodel import BaseModelSpec
+from lorafleet.api.common import ObjectStore as ApiObjectStore
 from lorafleet.api.finetunejob import FineTuneJobSpec
+from lorafleet.api.objects import BaseModelObject, FineTuneJobObject
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.base import lenient_copy
+from lorafleet.contracts.exits import EXIT_INTERRUPTED, EXIT_INVALID_INPUT  # docs/trainer.md
+from lorafleet.contracts.stores import ObjectStore, S3CredentialsRef
+from lorafleet.contracts.trainer import (
+    CONFIG_FILE,
+    PROGRESS_CONFIG_MAP_ENV,
+    BaseModelLocation,
+    Dataset,
+    DistributedSettings,
+    JobIdentity,
+    LoraSettings,
+    OutputTarget,
+    TrainerConfig,
+    TrainingSettings,
+)
 from lorafleet.resources.common import (
+    DNS_LABEL_MAX,
     Obj,
     ca_bundle_volume,
     child_name,
     container_security_context,
     egress_network_policy,
+    label_value,
     object_meta,
     offline_env,
     pod_security_context,
@@ -22,16 +41,10 @@ from lorafleet.resources.common import (
     store_env,
     tolerations,
 )
-from lorafleet.resources.stores import RenderError, resolve_store, resolve_store_uri
-from lorafleet.trainer.config import (
-    CONFIG_FILE,
-    BaseModelLocation,
-    DistributedSettings,
-    JobIdentity,
-    OutputTarget,
-    TrainerConfig,
-)
-from lorafleet.trainer.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT  # docs/trainer.md
+from lorafleet.resources.conditions import Reason
+from lorafleet.resources.store_refs import default_location, require_shared_readable, require_within
+from lorafleet.resources.stores import RenderError, default_store, resolve_store, resolve_store_uri
+from lorafleet.storage.sts_policy import SECRET_KEYS, Grant
 from lorafleet.uris import parse
 
 COMPONENT = "trainer"
@@ -41,6 +54,18 @@ MODEL_DIR = "/work/base-model"
 TRAINER_CONTAINER = "trainer"
 # Time the trainer gets after SIGTERM to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 120
+# Every kind a FineTuneJob may own (desired_children), listed by the owner label to diff and prune.
+CHILD_KINDS = (
+    ("v1", "ConfigMap"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("v1", "Service"),
+    ("batch/v1", "Job"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
+# Created once, never changed: a Job's pod template is immutable (children.diff).
+CREATE_ONLY = frozenset({"Job"})
 
 
 @dataclass(frozen=True)
@@ -50,15 +75,24 @@ class FineTuneJobNames:
     service: str
     network_policy: str
     service_account: str
+    progress: str
+    credentials: str  # the minted store credentials (settings.store_sts), written by the controller
 
 
-def names(ftj_name: str) -> FineTuneJobNames:
+# An indexed (distributed) Job's pods are named by the Job controller `<job>-<index>` (their hostname, a DNS
+# label): the Job's name leaves room for the largest index (spec.resources.nodes <= 128).
+INDEXED_JOB_NAME_MAX = DNS_LABEL_MAX - len("-127")
+
+
+def names(ftj_name: str, distributed: bool = False) -> FineTuneJobNames:
     return FineTuneJobNames(
         config=child_name(ftj_name, "trainer"),
-        job=child_name(ftj_name, "train"),
+        job=child_name(ftj_name, "train", INDEXED_JOB_NAME_MAX if distributed else DNS_LABEL_MAX),
         service=child_name(ftj_name, "rdzv"),
         network_policy=child_name(ftj_name, "egress"),
         service_account=child_name(ftj_name, "trainer"),
+        progress=child_name(ftj_name, "progress"),
+        credentials=child_name(ftj_name, "store"),
     )
 
 
@@ -66,42 +100,99 @@ def is_distributed(spec: FineTuneJobSpec) -> bool:
     return spec.resources.nodes > 1 or spec.resources.gpus_per_node > 1
 
 
+def names_of(ftj: FineTuneJobObject) -> FineTuneJobNames:
+    """A FineTuneJob's child names (its spec is immutable, so they never change)."""
+    return names(ftj.name, is_distributed(ftj.spec))
+
+
+def output_target(ftj: FineTuneJobObject, settings: OperatorSettings) -> OutputTarget:
+    """Where the trainer publishes (its config's `output`): also where the operator expects the adapter, the only
+    version it records or deletes for this FineTuneJob (adapter_guard). RenderError without a store."""
+    spec, meta = ftj.spec, ftj.metadata
+    output_uri = resolve_store_uri(spec.output.uri, settings, "spec.output.uri", meta.namespace)
+    output_store = resolve_store(spec.output.store, settings, "spec.output.store")
+    if spec.output.store is None:  # the default store writes with the platform's keys: this namespace's root only
+        require_within(output_uri, default_location(meta.namespace, settings, "spec.output"), "spec.output.uri")
+    return OutputTarget(
+        adapter_name=spec.output.adapter_name,
+        version=spec.output.version,
+        uri=output_uri,
+        store=lenient_copy(ObjectStore, output_store),
+        checkpoint_uri=f"{output_uri}/checkpoints/{meta.namespace}/{meta.name}-{meta.uid[:8]}",
+    )
+
+
+def platform_store(store: ApiObjectStore | None, settings: OperatorSettings) -> bool:
+    """The platform's default store: none named, or one equal to it (storeRef ClusterArtifactStore "default")."""
+    return store is None or store == default_store(settings)
+
+
+def workload_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: OperatorSettings) -> Grant | None:
+    """What the trainer's minted credentials may reach (settings.store_sts, output in the platform's store):
+    read-write its output location, read-only the s3:// inputs it reads with the same keys (base model weights in
+    the platform's store, datasets). Minted with the platform's keys, so checked here whatever bound the spec (a
+    team's ArtifactStore may equal the platform's store): the output inside this namespace's root, no input in
+    another namespace's root (StoreNotAllowed). None: the pods use the store's Secret."""
+    if not settings.store_sts or not platform_store(ftj.spec.output.store, settings):
+        return None
+    namespace = ftj.namespace
+    output = resolve_store_uri(ftj.spec.output.uri, settings, "spec.output.uri", namespace)
+    require_within(output, default_location(namespace, settings, "spec.output"), "spec.output.uri")
+    inputs = {"spec.dataset.uri": ftj.spec.dataset.uri, "spec.dataset.evalUri": ftj.spec.dataset.eval_uri}
+    if platform_store(base.source.store, settings):
+        inputs = {"BaseModel spec.source.uri": base.source.uri, **inputs}
+    read_only = []
+    for field, uri in inputs.items():
+        if uri and parse(uri).scheme == "s3":
+            require_shared_readable(uri, namespace, settings, field)
+            read_only.append(uri)
+    return Grant(read_write=(output,), read_only=tuple(dict.fromkeys(read_only)))
+
+
+def _minted(store: ObjectStore, secret: str) -> ObjectStore:
+    """The store as the pods reach it with minted credentials: the operator's child Secret, not the platform's."""
+    return store.model_copy(update={"credentials_secret_ref": S3CredentialsRef(name=secret)})
+
+
 def trainer_config(
-    ftj: Obj, spec: FineTuneJobSpec, base_name: str, base: BaseModelSpec, settings: OperatorSettings
+    ftj: FineTuneJobObject, base_name: str, base: BaseModelSpec, settings: OperatorSettings
 ) -> TrainerConfig:
     """Render the trainer's config; RenderError when something the cluster must provide is missing."""
-    meta = ftj["metadata"]
+    spec, meta = ftj.spec, ftj.metadata
     base_location = parse(base.source.uri)
     base_store = (
         resolve_store(base.source.store, settings, "BaseModel spec.source.store")
         if base_location.scheme == "s3"
         else None
     )
-    output_uri = resolve_store_uri(spec.output.uri, settings, "spec.output.uri")
-    output_store = resolve_store(spec.output.store, settings, "spec.output.store")
+    output = output_target(ftj, settings)
+    if workload_grant(ftj, base, settings) is not None:  # the platform's Secret name never reaches the pods
+        secret = names_of(ftj).credentials
+        if output.store is not None:
+            output = output.model_copy(update={"store": _minted(output.store, secret)})
+        if base_store is not None and platform_store(base.source.store, settings):
+            base_store = _minted(lenient_copy(ObjectStore, base_store), secret)
+    if spec.output.store is None:  # the trainer reads s3:// datasets with the output store's keys
+        for field, uri in (("spec.dataset.uri", spec.dataset.uri), ("spec.dataset.evalUri", spec.dataset.eval_uri)):
+            if uri and parse(uri).scheme == "s3":
+                require_shared_readable(uri, meta.namespace, settings, field)
     nodes, gpus = spec.resources.nodes, spec.resources.gpus_per_node
-    job_names = names(meta["name"])
+    job_names = names_of(ftj)
     return TrainerConfig(
-        job=JobIdentity(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"]),
+        job=JobIdentity(namespace=meta.namespace, name=meta.name, uid=meta.uid),
         base_model=BaseModelLocation(
             name=base_name,
             uri=base.source.uri,
             digest=base.source.digest,
-            store=base_store,
+            store=lenient_copy(ObjectStore, base_store) if base_store else None,
             local_dir=MODEL_DIR if base_location.scheme != "pvc" else f"/mnt/base-model/{base_location.path}",
             allow_public_download=base.source.allow_public_download,
         ),
-        dataset=spec.dataset,
+        dataset=lenient_copy(Dataset, spec.dataset),
         method=spec.method,
-        lora=spec.lora,
-        training=spec.training,
-        output=OutputTarget(
-            adapter_name=spec.output.adapter_name,
-            version=spec.output.version,
-            uri=output_uri,
-            store=output_store,
-            checkpoint_uri=f"{output_uri}/checkpoints/{meta['namespace']}/{meta['name']}-{meta['uid'][:8]}",
-        ),
+        lora=lenient_copy(LoraSettings, spec.lora),
+        training=lenient_copy(TrainingSettings, spec.training),
+        output=output,
         distributed=DistributedSettings(
             nodes=nodes,
             processes_per_node=max(gpus, 1),
@@ -114,12 +205,12 @@ def trainer_config(
     )
 
 
-def build_config_map(ftj: Obj, config: TrainerConfig) -> Obj:
+def build_config_map(ftj: FineTuneJobObject, config: TrainerConfig) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": object_meta(ftj, names(ftj["metadata"]["name"]).config, COMPONENT),
-        "data": {CONFIG_FILE: json.dumps(config.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)},
+        "metadata": object_meta(ftj, names(ftj.name).config, COMPONENT),
+        "data": {CONFIG_FILE: json.dumps(config.render(), indent=2, sort_keys=True)},
     }
 
 
@@ -173,24 +264,24 @@ def _dataset_claims(spec: FineTuneJobSpec) -> list[str]:
     return list(dict.fromkeys(parse(u).authority for u in uris if u and u.startswith("pvc://")))
 
 
-def build_job(
-    ftj: Obj, spec: FineTuneJobSpec, base: BaseModelSpec, config: TrainerConfig, settings: OperatorSettings
-) -> Obj:
-    meta = ftj["metadata"]
-    job_names = names(meta["name"])
+def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig, settings: OperatorSettings) -> Obj:
+    spec = ftj.spec
+    job_names = names_of(ftj)
     gpus = spec.resources.gpus_per_node
-    pod_labels = {"lorafleet.io/finetunejob": meta["name"]}
+    pod_labels = {"lorafleet.io/finetunejob": label_value(ftj.name)}
     base_location = parse(base.source.uri)
 
     ca_volumes, ca_mounts, ca_env = ca_bundle_volume(config.output.store)
     env: list[Obj] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": PROGRESS_CONFIG_MAP_ENV, "value": job_names.progress},
         {"name": "HOME", "value": WORK_DIR},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *offline_env(base.source.allow_public_download),
-        *store_env(config.output.store),
+        *store_env(config.output.store, platform=spec.output.store is None),
+        *_session_token_env(config.output.store, job_names.credentials),
         *ca_env,
     ]
     mounts: list[Obj] = [
@@ -220,13 +311,13 @@ def build_job(
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
 
     base_store = config.base_model.store
-    fetch_env = [*env, *store_env(base_store)] if base_store and base_store != config.output.store else env
+    base_env = store_env(base_store, platform=base.source.store is None)
+    fetch_env = [*env, *base_env] if base_store and base_store != config.output.store else env
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        # The trainer reports live progress on its own Pod (annotation lorafleet.io/progress); its account may
-        # do nothing else.
+        # The trainer reports live progress into its progress ConfigMap; its account may do nothing else.
         "serviceAccountName": job_names.service_account,
         "automountServiceAccountToken": True,
         "initContainers": _model_fetch(base, config, config.image, fetch_env, mounts),
@@ -290,7 +381,15 @@ def build_job(
     }
 
 
-def _pod_metadata(ftj: Obj, spec: FineTuneJobSpec, selector_labels: dict[str, str]) -> Obj:
+def _session_token_env(store: ObjectStore | None, secret: str) -> list[Obj]:
+    """Minted credentials carry a session token beside the key pair (storage.sts.SECRET_KEYS)."""
+    ref = store.credentials_secret_ref if store is not None else None
+    if ref is None or ref.name != secret:
+        return []
+    return [{"name": SECRET_KEYS[2], "valueFrom": {"secretKeyRef": {"name": secret, "key": SECRET_KEYS[2]}}}]
+
+
+def _pod_metadata(ftj: FineTuneJobObject, spec: FineTuneJobSpec, selector_labels: dict[str, str]) -> Obj:
     # Ours last: user labels cannot break the selectors.
     labels = {**spec.resources.pod_labels, **object_meta(ftj, "", COMPONENT)["labels"], **selector_labels}
     metadata: Obj = {"labels": labels}
@@ -299,10 +398,18 @@ def _pod_metadata(ftj: Obj, spec: FineTuneJobSpec, selector_labels: dict[str, st
     return metadata
 
 
-def build_progress_rbac(ftj: Obj) -> list[Obj]:
-    """A ServiceAccount that may only read and patch pods of its namespace (to post its progress)."""
-    meta = ftj["metadata"]
-    name = names(meta["name"]).service_account
+def build_progress_config_map(ftj: FineTuneJobObject) -> Obj:
+    """Where the trainer posts its live progress (contracts.trainer.PROGRESS_KEY). Created empty by the operator:
+    a Role's resourceNames cannot restrict create, so the trainer only patches it. The operator's applies never
+    name `data`, so server-side apply leaves the trainer's field alone."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": object_meta(ftj, names(ftj.name).progress, COMPONENT)}
+
+
+def build_progress_rbac(ftj: FineTuneJobObject) -> list[Obj]:
+    """A ServiceAccount that may patch its job's progress ConfigMap and nothing else: no pods (spec.image may run
+    a tenant's own code with this token), no other ConfigMap, no Secret."""
+    job_names = names(ftj.name)
+    name = job_names.service_account
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -313,61 +420,65 @@ def build_progress_rbac(ftj: Obj) -> list[Obj]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": object_meta(ftj, name, COMPONENT),
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+        "rules": [
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [job_names.progress], "verbs": ["patch"]}
+        ],
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": object_meta(ftj, name, COMPONENT),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": meta["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ftj.namespace}],
     }
     return [account, role, binding]
 
 
-def build_rendezvous_service(ftj: Obj) -> Obj:
-    meta = ftj["metadata"]
+def build_rendezvous_service(ftj: FineTuneJobObject) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": object_meta(ftj, names(meta["name"]).service, COMPONENT),
+        "metadata": object_meta(ftj, names(ftj.name).service, COMPONENT),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {"lorafleet.io/finetunejob": meta["name"]},
+            "selector": {"lorafleet.io/finetunejob": label_value(ftj.name)},
             "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}],
         },
     }
 
 
-def desired_children(ftj: Obj, base_model: Obj | None, settings: OperatorSettings) -> list[Obj]:
+def desired_children(
+    ftj: FineTuneJobObject, base_model: BaseModelObject | None, settings: OperatorSettings
+) -> list[Obj]:
     """Everything a FineTuneJob owns, in apply order. RenderError while the inputs are not ready."""
-    spec = FineTuneJobSpec.model_validate(ftj["spec"])
+    spec = ftj.spec
     if base_model is None:
         raise RenderError(
-            "BaseModelNotFound",
+            Reason.BASE_MODEL_NOT_FOUND,
             f"BaseModel {spec.base_model_ref.name!r} does not exist in this namespace; the job starts once it does",
         )
-    base = BaseModelSpec.model_validate(base_model["spec"])
-    verified = (base_model.get("status") or {}).get("digest")
+    base = base_model.spec
+    verified = base_model.status.digest if base_model.status is not None else None
     if verified and not base.source.digest:
         # Train on exactly the version the BaseModel verified (the fetch refuses any other), and record that
         # digest in the adapter's lineage.
         base = base.model_copy(update={"source": base.source.model_copy(update={"digest": verified})})
-    config = trainer_config(ftj, spec, base_model["metadata"]["name"], base, settings)
-    children = [build_config_map(ftj, config), *build_progress_rbac(ftj)]
+    config = trainer_config(ftj, base_model.name, base, settings)
+    children = [build_config_map(ftj, config), build_progress_config_map(ftj), *build_progress_rbac(ftj)]
     if is_distributed(spec):
         children.append(build_rendezvous_service(ftj))
-    children.append(build_job(ftj, spec, base, config, settings))
+    children.append(build_job(ftj, base, config, settings))
     if settings.network_policy:
-        meta = ftj["metadata"]
         children.append(
             egress_network_policy(
                 ftj,
-                names(meta["name"]).network_policy,
+                names(ftj.name).network_policy,
                 COMPONENT,
-                {"lorafleet.io/finetunejob": meta["name"]},
+                {"lorafleet.io/finetunejob": label_value(ftj.name)},
                 settings.egress_cidrs,
+                dns_namespace=settings.dns_namespace,
+                dns_pod_labels=settings.dns_pod_labels,
             )
         )
     return children

@@ -20,28 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.serving.desired import DesiredAdapterSet
+from lorafleet.contracts.serving import AdapterReason, DesiredAdapterSet
+from lorafleet.serving.families import FAMILIES
 
-
-class Reason:
-    """Reasons of a Failed (or waiting) adapter, CamelCase as in Kubernetes conditions."""
-
-    RANK_EXCEEDS_MAX = "RankExceedsMax"
-    BASE_MODEL_MISMATCH = "BaseModelMismatch"
-    UNSAFE_FORMAT = "UnsafeFormat"
-    CHECKSUM_MISMATCH = "ChecksumMismatch"
-    NOT_FOUND = "NotFound"
-    UNSUPPORTED_TARGET_MODULES = "UnsupportedTargetModules"
-    UNSUPPORTED_ADAPTER = "UnsupportedAdapter"  # DoRA, LoRA bias, not a LoRA at all, unreadable config
-    LOAD_FAILED = "LoadFailed"  # vLLM refused it for another reason
-    STORE_UNAVAILABLE = "StoreUnavailable"  # transient: retried
-    DOWNLOAD_FAILED = "DownloadFailed"  # transient: retried
-    # Not failures
-    DOWNLOADING = "Downloading"
-    LOADING = "Loading"
-    LOADED = "Loaded"
-    WAITING_FOR_ENGINE = "WaitingForEngine"
-    RETRYING = "Retrying"
+# The adapter reasons are part of the sidecar's state contract (lorafleet.contracts.serving.AdapterReason).
+Reason = AdapterReason
 
 
 # Refusals that depend only on the (immutable) adapter version and the deployment's settings: retrying cannot
@@ -61,19 +44,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-# Linear layers vLLM can put a LoRA on, per BaseModel family (peft's names; vLLM packs q/k/v and gate/up itself).
-# The operator copies the entry of the BaseModel's family into DesiredAdapterSet.target_modules; "other" (or no
-# entry) leaves the check to vLLM at load time.
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+# Linear layers vLLM can put a LoRA on, per BaseModel family (lorafleet.serving.families). The operator copies the
+# entry of the BaseModel's family into DesiredAdapterSet.target_modules; "other" (or no entry) leaves the check to
+# vLLM at load time.
 SUPPORTED_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": (*_ATTENTION, *_MLP),
-    "mistral": (*_ATTENTION, *_MLP),
-    "qwen2": (*_ATTENTION, *_MLP),
-    "qwen3": (*_ATTENTION, *_MLP),
-    "gemma": (*_ATTENTION, *_MLP),
-    "mixtral": (*_ATTENTION, "w1", "w2", "w3"),
-    "phi": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    f.name: f.target_modules for f in FAMILIES.values() if f.lora and f.target_modules
 }
 
 
@@ -172,9 +147,7 @@ def check_manifest(
     files = _get(manifest, "files") or []
     paths = [str(_get(f, "path")) for f in files if isinstance(f, Mapping)]
     return (
-        check_digest(name, uri, pinned, digest)
-        or check_base_model(name, manifest, desired)
-        or check_files(name, paths)
+        check_digest(name, uri, pinned, digest) or check_base_model(name, manifest, desired) or check_files(name, paths)
     )
 
 

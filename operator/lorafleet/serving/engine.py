@@ -91,13 +91,11 @@ class EngineClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise EngineUnavailable(f"POST {path} failed: {e!r}") from e
 
-    async def load(self, name: str, path: str, *, inplace: bool = False) -> LoadResult:
-        """POST /v1/load_lora_adapter. inplace replaces a loaded adapter of that name without a gap; the new
-        path (one folder per digest) keeps prefix-cache entries of the old weights from being reused."""
-        payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
-        if inplace:
-            payload["load_inplace"] = True
-        return await self._post("/v1/load_lora_adapter", payload, self._load_timeout)
+    async def load(self, name: str, path: str) -> LoadResult:
+        """POST /v1/load_lora_adapter of a new name. Never ``load_inplace``: vLLM 0.32 keeps that flag on the stored
+        request and re-reads the adapter from disk at every engine step (vllm issue 33791); a new version is loaded
+        under another name instead (lorafleet.serving.routes)."""
+        return await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, self._load_timeout)
 
     async def unload(self, name: str) -> LoadResult:
         return await self._post("/v1/unload_lora_adapter", {"lora_name": name}, self._timeout)

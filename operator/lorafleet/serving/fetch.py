@@ -7,8 +7,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from lorafleet.contracts.serving import DesiredAdapter, DesiredAdapterSet
 from lorafleet.serving.checks import Reason, Refusal, check_adapter_config, check_manifest, read_adapter_config
-from lorafleet.serving.desired import DesiredAdapter, DesiredAdapterSet
 from lorafleet.serving.syncer import Prepared
 from lorafleet.storage import (
     ArtifactStore,
@@ -35,7 +35,8 @@ class StoreFetcher:
     """The sidecar's prepare function: manifest checks, verified pull, adapter_config checks.
 
     Stores are built from the environment (the operator renders the default store's settings and credentials
-    into the sidecar); an adapter naming another endpoint gets the same credentials with that endpoint.
+    into the sidecar). The default store's credentials go to the default store's endpoint only: an adapter
+    naming another endpoint is read there unsigned (its own Secret is not the sidecar's to hold).
     """
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
@@ -45,15 +46,21 @@ class StoreFetcher:
     def store_for(self, want: DesiredAdapter) -> ArtifactStore:
         settings = self._base
         if want.store is not None:
+            endpoint = want.store.endpoint.rstrip("/")
+            foreign = endpoint != (settings.endpoint or "").rstrip("/")
             settings = replace(
                 settings,
-                endpoint=want.store.endpoint.rstrip("/"),
+                endpoint=endpoint,
                 region=want.store.region,
                 insecure_skip_tls_verify=want.store.insecure_skip_tls_verify,
                 sse=want.store.server_side_encryption,
                 checksum_headers=want.store.checksum_headers,
             )
-        key = f"{settings.endpoint}|{settings.region}|{settings.insecure_skip_tls_verify}"
+            if foreign:
+                settings = replace(
+                    settings, access_key_id=None, secret_access_key=None, session_token=None, anonymous=True
+                )
+        key = f"{settings.endpoint}|{settings.region}|{settings.insecure_skip_tls_verify}|{settings.anonymous}"
         if key not in self._stores:
             self._stores[key] = ArtifactStore(settings)
         return self._stores[key]

@@ -2,8 +2,8 @@
 
 Watches the desired adapter set (the mounted ConfigMap file), pulls each adapter from the artifact store with
 checksum verification, checks it, loads it into vLLM on localhost, unloads removed ones, re-loads everything after
-vLLM restarts, and serves the pod's only open port: the inference routes, /health, /lorafleet/ready and
-/lorafleet/state. See docs/serving.md.
+vLLM restarts, and serves the pod's serving port (the inference routes, /health, /lorafleet/ready) and its status
+port (/lorafleet/state, for the operator only). See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from lorafleet.contracts.serving import STATE_PORT
 from lorafleet.serving.engine import EngineClient
-from lorafleet.serving.gateway import build_app
+from lorafleet.serving.gateway import Limits, build_app, build_status_app
 from lorafleet.serving.syncer import PrepareFn, Syncer
+from lorafleet.storage.scrub import install_log_filter
 
 log = logging.getLogger("lorafleet.serving.sync")
 
@@ -32,6 +34,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", required=True, help="vLLM's URL on localhost, e.g. http://127.0.0.1:8001")
     p.add_argument("--adapters-dir", type=Path, required=True, help="shared volume for the adapters' files")
     p.add_argument("--listen", default="0.0.0.0:8000", help="host:port of the gateway (default 0.0.0.0:8000)")
+    p.add_argument(
+        "--status-listen",
+        default=f"0.0.0.0:{STATE_PORT}",
+        help=f"host:port of /lorafleet/state, not behind the Service (default 0.0.0.0:{STATE_PORT})",
+    )
+    p.add_argument("--max-request-bytes", type=int, default=Limits.max_request_bytes, help="request body cap (413)")
+    p.add_argument(
+        "--upstream-read-timeout",
+        type=float,
+        default=Limits.read_timeout,
+        help="seconds without a byte from vLLM before the gateway gives up on a request",
+    )
+    p.add_argument("--api-keys-dir", type=Path, help="mounted Secret volume: one file of keys per protected model")
+    p.add_argument(
+        "--protected-model",
+        action="append",
+        default=[],
+        help="a model served only with one of its API keys (repeatable); no keys file: every request refused",
+    )
     p.add_argument("--poll-interval", type=float, default=0.1, help="seconds between stats of the desired file")
     p.add_argument("--resync-interval", type=float, default=2.0, help="seconds between checks of vLLM")
     p.add_argument("--parallel-downloads", type=int, default=2, help="adapters downloaded at once")
@@ -55,7 +76,10 @@ async def serve(args: argparse.Namespace, prepare: PrepareFn | None = None) -> N
         resync_interval=args.resync_interval,
         max_parallel_downloads=args.parallel_downloads,
     )
-    app = build_app(syncer, engine)
+    limits = Limits(max_request_bytes=args.max_request_bytes, read_timeout=args.upstream_read_timeout)
+    app = build_app(
+        syncer, engine, limits=limits, api_keys_dir=args.api_keys_dir, protected=frozenset(args.protected_model)
+    )
 
     async def run_syncer(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(syncer.run())
@@ -66,12 +90,17 @@ async def serve(args: argparse.Namespace, prepare: PrepareFn | None = None) -> N
         await engine.close()
 
     app.cleanup_ctx.append(run_syncer)
-    host, _, port = args.listen.rpartition(":")
     runner = web.AppRunner(app, access_log=None)
+    status_runner = web.AppRunner(build_status_app(syncer), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host or "0.0.0.0", int(port))
-    await site.start()
-    log.info("gateway on %s, vLLM at %s, desired set %s", args.listen, args.engine, args.desired)
+    await status_runner.setup()
+    for r, listen in ((runner, args.listen), (status_runner, args.status_listen)):
+        host, _, port = listen.rpartition(":")
+        await web.TCPSite(r, host or "0.0.0.0", int(port)).start()
+    log.info(
+        "gateway on %s, state on %s, vLLM at %s, desired set %s, %d protected models",
+        args.listen, args.status_listen, args.engine, args.desired, len(args.protected_model),
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,6 +109,7 @@ async def serve(args: argparse.Namespace, prepare: PrepareFn | None = None) -> N
         await stop.wait()
         log.info("stopping: finishing requests in flight")
     finally:
+        await status_runner.cleanup()
         await runner.cleanup()
 
 
@@ -88,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    install_log_filter()  # a store error may carry a credential value: no log line does
     try:  # uvloop (vLLM's image has it) roughly halves the proxy's CPU per request; asyncio's loop otherwise.
         import uvloop
 

@@ -8,7 +8,9 @@ Per adapter: read the stored manifest (digest pin, base model, file formats: ref
 it with checksum verification into ``<adapters-dir>/<name>/<digest hex>`` (a folder per version: vLLM's
 /v1/models reports it as the adapter's ``root``, which is how a loaded adapter is matched by digest), check
 adapter_config.json (rank, target modules, plain LoRA), then ``POST /v1/load_lora_adapter``. A new version of a
-loaded adapter is downloaded and checked while the old one serves, then swapped with ``load_inplace`` (no gap).
+loaded adapter is downloaded, checked and loaded under another engine name while the old one serves; the gateway's
+route is switched (lorafleet.serving.routes) and the old version unloaded once its requests are done: no gap, and
+no ``load_inplace`` (vLLM 0.32 then re-reads the adapter at every engine step, vllm issue 33791).
 Removed adapters are unloaded and their files deleted. Downloads run in threads, several at once; one failing
 adapter never holds up the others.
 """
@@ -29,17 +31,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet.contracts.serving import (
+    FAILED,
+    LOADED,
+    LOADING,
+    PENDING,
+    AdapterState,
+    DesiredAdapter,
+    DesiredAdapterSet,
+    DesiredFileState,
+    EngineState,
+    ReplicaAdapter,
+    ReplicaState,
+)
 from lorafleet.serving.checks import (
     Reason,
     Refusal,
     classify_engine_error,
 )
-from lorafleet.serving.desired import DesiredAdapter, DesiredAdapterSet
 from lorafleet.serving.engine import EngineClient, EngineModel, EngineUnavailable
+from lorafleet.serving.routes import Routes, public_name, version_alias
 
 log = logging.getLogger("lorafleet.serving.sync")
 
-PENDING, LOADING, LOADED, FAILED = "Pending", "Loading", "Loaded", "Failed"
 RETRY_MIN_S, RETRY_MAX_S = 5.0, 300.0
 
 
@@ -61,6 +75,8 @@ class Prepared:
     path: Path
 
 
+# One adapter's versions in vLLM: engine name -> its /v1/models entry.
+Served = dict[str, EngineModel]
 PrepareFn = Callable[[DesiredAdapter, DesiredAdapterSet, Path], "Prepared | Refusal"]
 
 
@@ -69,7 +85,7 @@ class Adapter:
     """What the sidecar knows of one desired adapter."""
 
     want: DesiredAdapter
-    state: str = PENDING
+    state: AdapterState = PENDING
     reason: str | None = None
     message: str | None = None
     prepared: Prepared | None = None
@@ -87,30 +103,29 @@ class Adapter:
     def key(self) -> tuple[str, str | None, str]:
         return _key(self.want)
 
-    def set(self, state: str, reason: str | None, message: str | None) -> None:
+    def set(self, state: AdapterState, reason: str | None, message: str | None) -> None:
         if (state, reason, message) != (self.state, self.reason, self.message):
             if state != self.state:
                 self.since = _now()
                 log.info("adapter %s: %s -> %s (%s) %s", self.want.name, self.state, state, reason, message or "")
             self.state, self.reason, self.message = state, reason, message
 
-    def report(self) -> dict[str, Any]:
-        report = {
-            "name": self.want.name,
-            "state": self.state,
-            "reason": self.reason,
-            "message": self.message,
-            "uri": self.want.uri,
+    def report(self) -> ReplicaAdapter:
+        return ReplicaAdapter(
+            name=self.want.name,
+            state=self.state,
+            reason=self.reason,
+            message=self.message,
+            uri=self.want.uri,
             # The digest being served (or prepared); the pin when nothing is known yet.
-            "digest": self.prepared.digest if self.prepared else self.want.digest,
-            "desiredDigest": self.want.digest,
-            "path": str(self.prepared.path) if self.prepared else None,
-            "since": _rfc3339(self.since),
-            "loadedAt": _rfc3339(self.loaded_at),
-            "downloadSeconds": round(self.prepare_seconds, 4) if self.prepare_seconds is not None else None,
-            "loadSeconds": round(self.load_seconds, 4) if self.load_seconds is not None else None,
-        }
-        return {k: v for k, v in report.items() if v is not None}
+            digest=self.prepared.digest if self.prepared else self.want.digest,
+            desired_digest=self.want.digest,
+            path=str(self.prepared.path) if self.prepared else None,
+            since=_rfc3339(self.since),
+            loaded_at=_rfc3339(self.loaded_at),
+            download_seconds=round(self.prepare_seconds, 4) if self.prepare_seconds is not None else None,
+            load_seconds=round(self.load_seconds, 4) if self.load_seconds is not None else None,
+        )
 
 
 def _key(want: DesiredAdapter) -> tuple[str, str | None, str]:
@@ -151,6 +166,7 @@ class Syncer:
         self.desired_read_at: float | None = None
         self._desired_stat: tuple[int, int, int, int] | None = None
         self.adapters: dict[str, Adapter] = {}
+        self.routes = Routes()
         self.engine_healthy = False
         self.engine_base: str | None = None
         self.engine_message: str | None = "not checked yet"
@@ -300,14 +316,13 @@ class Syncer:
             log.warning("vLLM no longer lists %s (restarted?); re-loading", ", ".join(sorted(lost)))
 
         # Unload what is no longer desired (only adapters this sidecar manages: their root is ours).
-        for name, model in served.items():
-            if name not in self.adapters and self._ours(model):
-                result = await self._call(self.engine.unload(name))
-                if result is not None:
-                    log.info("unloaded %s: %s", name, result.message)
+        for name, versions in served.items():
+            if name not in self.adapters:
+                self.routes.forget(name)
+                await self._unload(versions, "no longer desired")
 
         for adapter in self.adapters.values():
-            await self._converge(adapter, served.get(adapter.want.name))
+            await self._converge(adapter, served.get(adapter.want.name, {}))
 
         # Loaded means listed by vLLM with our base model as parent, from the folder of the digest we prepared.
         try:
@@ -317,9 +332,19 @@ class Syncer:
             return
         served = self._served(models, desired)
         for adapter in self.adapters.values():
-            self._observe(adapter, served.get(adapter.want.name))
+            self._observe(adapter, served.get(adapter.want.name, {}))
         self._known_served = {n for n, a in self.adapters.items() if a.state == LOADED}
         self._collect_garbage(served)
+
+    async def _unload(self, versions: Served, why: str, keep: str | None = None, wait: bool = False) -> None:
+        """Unload our engine names among versions but keep; with wait, only those no request can still use."""
+        for engine_name, model in versions.items():
+            if engine_name == keep or not self._ours(model) or (wait and not self.routes.drained(engine_name)):
+                continue
+            result = await self._call(self.engine.unload(engine_name))
+            if result is not None:
+                self.routes.unloaded(engine_name)
+                log.info("unloaded %s (%s): %s", engine_name, why, result.message)
 
     def _engine_down(self, message: str) -> None:
         if self._was_healthy:
@@ -330,7 +355,8 @@ class Syncer:
             if adapter.state in (LOADED, LOADING) and adapter.prepared is not None:
                 adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, f"vLLM is not healthy: {message}")
 
-    def _served(self, models: list[EngineModel], desired: DesiredAdapterSet) -> dict[str, EngineModel]:
+    def _served(self, models: list[EngineModel], desired: DesiredAdapterSet) -> dict[str, Served]:
+        """Adapters on our base model by public name: each with its engine names (two during a switch)."""
         base_ids = [m.id for m in models if m.parent is None]
         self.engine_base = desired.base_model if desired.base_model in base_ids else next(iter(base_ids), None)
         if desired.base_model not in base_ids:
@@ -338,7 +364,11 @@ class Syncer:
                 f"vLLM serves {', '.join(base_ids) or 'no base model'}, not the desired base model "
                 f"{desired.base_model!r}: the pod runs an older engine configuration"
             )
-        return {m.id: m for m in models if m.parent is not None and m.parent == desired.base_model}
+        served: dict[str, Served] = {}
+        for m in models:
+            if m.parent is not None and m.parent == desired.base_model:
+                served.setdefault(public_name(m.id) if self._ours(m) else m.id, {})[m.id] = m
+        return served
 
     def _ours(self, model: EngineModel) -> bool:
         root = Path(model.root or "/nonexistent")
@@ -402,27 +432,33 @@ class Syncer:
         state = PENDING if refusal.reason in (Reason.STORE_UNAVAILABLE, Reason.DOWNLOAD_FAILED) else FAILED
         adapter.set(state, refusal.reason, f"{refusal.message} (attempt {adapter.failures}; retrying in {delay:.0f} s)")
 
-    async def _converge(self, adapter: Adapter, model: EngineModel | None) -> None:
+    async def _converge(self, adapter: Adapter, versions: Served) -> None:
         name = adapter.want.name
-        ours = model is not None and self._ours(model)
+        if self.routes.engine_name(name) not in versions and versions:
+            self.routes.route(name, next(iter(versions)))  # e.g. after a sidecar restart: what vLLM has serves
         if adapter.state == FAILED:
-            if ours:
-                # The desired version cannot be served: do not keep serving another one under its name.
-                result = await self._call(self.engine.unload(name))
-                if result is not None:
-                    log.info("unloaded %s (its desired version is refused): %s", name, result.message)
+            # The desired version cannot be served: do not keep serving another one under its name.
+            self.routes.forget(name)
+            await self._unload(versions, "its desired version is refused")
             if adapter.refusal is not None and (adapter.refusal.permanent or _now() < adapter.retry_at):
                 return
         if adapter.prepared is None:
             return  # downloading (a previous version, if any, serves meanwhile)
         path = str(adapter.prepared.path)
-        if model is not None and model.root == path:
+        current = next((n for n, m in versions.items() if m.root == path), None)
+        if current is not None:
+            self.routes.route(name, current)  # atomic for the gateway: new requests go to this version
+            await self._unload(versions, "replaced", keep=current, wait=True)
             return
         if adapter.refusal is not None and _now() < adapter.retry_at:
             return
+        # The old version keeps serving under its engine name while the new one loads under a free one.
+        engine_name = name if name not in versions else version_alias(name, adapter.prepared.digest)
+        if engine_name in versions:  # that alias from another path (not ours to route): make room
+            await self._unload({engine_name: versions[engine_name]}, "stale alias")
         adapter.set(LOADING, Reason.LOADING, f"loading {adapter.prepared.digest} into vLLM")
         started = time.monotonic()
-        result = await self._call(self.engine.load(name, path, inplace=model is not None))
+        result = await self._call(self.engine.load(engine_name, path))
         if result is None:
             adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, "vLLM did not answer the load request; retrying")
             return
@@ -430,6 +466,8 @@ class Syncer:
             adapter.load_seconds = time.monotonic() - started
             adapter.loaded_at = _now()
             adapter.failures, adapter.refusal = 0, None
+            self.routes.route(name, engine_name)
+            await self._unload(versions, "replaced", keep=engine_name, wait=True)
             return
         if result.status == 400 and "already been loaded" in result.message:
             return  # loaded meanwhile; the observation below tells by its root
@@ -439,11 +477,13 @@ class Syncer:
             return
         message = f"vLLM refused adapter {name!r} (HTTP {result.status}): {result.message}"
         self._refuse(adapter, Refusal(reason, message))
-        if ours and adapter.state == FAILED:
-            await self._call(self.engine.unload(name))
+        if adapter.state == FAILED:
+            self.routes.forget(name)
+            await self._unload(versions, "its desired version is refused")
 
-    def _observe(self, adapter: Adapter, model: EngineModel | None) -> None:
+    def _observe(self, adapter: Adapter, versions: Served) -> None:
         prepared = adapter.prepared
+        model = versions.get(self.routes.engine_name(adapter.want.name))
         if prepared is not None and model is not None and model.root == str(prepared.path):
             adapter.set(LOADED, Reason.LOADED, f"served by vLLM from {prepared.path} ({prepared.digest})")
             return
@@ -451,10 +491,10 @@ class Syncer:
             adapter.set(PENDING, Reason.WAITING_FOR_ENGINE, "vLLM no longer lists the adapter; re-loading")
             self.wake()
 
-    def _collect_garbage(self, served: dict[str, EngineModel]) -> None:
+    def _collect_garbage(self, served: dict[str, Served]) -> None:
         """Delete version folders nothing needs: not prepared for a desired adapter, not served, not in flight."""
         keep = {str(a.prepared.path) for a in self.adapters.values() if a.prepared is not None}
-        keep |= {m.root for m in served.values() if m.root}
+        keep |= {m.root for versions in served.values() for m in versions.values() if m.root}
         busy = {a.want.name for a in self.adapters.values() if a.task is not None}
         if not self.adapters_dir.is_dir():
             return
@@ -498,28 +538,28 @@ class Syncer:
         return True, serving
 
     def state(self) -> dict[str, Any]:
+        """What GET /lorafleet/state answers (the contract lorafleet.contracts.serving.ReplicaState)."""
         desired = self.desired
-        return {
-            "pod": self.pod,
-            "baseModel": desired.base_model if desired else None,
-            "engine": {
-                "url": self.engine.base_url,
-                "healthy": self.engine_healthy,
-                "baseModel": self.engine_base,
-                "restarts": self.engine_restarts,
-                "lostAdapters": self.lost_adapters,
-                "message": self.engine_message,
-            },
-            "desired": {
-                "file": str(self.desired_file),
-                "sha256": self.desired_sha256,
-                "readAt": _rfc3339(self.desired_read_at),
-                "error": self.desired_error,
-                "adapters": len(desired.adapters) if desired else 0,
-            },
-            "ready": self.ready(self.engine_healthy)[0],
-            "passes": self.passes,
-            "lastPass": _rfc3339(self.last_pass),
-            "adapters": [a.report() for a in self.adapters.values()],
-        }
-
+        return ReplicaState(
+            pod=self.pod,
+            base_model=desired.base_model if desired else None,
+            engine=EngineState(
+                url=self.engine.base_url,
+                healthy=self.engine_healthy,
+                base_model=self.engine_base,
+                restarts=self.engine_restarts,
+                lost_adapters=self.lost_adapters,
+                message=self.engine_message,
+            ),
+            desired=DesiredFileState(
+                file=str(self.desired_file),
+                sha256=self.desired_sha256,
+                read_at=_rfc3339(self.desired_read_at),
+                error=self.desired_error,
+                adapters=len(desired.adapters) if desired else 0,
+            ),
+            ready=self.ready(self.engine_healthy)[0],
+            passes=self.passes,
+            last_pass=_rfc3339(self.last_pass),
+            adapters=[a.report() for a in self.adapters.values()],
+        ).state_json()

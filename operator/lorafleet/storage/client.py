@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -27,6 +28,7 @@ from lorafleet.storage.errors import (
     StoreError,
     StoreUnavailable,
 )
+from lorafleet.storage.scrub import remember, scrub, secret_key_id
 from lorafleet.storage.settings import StoreSettings
 
 _BAD_CREDENTIALS = {
@@ -53,10 +55,11 @@ def make_client(settings: StoreSettings, *, verified_bodies: bool = False) -> An
         from lorafleet import __version__ as version
     except ImportError:  # pragma: no cover - the package always defines it
         version = "unknown"
+    remember(settings.secret_access_key, settings.session_token, key_id=settings.access_key_id)
     own_checksums = verified_bodies and settings.checksum_headers
     config = Config(
         region_name=settings.region,
-        signature_version="s3v4",
+        signature_version=UNSIGNED if settings.anonymous else "s3v4",
         s3={"addressing_style": "path", **({"payload_signing_enabled": False} if own_checksums else {})},
         request_checksum_calculation="when_required" if verified_bodies else "when_supported",
         response_checksum_validation="when_required" if verified_bodies else "when_supported",
@@ -68,12 +71,15 @@ def make_client(settings: StoreSettings, *, verified_bodies: bool = False) -> An
         max_pool_connections=max(10, settings.transfer.max_concurrency * 2 + 4),
         user_agent_extra=f"lorafleet/{version}",
     )
-    session = boto3.session.Session(
-        aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=settings.secret_access_key,
-        aws_session_token=settings.session_token,
-        region_name=settings.region,
-    )
+    if settings.anonymous:  # no credentials at all, so boto3 never looks up its default chain
+        session = boto3.session.Session(region_name=settings.region)
+    else:
+        session = boto3.session.Session(
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            aws_session_token=settings.session_token,
+            region_name=settings.region,
+        )
     client = session.client("s3", endpoint_url=settings.endpoint, verify=settings.verify, config=config)
     # botocore sends uploads with "Expect: 100-continue" and waits only 1 s for the 100: a busy server answering
     # later desynchronises the response parsing (seen with MinIO under load: "Failed to parse headers", then
@@ -101,9 +107,19 @@ def is_conditional_conflict(e: Exception) -> bool:
 
 
 def translate(e: Exception, settings: StoreSettings, bucket: str, key: str | None, action: str) -> StoreError:
-    """A lorafleet error for a botocore one, naming what was being done, on which object, and the fix."""
+    """A lorafleet error for a botocore one, naming what was being done, on which object, and the fix; its
+    message scrubbed of the credentials in use (botocore copies header values into its own messages)."""
     if isinstance(e, StoreError):
         return e
+    error = _translate(e, settings, bucket, key, action)
+    message = str(error)
+    clean = scrub(message, (secret_key_id(settings.access_key_id), settings.secret_access_key, settings.session_token))
+    if clean != message:
+        error = type(error)(clean)
+    return error
+
+
+def _translate(e: Exception, settings: StoreSettings, bucket: str, key: str | None, action: str) -> StoreError:
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
     endpoint = settings.describe()
     if isinstance(e, ClientError):

@@ -41,3 +41,7 @@ class IncompleteVersion(StoreError):
 
 class ConditionalWritesUnsupported(StoreError):
     """The server ignores If-None-Match on PUT, so concurrent writers cannot be told apart safely."""
+
+
+class ObjectTooLarge(StoreError):
+    """An object read whole (a manifest) is larger than the cap for its kind: refused before it is read."""

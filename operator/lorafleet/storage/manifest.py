@@ -27,6 +27,9 @@ from pydantic.alias_generators import to_camel
 
 ArtifactKind = Literal["adapter", "model"]
 MANIFEST_NAME = "manifest.json"
+# A manifest lists every file of a version with its sha256: a few KiB, a few MiB for a model of thousands of files.
+# Anything larger is refused before parsing, so a hostile store cannot make a reader hold or parse gigabytes.
+MAX_MANIFEST_BYTES = 4 << 20
 SCHEMA_VERSION = 1
 
 _HEX64 = r"^[a-f0-9]{64}$"
@@ -161,6 +164,8 @@ def check_digest(digest: str) -> str:
 
 def parse_manifest(raw: bytes) -> tuple[Manifest, str]:
     """The manifest and its digest (over the stored bytes, whoever wrote them)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"it is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} bytes a manifest may have")
     return Manifest.model_validate_json(raw), digest_of(raw)
 
 

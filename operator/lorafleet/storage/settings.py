@@ -9,6 +9,7 @@ Environment (the names `lorafleet.resources.common.store_env` and `ca_bundle_vol
 | `LORAFLEET_STORE_INSECURE_SKIP_TLS_VERIFY` | `true` skips TLS verification (`false`/unset: verify; else: error) |
 | `LORAFLEET_STORE_SSE` | `AES256` or `aws:kms`: server-side encryption requested on upload |
 | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` | credentials (else boto3's default chain) |
+| `LORAFLEET_STORE_ANONYMOUS` | `true`: unsigned requests, never boto3's default chain (a store that names no Secret) |
 | `LORAFLEET_STORE_CREDENTIALS_DIR` | a mounted Secret with files `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` |
 | `AWS_CA_BUNDLE` | PEM bundle to verify the endpoint's certificate |
 | `LORAFLEET_STORE_MAX_ATTEMPTS` | attempts per request, botocore "standard" retry mode (default 5) |
@@ -72,6 +73,9 @@ class StoreSettings:
     # Send each body's sha256 as x-amz-checksum-sha256 (AWS, MinIO, Ceph RGW since Reef). false: for stores that
     # reject S3 checksum headers; botocore then signs the payload hash as usual (one more pass over the bytes).
     checksum_headers: bool = True
+    # Unsigned requests: a store that names no credentials must not get the process's own (boto3's default
+    # chain: environment, instance or workload identity); only the platform's default store may use them.
+    anonymous: bool = False
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
@@ -100,6 +104,7 @@ class StoreSettings:
             sse=sse,  # type: ignore[arg-type]
             max_attempts=int(attempts),
             checksum_headers=_flag(env, "LORAFLEET_STORE_CHECKSUM_HEADERS", default=True),
+            anonymous=_flag(env, "LORAFLEET_STORE_ANONYMOUS"),
         )
 
     @classmethod
@@ -110,7 +115,8 @@ class StoreSettings:
         secret_access_key: str | None = None,
         ca_bundle: str | None = None,
     ) -> StoreSettings:
-        """Settings for a spec's ObjectStore; the caller resolves its Secrets (the spec only references them)."""
+        """Settings for a spec's ObjectStore; the caller resolves its Secrets (the spec only references them).
+        Without credentials the requests go unsigned: never with the caller's own."""
         return cls(
             endpoint=store.endpoint.rstrip("/"),
             region=store.region,
@@ -120,6 +126,7 @@ class StoreSettings:
             insecure_skip_tls_verify=store.insecure_skip_tls_verify,
             sse=store.server_side_encryption,
             checksum_headers=store.checksum_headers,
+            anonymous=access_key_id is None,
         )
 
     def with_transfer(self, **changes: int) -> StoreSettings:

@@ -1,5 +1,6 @@
 """The trainer that runs inside a FineTuneJob's Job: `python -m lorafleet.trainer --config FILE`.
 
-Nothing heavy is imported here: the operator imports lorafleet.trainer.config, which must stay free of torch.
+Nothing heavy is imported here: the operator imports lorafleet.trainer.errors and .status, which must stay
+free of torch.
 See docs/trainer.md.
 """

@@ -1,9 +1,12 @@
-"""Datasets: JSON Lines in four formats, validated with line numbers, rendered to text and tokenized with a loss mask.
+"""Datasets: records in four sample formats, validated with line or record numbers, rendered to text and tokenized
+with a loss mask. Files (JSON Lines, JSON arrays, CSV, Parquet, saved Hugging Face datasets) are read by readers.py.
 
-Formats (field names can be mapped with dataset.fields):
+Formats (field names can be mapped with dataset.fields, chat role names with dataset.roles):
 
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` rendered with the
-  tokenizer's chat template; with completion-only loss only the assistant turns are trained.
+  tokenizer's chat template; with completion-only loss every assistant turn is trained. ShareGPT's shape,
+  ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}``, is read too (when the fields are
+  not mapped): ``human`` is user and ``gpt`` assistant, and dataset.roles maps any other name.
 * instruction: ``{"instruction": str, "input": str (optional), "output": str}``: a user turn and an assistant
   turn through the chat template when the tokenizer has one, else an Alpaca-style prompt; the output is trained.
 * completion: ``{"prompt": str, "completion": str}``: the completion (and EOS) is trained.
@@ -19,9 +22,8 @@ Free of torch: the tokenizer is any transformers tokenizer (duck-typed).
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -34,11 +36,17 @@ from lorafleet.trainer.errors import (
     DATASET_NOT_FOUND,
     TrainerError,
 )
+from lorafleet.trainer.readers import MAX_LINE_BYTES, FileError, FileFormat, RecordFile, Row, json_type, open_records
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant")
+# ShareGPT's role names (Vicuna's files); dataset.roles adds to them and overrides them.
+DEFAULT_ROLES = {"human": "user", "gpt": "assistant"}
+# ShareGPT's field names, read when a chat record or message lacks the (unmapped) default ones.
+SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
 # Errors listed in a DatasetInvalid message before "and N more".
 MAX_LISTED_ERRORS = 5
+__all__ = ["MAX_LINE_BYTES", "Example", "LoadReport", "Sample", "load_examples", "open_dataset", "read_jsonl"]
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -56,7 +64,7 @@ class Tokenizer(Protocol):
 
 
 class SampleError(ValueError):
-    """A problem with one line, reported with its line number."""
+    """A problem with one record, reported with its line or record number."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class Rendered:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized sample: input ids and labels (IGNORE_INDEX where no loss is taken)."""
+    """One tokenized sample: input ids and labels (IGNORE_INDEX where no loss is taken); line is its line or
+    record number."""
 
     line: int
     input_ids: list[int]
@@ -93,6 +102,8 @@ class LoadReport:
     """What loading a file did: counts for the log and the lineage manifest."""
 
     samples: int = 0
+    records: int = 0  # well-formed records read
+    unit: str = "line"  # what the numbers below count: line (JSON Lines, CSV) or record
     truncated: list[int] = field(default_factory=list)
     dropped_overlong: list[int] = field(default_factory=list)
     dropped_untrained: list[int] = field(default_factory=list)
@@ -113,100 +124,158 @@ class LoadReport:
 # -- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path, *, uri: str | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; DatasetInvalid listing the bad lines."""
+class Errors:
+    """The bad records of a file: the first few (listed in DatasetInvalid) and how many in all."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.first: list[str] = []
+        self.count = 0
+
+    def add(self, number: int, message: str) -> None:
+        self.count += 1
+        if len(self.first) < MAX_LISTED_ERRORS:
+            self.first.append(f"{self.unit} {number}: {message}" if number else message)
+
+    def raise_if_any(self, name: str) -> None:
+        if not self.count:
+            return
+        listed = "; ".join(self.first)
+        more = f"; and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+        bad = f"{self.count} invalid {self.unit}{'s' * (self.count != 1)}"
+        raise TrainerError(DATASET_INVALID, f"dataset {name}: {bad}: {listed}{more}")
+
+
+def open_dataset(path: str | Path, file_format: FileFormat, name: str) -> RecordFile:
+    """The dataset's records, streamed; DatasetNotFound when the file is missing or unreadable, DatasetInvalid
+    when it is not the format at all."""
+    try:
+        return open_records(path, file_format)
+    except FileNotFoundError:
+        raise TrainerError(DATASET_NOT_FOUND, f"dataset {name} does not exist") from None
+    except FileError as e:
+        raise TrainerError(DATASET_INVALID, f"dataset {name}: {e}") from None
+    except OSError as e:
+        raise TrainerError(DATASET_NOT_FOUND, f"dataset {name} cannot be read: {e.strerror or e}") from None
+
+
+def read_records(
+    path: str | Path, *, uri: str | None = None, file_format: FileFormat = "auto"
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line or record number, object) for every record; DatasetInvalid listing the bad ones."""
     name = uri or str(path)
-    records, errors = _read_lines(path, name)
-    raise_if_errors(name, errors)
+    source = open_dataset(path, file_format, name)
+    errors = Errors(source.unit)
+    records = []
+    for row in _rows(source, name):
+        if row.error is not None:
+            errors.add(row.number, row.error)
+        elif row.value is not None:
+            records.append((row.number, row.value))
+    errors.raise_if_any(name)
     return records
 
 
-def _read_lines(path: str | Path, name: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+def read_jsonl(path: str | Path, *, uri: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; DatasetInvalid listing the bad lines."""
+    return read_records(path, uri=uri, file_format="jsonl")
+
+
+def _rows(source: RecordFile, name: str) -> Iterator[Row]:
+    """The file's rows; an I/O error midway is DatasetNotFound (the file changed or went away)."""
     try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TrainerError(DATASET_NOT_FOUND, f"dataset {name} does not exist") from None
+        yield from source.rows
     except OSError as e:
         raise TrainerError(DATASET_NOT_FOUND, f"dataset {name} cannot be read: {e.strerror or e}") from None
-    records: list[tuple[int, dict[str, Any]]] = []
-    errors: list[str] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append(f"line {number}: not UTF-8 (byte {e.start})")
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append(f"line {number}: invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(value, dict):
-            errors.append(f"line {number}: expected a JSON object, got {_json_type(value)}")
-            continue
-        records.append((number, value))
-    return records, errors
 
 
-def raise_if_errors(name: str, errors: Sequence[str]) -> None:
-    if not errors:
-        return
-    listed = "; ".join(errors[:MAX_LISTED_ERRORS])
-    more = f"; and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-    bad = f"{len(errors)} invalid line{'s' * (len(errors) != 1)}"
-    raise TrainerError(DATASET_INVALID, f"dataset {name}: {bad}: {listed}{more}")
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    return {list: "an array", str: "a string", int: "a number", float: "a number", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _string(record: dict[str, Any], key: str, *, required: bool = True, where: str = "") -> str:
+def _string(record: Mapping[str, Any], key: str, *, required: bool = True, where: str = "") -> str:
     if key not in record or record[key] is None:
         if required:
             raise SampleError(f'missing field "{key}"{where}')
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise SampleError(f'field "{key}"{where} must be a string, got {_json_type(value)}')
+        raise SampleError(f'field "{key}"{where} must be a string, got {json_type(value)}')
     if required and not value.strip():
         raise SampleError(f'field "{key}"{where} is empty')
     return value
 
 
-# -- rendering ---------------------------------------------------------------------------------------------------
+# -- parsing -----------------------------------------------------------------------------------------------------
 
 
-def parse_messages(record: dict[str, Any], fields: FieldMapping) -> list[dict[str, str]]:
-    """The messages of a chat record, as [{"role", "content"}], validated."""
-    if fields.messages not in record:
+@dataclass(frozen=True)
+class Sample:
+    """A validated record: chat messages (chat, and instruction when the tokenizer has a template), or a prompt and
+    the completion trained after it (instruction without a template: the Alpaca prompt; text: no prompt)."""
+
+    messages: tuple[dict[str, str], ...] = ()
+    prompt: str = ""
+    completion: str = ""
+    instruction: tuple[str, str] | None = None  # instruction, input: rendered as chat or as the Alpaca prompt
+
+
+def role_names(dataset: Dataset) -> dict[str, str]:
+    """Source role name -> system, user or assistant: the chat roles themselves, ShareGPT's, then the spec's."""
+    return {**{role: role for role in CHAT_ROLES}, **DEFAULT_ROLES, **dict(getattr(dataset, "roles", None) or {})}
+
+
+def _field(record: Mapping[str, Any], configured: str, default: str) -> str:
+    """The configured field name, or ShareGPT's when the name is the unmapped default and only ShareGPT's is there."""
+    if configured == default and default not in record and SHAREGPT_FIELDS[default] in record:
+        return SHAREGPT_FIELDS[default]
+    return configured
+
+
+def parse_messages(
+    record: Mapping[str, Any], fields: FieldMapping, roles: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """The messages of a chat record (OpenAI's or ShareGPT's shape), as [{"role", "content"}], validated."""
+    roles = roles if roles is not None else {**{r: r for r in CHAT_ROLES}, **DEFAULT_ROLES}
+    key = _field(record, fields.messages, "messages")
+    if key not in record:
         raise SampleError(f'missing field "{fields.messages}"')
-    raw = record[fields.messages]
+    raw = record[key]
     if not isinstance(raw, list):
-        raise SampleError(f'field "{fields.messages}" must be an array of messages, got {_json_type(raw)}')
+        raise SampleError(f'field "{key}" must be an array of messages, got {json_type(raw)}')
     if not raw:
-        raise SampleError(f'field "{fields.messages}" is empty')
+        raise SampleError(f'field "{key}" is empty')
     messages = []
     for index, message in enumerate(raw, start=1):
         where = f" in message {index}"
         if not isinstance(message, dict):
-            raise SampleError(f"message {index} must be an object, got {_json_type(message)}")
-        role = _string(message, fields.role, where=where)
+            raise SampleError(f"message {index} must be an object, got {json_type(message)}")
+        name = _string(message, _field(message, fields.role, "role"), where=where)
+        role = roles.get(name)
         if role not in CHAT_ROLES:
-            raise SampleError(f'message {index} has unknown role "{role}" (expected {", ".join(CHAT_ROLES)})')
-        content = _string(message, fields.content, required=False, where=where)
+            raise SampleError(
+                f'message {index} has unknown role "{name}" (expected system, user, assistant, or a name mapped by '
+                f"dataset.roles such as {{{name}: assistant}}; human and gpt are mapped by default)"
+            )
+        content = _string(message, _field(message, fields.content, "content"), required=False, where=where)
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no assistant message: nothing to learn from")
     return messages
+
+
+def parse_record(record: Mapping[str, Any], dataset: Dataset) -> Sample:
+    """The sample a record of the dataset's format holds; SampleError naming the field when it is bad."""
+    fields = dataset.fields
+    if dataset.format == "chat":
+        return Sample(messages=tuple(parse_messages(record, fields, role_names(dataset))))
+    if dataset.format == "instruction":
+        instruction = _string(record, fields.instruction)
+        extra = _string(record, fields.input, required=False)
+        return Sample(completion=_string(record, fields.output), instruction=(instruction, extra))
+    if dataset.format == "completion":
+        prompt = _string(record, fields.prompt, required=False)
+        return Sample(prompt=prompt, completion=_string(record, fields.completion))
+    return Sample(completion=_string(record, fields.text))
+
+
+# -- rendering ---------------------------------------------------------------------------------------------------
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], *, completion_only: bool) -> Rendered:
@@ -246,9 +315,12 @@ def _apply_template(tokenizer: Tokenizer, messages: list[dict[str, str]], *, add
     return text
 
 
-def render(record: dict[str, Any], dataset: Dataset, tokenizer: Tokenizer, *, completion_only: bool) -> Rendered:
+def render(record: Mapping[str, Any], dataset: Dataset, tokenizer: Tokenizer, *, completion_only: bool) -> Rendered:
     """Render one record of the dataset's format; SampleError for a bad record."""
-    fields = dataset.fields
+    return render_sample(parse_record(record, dataset), dataset, tokenizer, completion_only=completion_only)
+
+
+def render_sample(sample: Sample, dataset: Dataset, tokenizer: Tokenizer, *, completion_only: bool) -> Rendered:
     if dataset.format == "chat":
         if not tokenizer.chat_template:
             raise TrainerError(
@@ -256,25 +328,21 @@ def render(record: dict[str, Any], dataset: Dataset, tokenizer: Tokenizer, *, co
                 "dataset format chat needs a tokenizer with a chat template; the base model's has none "
                 "(use format completion or instruction)",
             )
-        return render_chat(tokenizer, parse_messages(record, fields), completion_only=completion_only)
-    if dataset.format == "instruction":
-        instruction = _string(record, fields.instruction)
-        extra = _string(record, fields.input, required=False)
-        output = _string(record, fields.output)
+        return render_chat(tokenizer, list(sample.messages), completion_only=completion_only)
+    if sample.instruction is not None:
+        instruction, extra = sample.instruction
         if tokenizer.chat_template:
             user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": sample.completion}]
             return render_chat(tokenizer, messages, completion_only=completion_only)
         if extra.strip():
             prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
         else:
             prompt = ALPACA_PROMPT.format(instruction=instruction)
-        return _prompt_completion(prompt, output, completion_only)
+        return _prompt_completion(prompt, sample.completion, completion_only)
     if dataset.format == "completion":
-        prompt = _string(record, fields.prompt, required=False)
-        completion = _string(record, fields.completion)
-        return _prompt_completion(prompt, completion, completion_only)
-    text = _string(record, fields.text)
+        return _prompt_completion(sample.prompt, sample.completion, completion_only)
+    text = sample.completion
     return Rendered(text, ((0, len(text)),), add_special_tokens=True, append_eos=True)
 
 
@@ -323,76 +391,78 @@ def load_examples(
     completion_only: bool,
     uri: str | None = None,
 ) -> tuple[list[Example], LoadReport]:
-    """Every valid sample of a JSONL file, tokenized and fitted. DatasetInvalid with line numbers when any line
-    is bad, DatasetEmpty when nothing is left to train on."""
+    """Every valid sample of a dataset file, tokenized and fitted. DatasetInvalid with line or record numbers when
+    any record is bad, DatasetEmpty when nothing is left to train on."""
     name = uri or str(path)
-    records, errors = _read_lines(path, name)
-    examples, report = build_examples(records, dataset, tokenizer, max_length, completion_only, name, errors)
+    source = open_dataset(path, getattr(dataset, "file_format", "auto"), name)
+    examples, report = build_examples(
+        _rows(source, name), dataset, tokenizer, max_length, completion_only, name, source.unit
+    )
     if not examples:
-        raise TrainerError(DATASET_EMPTY, _empty_message(name, len(records), report, dataset.overlong, max_length))
+        raise TrainerError(DATASET_EMPTY, _empty_message(name, report, dataset.overlong, max_length))
     return examples, report
 
 
 def build_examples(
-    records: Iterable[tuple[int, dict[str, Any]]],
+    rows: Iterable[Row],
     dataset: Dataset,
     tokenizer: Tokenizer,
     max_length: int,
     completion_only: bool,
     name: str,
-    errors: list[str] | None = None,
+    unit: str = "line",
 ) -> tuple[list[Example], LoadReport]:
-    """Render, tokenize and fit every record; DatasetInvalid listing every bad line (with earlier errors)."""
-    report = LoadReport()
-    errors = list(errors or [])
+    """Render, tokenize and fit every record; DatasetInvalid listing the first bad ones (with their numbers)."""
+    report = LoadReport(unit=unit)
+    errors = Errors(unit)
     examples: list[Example] = []
-    for line, record in records:
-        try:
-            rendered = render(record, dataset, tokenizer, completion_only=completion_only)
-        except SampleError as e:
-            errors.append(f"line {line}: {e}")
+    for row in rows:
+        if row.error is not None or row.value is None:
+            errors.add(row.number, row.error or "no record")
             continue
-        if errors:
+        report.records += 1
+        try:
+            rendered = render(row.value, dataset, tokenizer, completion_only=completion_only)
+        except SampleError as e:
+            errors.add(row.number, str(e))
+            continue
+        if errors.count:
             continue  # keep validating, stop tokenizing
-        example = tokenize(rendered, tokenizer, line)
+        example = tokenize(rendered, tokenizer, row.number)
         fitted = fit(example, max_length, dataset.overlong)
         if fitted is None:
-            report.dropped_overlong.append(line)
+            report.dropped_overlong.append(row.number)
             continue
         if fitted is not example:
-            report.truncated.append(line)
+            report.truncated.append(row.number)
         if fitted.trained_tokens == 0:
             # Nothing to learn (a prompt as long as the limit): a batch of such samples has no loss at all.
-            report.dropped_untrained.append(line)
+            report.dropped_untrained.append(row.number)
             continue
         examples.append(fitted)
         report.tokens += len(fitted)
         report.trained_tokens += fitted.trained_tokens
-    raise_if_errors(name, sorted(errors, key=_line_of))
+    errors.raise_if_any(name)
     report.samples = len(examples)
     return examples, report
 
 
-def _line_of(error: str) -> int:
-    head = error.split(":", 1)[0]
-    return int(head.removeprefix("line ")) if head.startswith("line ") and head[5:].isdigit() else 0
-
-
-def _empty_message(name: str, records: int, report: LoadReport, overlong: str, max_length: int) -> str:
-    if records == 0:
+def _empty_message(name: str, report: LoadReport, overlong: str, max_length: int) -> str:
+    if report.records == 0:
         return f"dataset {name} has no samples (the file is empty or blank)"
     parts = []
+    unit = report.unit
     if report.dropped_overlong:
         parts.append(
             f"{len(report.dropped_overlong)} longer than training.maxSequenceLength={max_length} tokens "
-            f"(dataset.overlong: {overlong}; first at line {report.dropped_overlong[0]})"
+            f"(dataset.overlong: {overlong}; first at {unit} {report.dropped_overlong[0]})"
         )
     if report.dropped_untrained:
         parts.append(
             f"{len(report.dropped_untrained)} with no trained token left after truncation to {max_length} "
-            f"(first at line {report.dropped_untrained[0]})"
+            f"(first at {unit} {report.dropped_untrained[0]})"
         )
-    return f"dataset {name} has no usable sample: of {records}, " + "; ".join(parts)
+    return f"dataset {name} has no usable sample: of {report.records}, " + "; ".join(parts)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -1,5 +1,5 @@
 """`python -m lorafleet.trainer --config FILE` (also `lorafleet train`): one training run, its final status in
-config.statusFile, and a documented exit code (lorafleet.trainer.errors, docs/trainer.md)."""
+config.statusFile, and a documented exit code (lorafleet.contracts.exits, docs/trainer.md)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lorafleet.trainer.config import TrainerConfig
-from lorafleet.trainer.errors import (
-    CONFIG_INVALID,
-    EXIT_FAILED,
-    EXIT_OK,
-    INTERRUPTED,
-    TRAINING_FAILED,
-    TrainerError,
-)
-from lorafleet.trainer.progress import PodAnnotator, ProgressReporter
+from lorafleet.contracts.exits import CONFIG_INVALID, EXIT_FAILED, EXIT_OK, INTERRUPTED, TRAINING_FAILED
+from lorafleet.contracts.trainer import TrainerConfig
+from lorafleet.storage.scrub import install_log_filter, scrub
+from lorafleet.trainer.errors import TrainerError
+from lorafleet.trainer.progress import ProgressPublisher, ProgressReporter
 from lorafleet.trainer.status import build_status, write_status
 
 DEFAULT_STATUS_FILE = "/dev/termination-log"
 
 
 def load_config(path: Path) -> TrainerConfig:
+    """The config; fields it does not know (from a newer operator) are ignored, what it uses is validated."""
     try:
         return TrainerConfig.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -59,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # a store error may carry a credential value: no log line does
     ranks_world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     distributed = ranks_world > 1
@@ -80,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop = StopSignal()
         stop.install()
         if local_rank == 0:
-            reporter.annotator = PodAnnotator.from_environment()
+            reporter.publisher = ProgressPublisher.from_environment()
         try:
             result = run(config, reporter=reporter, stop=stop)
         finally:
@@ -92,14 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.event("done", trainLoss=result.metrics.get("trainLoss"), evalLoss=result.metrics.get("evalLoss"))
         return EXIT_OK
     except TrainerError as e:
-        progress = progress or (reporter.last and {k: v for k, v in reporter.last.items() if k != "tokensPerSecond"})
+        progress = progress or (
+            reporter.last and {k: v for k, v in reporter.last.items() if k not in ("tokensPerSecond", "version")}
+        )
         write_status(status_file, build_status(progress=progress, error=(e.reason, e.message)), keep_error=distributed)
         level = "warning" if e.reason == INTERRUPTED else "error"
         ProgressReporter(enabled=True).event("error", level=level, reason=e.reason, message=e.message, rank=rank)
         return e.exit_code
     except Exception as e:
-        traceback.print_exc()
-        message = f"{type(e).__name__}: {e}"
+        print(scrub(traceback.format_exc()), file=sys.stderr, end="")
+        message = scrub(f"{type(e).__name__}: {e}")
         failed = build_status(progress=progress, error=(TRAINING_FAILED, message))
         write_status(status_file, failed, keep_error=distributed)
         ProgressReporter(enabled=True).event("error", level="error", reason=TRAINING_FAILED, message=message, rank=rank)

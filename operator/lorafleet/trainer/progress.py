@@ -1,5 +1,6 @@
-"""Progress: one line per logging step (JSON when not on a terminal, a progress bar on one), and the pod's
-``lorafleet.io/progress`` annotation that the operator shows as status.progress. Free of torch.
+"""Progress: one line per logging step (JSON when not on a terminal, a progress bar on one), and the job's
+progress ConfigMap (lorafleet.contracts.trainer.TrainerProgress under PROGRESS_KEY) that the operator shows as
+status.progress. Free of torch.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-PROGRESS_ANNOTATION = "lorafleet.io/progress"
+from lorafleet.contracts.trainer import PROGRESS_CONFIG_MAP_ENV, PROGRESS_KEY, TrainerProgress
+
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+FIELD_MANAGER = "lorafleet-trainer"
 
 log = logging.getLogger("lorafleet.trainer")
 
@@ -34,9 +37,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-class PodAnnotator:
-    """Best-effort PATCH of this pod's progress annotation from a background thread: only the newest value is
-    sent, a slow or failing API server never slows training, and a refusal (no RBAC, no pod) stops the attempts."""
+def config_map_patch(progress: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch of the progress ConfigMap: its one data key (any other key the patch would keep)."""
+    return {"data": {PROGRESS_KEY: json.dumps(progress, separators=(",", ":"))}}
+
+
+class ProgressPublisher:
+    """Best-effort PATCH of the job's progress ConfigMap from a background thread: only the newest value is sent,
+    a slow or failing API server never slows training, and a refusal (no RBAC, no ConfigMap) stops the attempts."""
 
     def __init__(self, patch: Callable[[dict[str, Any]], None], *, timeout: float = 5.0) -> None:
         self._patch = patch
@@ -47,13 +55,14 @@ class PodAnnotator:
         self._stopped = False
         self.sent = 0
         self.disabled: str | None = None
-        self._thread = threading.Thread(target=self._run, name="progress-annotation", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="progress-publisher", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_environment(cls) -> PodAnnotator | None:
-        """An annotator for POD_NAME in POD_NAMESPACE with the in-cluster service account, when all exist."""
-        name, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+    def from_environment(cls) -> ProgressPublisher | None:
+        """A publisher to the ConfigMap PROGRESS_CONFIG_MAP_ENV names in POD_NAMESPACE with the in-cluster service
+        account, when all exist (the account's Role lets it patch that ConfigMap only)."""
+        name, namespace = os.environ.get(PROGRESS_CONFIG_MAP_ENV), os.environ.get("POD_NAMESPACE")
         in_cluster = os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SERVICE_ACCOUNT_TOKEN)
         if not (name and namespace and in_cluster):
             return None
@@ -63,12 +72,12 @@ class PodAnnotator:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
             core = client.CoreV1Api()
         except Exception as e:  # no kubernetes client, bad service account files
-            log.warning("progress annotation disabled: %s", e)
+            log.warning("progress reports disabled: %s", e)
             return None
 
         def patch(progress: dict[str, Any]) -> None:
-            body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: json.dumps(progress, separators=(",", ":"))}}}
-            core.patch_namespaced_pod(name, namespace, body, _request_timeout=5)
+            body = config_map_patch(progress)
+            core.patch_namespaced_config_map(name, namespace, body, field_manager=FIELD_MANAGER, _request_timeout=5)
 
         return cls(patch)
 
@@ -97,9 +106,9 @@ class PodAnnotator:
                     status = getattr(e, "status", None)
                     if status in (401, 403, 404):
                         self.disabled = f"HTTP {status}"
-                        log.warning("progress annotation disabled: the API server answered %s", status)
+                        log.warning("progress reports disabled: the API server answered %s", status)
                     else:
-                        log.debug("progress annotation not written: %s", e)
+                        log.debug("progress not written: %s", e)
             if self._stopped:
                 return
 
@@ -113,13 +122,13 @@ class ProgressReporter:
         stream: TextIO | None = None,
         *,
         tty: bool | None = None,
-        annotator: PodAnnotator | None = None,
+        publisher: ProgressPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
         enabled: bool = True,
     ) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.annotator = annotator
+        self.publisher = publisher
         self.clock = clock
         self.enabled = enabled
         self._start: float | None = None
@@ -159,7 +168,7 @@ class ProgressReporter:
         tokens_seen: int | None = None,
         grad_norm: float | None = None,
     ) -> dict[str, Any]:
-        """Report one logging step; returns the annotation's content."""
+        """Report one logging step; returns the progress it publishes."""
         now = self.clock()
         if self._start is None:
             self.start(step)
@@ -172,19 +181,18 @@ class ProgressReporter:
         self._last_tokens, self._last_time = tokens_seen, now
         done = step - self._start_step
         eta = (now - self._start) / done * (total_steps - step) if done > 0 and total_steps >= step else None
-        annotation = {
-            "step": step,
-            "totalSteps": total_steps,
-            "epoch": _clean(epoch),
-            "loss": _clean(loss),
-            "tokensPerSecond": _clean(tokens_per_second),
-        }
-        annotation = {k: v for k, v in annotation.items() if v is not None}
-        self.last = annotation
-        if self.annotator is not None:
-            self.annotator.post(annotation)
+        published = TrainerProgress(
+            step=step,
+            total_steps=total_steps,
+            epoch=_clean(epoch),
+            loss=_clean(loss),
+            tokens_per_second=_clean(tokens_per_second),
+        ).wire()
+        self.last = published
+        if self.publisher is not None:
+            self.publisher.post(published)
         if not self.enabled:
-            return annotation
+            return published
         if self.tty:
             width = 24
             filled = int(width * step / total_steps) if total_steps else 0
@@ -204,18 +212,18 @@ class ProgressReporter:
         else:
             self.event(
                 "progress",
-                **annotation,
+                **{k: v for k, v in published.items() if k != "version"},
                 learningRate=learning_rate,
                 gradNorm=grad_norm,
                 tokensSeen=tokens_seen,
                 etaSeconds=round(eta, 1) if eta is not None else None,
             )
-        return annotation
+        return published
 
     def close(self) -> None:
         self._end_bar()
-        if self.annotator is not None:
-            self.annotator.close()
+        if self.publisher is not None:
+            self.publisher.close()
 
     def _end_bar(self) -> None:
         if self._bar_open:

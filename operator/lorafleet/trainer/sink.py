@@ -26,14 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lorafleet import __version__
-from lorafleet.trainer.config import TrainerConfig
-from lorafleet.trainer.errors import (
-    ADAPTER_VERSION_EXISTS,
-    DATASET_NOT_FOUND,
-    STORE_UNAVAILABLE,
-    UPLOAD_FAILED,
-    TrainerError,
-)
+from lorafleet.contracts.exits import ADAPTER_VERSION_EXISTS, DATASET_NOT_FOUND, STORE_UNAVAILABLE, UPLOAD_FAILED
+from lorafleet.contracts.trainer import TrainerConfig
+from lorafleet.trainer.errors import TrainerError
 from lorafleet.uris import parse
 
 MANIFEST = "manifest.json"
@@ -101,13 +96,19 @@ class ArtifactSink(Protocol):
 
 
 def adapter_uri(config: TrainerConfig) -> str:
-    out = config.output
-    return f"{out.uri.rstrip('/')}/adapters/{out.adapter_name}/{out.version}"
+    return config.output.adapter_uri
 
 
 def pvc_path(uri: str) -> Path:
     location = parse(uri)
     return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / location.authority / location.path
+
+
+def dataset_file(path: Path, uri: str, **origin: Any) -> DatasetFile:
+    """A dataset on local disk with its digest: the file's sha256, or for a folder (a saved Hugging Face dataset)
+    the sha256 of its canonical manifest (every file's path, sha256 and size)."""
+    digest = hashlib.sha256(manifest_bytes(folder_manifest(path))).hexdigest() if path.is_dir() else sha256_file(path)
+    return DatasetFile(path, uri, digest, **origin)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -155,9 +156,9 @@ class LocalSink:
 
     def fetch_dataset(self, uri: str, work_dir: Path) -> DatasetFile:
         path = pvc_path(uri) if parse(uri).scheme == "pvc" else self._path(uri)
-        if not path.is_file():
+        if not path.exists():
             raise TrainerError(DATASET_NOT_FOUND, f"dataset {uri} does not exist")
-        return DatasetFile(path, uri, sha256_file(path))
+        return dataset_file(path, uri)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -290,9 +291,9 @@ class S3Sink:
         location = parse(uri)
         if location.scheme == "pvc":
             path = pvc_path(uri)
-            if not path.is_file():
+            if not path.exists():
                 raise TrainerError(DATASET_NOT_FOUND, f"dataset {uri} does not exist (looked at {path})")
-            return DatasetFile(path, uri, sha256_file(path))
+            return dataset_file(path, uri)
         from botocore.exceptions import BotoCoreError, ClientError
 
         from lorafleet.storage import BucketNotFound, ObjectNotFound
@@ -303,7 +304,12 @@ class S3Sink:
         target = work_dir / Path(key).name
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            head = store.client.head_object(Bucket=bucket, Key=key)
+            head = None if key.endswith("/") else _head(store.client, bucket, key)
+            # No such object: a folder (a saved Hugging Face dataset) when objects lie under it.
+            if head is None and _download_folder(store.client, bucket, key.rstrip("/") + "/", target):
+                return dataset_file(target, uri)
+            if head is None:
+                head = store.client.head_object(Bucket=bucket, Key=key)  # raises the store's NotFound
             store.client.download_file(bucket, key, str(target))
         except (ClientError, BotoCoreError, OSError) as e:
             error = e if isinstance(e, OSError) else translate(e, store.settings, bucket, key, "download the dataset")
@@ -438,3 +444,41 @@ def _write_last(path: Path, data: bytes) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# A saved dataset is a handful of files (state.json, dataset_info.json, Arrow shards); more is not one.
+MAX_DATASET_FOLDER_FILES = 10_000
+
+
+def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's metadata, or None when there is no such object."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return dict(client.head_object(Bucket=bucket, Key=key))
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def _download_folder(client: Any, bucket: str, prefix: str, target: Path) -> bool:
+    """Every object under prefix into target (same relative paths); False when there is none."""
+    keys = [
+        obj["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+        if not obj["Key"].endswith("/")
+    ]
+    if len(keys) > MAX_DATASET_FOLDER_FILES:
+        raise TrainerError(
+            DATASET_NOT_FOUND, f"s3://{bucket}/{prefix} holds over {MAX_DATASET_FOLDER_FILES} files: not a dataset"
+        )
+    for key in keys:
+        relative = Path(key[len(prefix) :])
+        if relative.is_absolute() or ".." in relative.parts:
+            continue  # a key that would land outside the folder
+        local = target / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(local))
+    return bool(keys)

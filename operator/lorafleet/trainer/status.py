@@ -1,8 +1,8 @@
-"""The final status: ONE compact JSON object in config.status_file (the pod's termination message).
+"""The final status: ONE compact JSON object in config.status_file (the pod's termination message), the contract
+lorafleet.contracts.trainer.TrainerReport:
 
-The operator (lorafleet.resources.status.finetunejob_status) reads exactly these keys:
-
-    {"progress": {"step", "totalSteps", "epoch", "loss"},
+    {"version": 1,
+     "progress": {"step", "totalSteps", "epoch", "loss"},
      "metrics": {name: number},
      "artifact": {"uri", "digest", "sizeBytes"},      # on success
      "error": {"reason": CamelCase, "message"}}       # on failure
@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-MAX_BYTES = 4096
-MAX_MESSAGE = 1024
+from lorafleet.contracts.base import MAX_MESSAGE, clip
+from lorafleet.contracts.trainer import MAX_REPORT_BYTES as MAX_BYTES
+from lorafleet.contracts.trainer import ReportArtifact, ReportError, ReportProgress, TrainerReport
+from lorafleet.storage.scrub import scrub
 
 
 def _number(value: Any) -> float | int | None:
@@ -42,22 +44,21 @@ def build_status(
     artifact: dict[str, Any] | None = None,
     error: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The status object, with non-finite numbers left out and numbers rounded to 6 significant digits."""
-    status: dict[str, Any] = {}
+    """The report (TrainerReport) as JSON, with non-finite numbers left out and numbers rounded to 6 significant
+    digits."""
+    report = TrainerReport()
     if progress:
         clean = {k: _number(v) for k, v in progress.items()}
-        status["progress"] = {k: _round(v) for k, v in clean.items() if v is not None}
+        report.progress = ReportProgress.model_validate({k: _round(v) for k, v in clean.items() if v is not None})
     if metrics:
         clean = {k: _number(v) for k, v in metrics.items()}
-        status["metrics"] = {k: _round(v) for k, v in sorted(clean.items()) if v is not None}
+        report.metrics = {k: _round(v) for k, v in sorted(clean.items()) if v is not None}
     if artifact:
-        status["artifact"] = {"uri": artifact["uri"], "digest": artifact["digest"], "sizeBytes": artifact["sizeBytes"]}
+        report.artifact = ReportArtifact.model_validate(artifact)
     if error:
         reason, message = error
-        if len(message) > MAX_MESSAGE:
-            message = message[: MAX_MESSAGE - 3] + "..."
-        status["error"] = {"reason": reason, "message": message}
-    return status
+        report.error = ReportError(reason=reason, message=clip(scrub(message), MAX_MESSAGE))
+    return report.wire()
 
 
 def encode(status: dict[str, Any]) -> str:

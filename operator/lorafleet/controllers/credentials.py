@@ -1,0 +1,99 @@
+"""Minted store credentials for a workload (Helm artifactStore.sts): a child Secret of its owner, in the owner's
+namespace, holding keys from STS AssumeRole whose session policy reaches only what the owner's plan granted
+(storage.sts_policy.Grant). The platform's own keys stay in the operator's namespace.
+
+The Secret is read by name (the operator may get Secrets, never list or watch them) and minted again when it is
+missing, when the grant changed, or when less than a third of its lifetime is left; the owner is queued again
+for that moment. A Secret of that name the owner does not control is never overwritten (ChildConflict).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime, timedelta
+
+from lorafleet import k8s
+from lorafleet.api.objects import CustomResource
+from lorafleet.controllers.base import SETTINGS, Obj, log, now
+from lorafleet.resources.common import object_meta
+from lorafleet.resources.conditions import Reason
+from lorafleet.resources.stores import RenderError
+from lorafleet.storage.errors import StoreError
+from lorafleet.storage.scrub import remember
+from lorafleet.storage.settings import StoreSettings
+from lorafleet.storage.sts import mint
+from lorafleet.storage.sts_policy import Grant, session_policy
+
+EXPIRES = "lorafleet.io/credentials-expire-at"
+GRANT = "lorafleet.io/credentials-grant"  # a hash of the session policy: a changed grant mints again
+# Renewed when less than this share of the lifetime is left: the pods that start then still get hours.
+RENEW_SHARE = 1 / 3
+
+
+def grant_hash(grant: Grant) -> str:
+    return hashlib.sha256(json.dumps(session_policy(grant), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _controlled_by(obj: Obj, uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+def _expiry(secret: Obj) -> datetime | None:
+    value = ((secret.get("metadata") or {}).get("annotations") or {}).get(EXPIRES)
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def renew_at(expires: datetime, duration_seconds: int) -> datetime:
+    return expires - timedelta(seconds=duration_seconds * RENEW_SHARE)
+
+
+def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> float:
+    """The owner's credentials Secret exists and is fresh; returns the seconds until it must be renewed.
+    RenderError (ChildConflict, StoreUnavailable) when it cannot be."""
+    existing = k8s.get("v1", "Secret", name, owner.namespace)
+    if existing is not None and not _controlled_by(existing, owner.metadata.uid):
+        raise RenderError(
+            Reason.CHILD_CONFLICT,
+            f'Secret "{name}" exists and is not controlled by {owner.kind} "{owner.name}": the operator writes the '
+            "store credentials it mints there; rename or delete that Secret",
+        )
+    when, wanted = now(), grant_hash(grant)
+    duration = SETTINGS.store_sts_duration_seconds
+    if existing is not None:
+        expires = _expiry(existing)
+        same = ((existing.get("metadata") or {}).get("annotations") or {}).get(GRANT) == wanted
+        if same and expires is not None and renew_at(expires, duration) > when:
+            return (renew_at(expires, duration) - when).total_seconds()
+    try:
+        minted = mint(
+            StoreSettings.from_env(),  # the platform's store and keys (the operator's environment)
+            grant,
+            duration_seconds=duration,
+            namespace=owner.namespace,
+            name=owner.name,
+            role_arn=SETTINGS.store_sts_role_arn,
+        )
+    except StoreError as exc:
+        raise RenderError(Reason.STORE_UNAVAILABLE, f"store credentials for this workload not minted: {exc}") from exc
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in minted.secret_data().items()}
+    remember(*data.values())  # an API error echoing the body must not carry them either
+    meta = object_meta(owner, name, component)
+    meta["annotations"] = {EXPIRES: minted.expiration.isoformat(), GRANT: wanted}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": data}
+    # Forced only over our own Secret: a new one is applied without force (someone else's is never taken over).
+    k8s.apply(secret, field_manager=SETTINGS.field_manager, force=existing is not None)
+    log.info("minted store credentials %s/%s until %s", owner.namespace, name, minted.expiration.isoformat())
+    return max((renew_at(minted.expiration, duration) - when).total_seconds(), 60.0)
+
+
+def remove(owner: CustomResource, name: str) -> None:
+    """Delete the owner's credentials Secret once its workload is done (they expire anyway; this ends them now)."""
+    existing = k8s.get("v1", "Secret", name, owner.namespace)
+    if existing is not None and _controlled_by(existing, owner.metadata.uid):
+        k8s.delete("v1", "Secret", name, owner.namespace)

@@ -1,0 +1,100 @@
+"""Binding `storeRef`s before a reconcile plans: each reference is looked up (in the object's own namespace for
+an ArtifactStore), resolved (resources.store_refs, pure) and replaced by the inline store and location it stands
+for, so the planners, the manifest checks and the pods' settings work unchanged on the bound copy.
+
+A reference that cannot be used leaves the object unbound, with the RenderError its status shows
+(StoreNotAllowed, StoreNotFound, StoreNotConfigured); nothing is read from or sent to that store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet import API_VERSION
+from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject, FineTuneJobObject
+from lorafleet.api.stores import StoreRef
+from lorafleet.controllers.base import SETTINGS
+from lorafleet.controllers.caches import CACHES
+from lorafleet.resources.store_refs import (
+    CLUSTER,
+    ResolvedStore,
+    default_location,
+    require_shared_readable,
+    require_within,
+    resolve,
+)
+from lorafleet.resources.stores import RenderError
+from lorafleet.uris import parse
+
+
+def resolve_ref(ref: StoreRef, namespace: str, field: str) -> ResolvedStore:
+    """Look the store up (live when no cache serves the kind) and resolve it for `namespace`."""
+    found = CACHES.get(API_VERSION, ref.kind, ref.name, "" if ref.kind == CLUSTER else namespace)
+    labels: dict[str, str] = {}
+    if ref.kind == CLUSTER and found is not None:
+        ns = CACHES.get("v1", "Namespace", namespace, "")
+        labels = dict(((ns or {}).get("metadata") or {}).get("labels") or {})
+    return resolve(ref, namespace, found, labels, SETTINGS, field)
+
+
+def _replace(model: Any, **changes: Any) -> Any:
+    return model.model_copy(update=changes)
+
+
+def bind_basemodel(bm: BaseModelObject) -> tuple[BaseModelObject, RenderError | None]:
+    """A source in the default store (neither store nor storeRef) is shared read-only, except other namespaces'
+    roots (resources.store_refs.require_shared_readable)."""
+    source = bm.spec.source
+    if source.store_ref is None:
+        if source.store is None and parse(source.uri).scheme == "s3":
+            try:
+                require_shared_readable(source.uri, bm.namespace, SETTINGS, "spec.source.uri")
+            except RenderError as exc:
+                return bm, exc
+        return bm, None
+    try:
+        resolved = resolve_ref(source.store_ref, bm.namespace, "spec.source")
+        require_within(source.uri, resolved, "spec.source.uri")
+    except RenderError as exc:
+        return bm, exc
+    spec = _replace(bm.spec, source=_replace(source, store=resolved.store, store_ref=None))
+    return _replace(bm, spec=spec), None
+
+
+def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderError | None]:
+    """The output goes to the store's root for this namespace: <root>/adapters/<name>/<version>."""
+    output = ftj.spec.output
+    if output.store_ref is None:
+        return ftj, None
+    try:
+        resolved = resolve_ref(output.store_ref, ftj.namespace, "spec.output")
+    except RenderError as exc:
+        return ftj, exc
+    spec = _replace(ftj.spec, output=_replace(output, store=resolved.store, uri=resolved.root, store_ref=None))
+    return _replace(ftj, spec=spec), None
+
+
+def bind_adapterdeployment(ad: AdapterDeploymentObject) -> tuple[AdapterDeploymentObject, RenderError | None]:
+    """Every adapter's artifact store; the first that cannot be used is the error (the others stay bound). An
+    artifact in the default store (neither store nor storeRef) is served, with the platform's keys, only from this
+    namespace's root, as through storeRef ClusterArtifactStore "default"."""
+    error: RenderError | None = None
+    adapters = []
+    for i, adapter in enumerate(ad.spec.adapters):
+        artifact = adapter.artifact
+        field = f"spec.adapters[{i}].artifact"
+        if artifact is not None and artifact.store_ref is None and artifact.store is None:
+            try:
+                require_within(artifact.uri, default_location(ad.namespace, SETTINGS, field), f"{field}.uri")
+            except RenderError as exc:
+                error = error or exc
+        if artifact is not None and artifact.store_ref is not None:
+            try:
+                resolved = resolve_ref(artifact.store_ref, ad.namespace, field)
+                require_within(artifact.uri, resolved, f"{field}.uri")
+            except RenderError as exc:
+                error = error or exc
+            else:
+                adapter = _replace(adapter, artifact=_replace(artifact, store=resolved.store, store_ref=None))
+        adapters.append(adapter)
+    return _replace(ad, spec=_replace(ad.spec, adapters=adapters)), error

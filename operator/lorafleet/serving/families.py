@@ -1,0 +1,97 @@
+"""Model families: which ones vLLM 0.32 serves with LoRA adapters, read in its code. Pure data; torch-free.
+
+The one place this is written down: the AdapterDeployment refuses a BaseModel whose family vLLM cannot serve with
+LoRA (reason LoRANotSupported, nothing rendered), a FineTuneJob on one says so in its Servable condition (a team
+may train for another server), the sidecar's target-module check (serving.checks) takes its lists from here, and
+docs/serving.md shows it as a table. tests/integration/test_vllm_families.py holds it against vLLM's own registry.
+
+A family is the BaseModel's spec.family, spelled as transformers' `model_type` in the model's config.json. How
+vLLM 0.32 runs each architecture (vllm/model_executor/models/registry.py):
+* its own class implementing SupportsLoRA: Llama, Mistral and Phi-3 (Llama's class), Mixtral, Qwen2, Qwen3, Gemma;
+* the Transformers backend (which implements SupportsLoRA): GPT-NeoX, Phi (1, 1.5, 2);
+* its own class without SupportsLoRA ("does not support LoRA yet" at start-up with --enable-lora): Falcon, GPT-J,
+  GPT-2;
+* not at all: MPT (MptForCausalLM and MPTForCausalLM), removed in vLLM 0.28.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VLLM_VERSION = "0.32"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # BaseModel spec.family (transformers' model_type)
+    architectures: tuple[str, ...]  # config.json "architectures" values of the family
+    vllm_class: str | None  # the vLLM class that serves it (module.Class), None: vLLM has none
+    lora: bool  # vLLM serves LoRA adapters on it
+    why_not: str = ""  # when not, in words
+    # Linear layers vLLM can put a LoRA on (peft's names; vLLM packs q/k/v and gate/up itself); None leaves the
+    # check to vLLM at load time.
+    target_modules: tuple[str, ...] | None = None
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_TRANSFORMERS = "transformers.TransformersForCausalLM"
+_NO_LORA = "vLLM's {} class does not implement LoRA (SupportsLoRA): vLLM serves the base model only"
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", ("LlamaForCausalLM",), "llama.LlamaForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        Family(
+            "mistral", ("MistralForCausalLM",), "mistral.MistralForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)
+        ),
+        Family(
+            "mixtral",
+            ("MixtralForCausalLM",),
+            "mixtral.MixtralForCausalLM",
+            True,
+            target_modules=(*_ATTENTION, "w1", "w2", "w3"),
+        ),
+        Family("qwen2", ("Qwen2ForCausalLM",), "qwen2.Qwen2ForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        Family("qwen3", ("Qwen3ForCausalLM",), "qwen3.Qwen3ForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        Family("gemma", ("GemmaForCausalLM",), "gemma.GemmaForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        # "phi" predates "phi3" here: it still accepts Phi-3's fused names, so a Phi-3 BaseModel labelled phi serves.
+        Family(
+            "phi",
+            ("PhiForCausalLM",),
+            _TRANSFORMERS,
+            True,
+            target_modules=(*_ATTENTION, "qkv_proj", "gate_up_proj", "down_proj", "dense", "fc1", "fc2"),
+        ),
+        Family(
+            "phi3",
+            ("Phi3ForCausalLM",),
+            "phi3.Phi3ForCausalLM",
+            True,
+            target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        ),
+        Family("gpt_neox", ("GPTNeoXForCausalLM",), _TRANSFORMERS, True),
+        Family("falcon", ("FalconForCausalLM",), "falcon.FalconForCausalLM", False, _NO_LORA.format("Falcon")),
+        Family("gptj", ("GPTJForCausalLM",), "gpt_j.GPTJForCausalLM", False, _NO_LORA.format("GPT-J")),
+        Family("gpt2", ("GPT2LMHeadModel",), "gpt2.GPT2LMHeadModel", False, _NO_LORA.format("GPT-2")),
+        Family("mpt", ("MptForCausalLM", "MPTForCausalLM"), None, False, "vLLM removed MPT in 0.28"),
+    )
+}
+
+
+def family(name: str | None) -> Family | None:
+    """The table's entry for a BaseModel family; None for "other" (or unknown): vLLM decides at start-up."""
+    return FAMILIES.get(name or "")
+
+
+def lora_refusal(name: str | None) -> str | None:
+    """Why vLLM cannot serve LoRA adapters on a family (a message naming the architecture), None when it can or
+    the family is not known here."""
+    entry = family(name)
+    if entry is None or entry.lora:
+        return None
+    return (
+        f"base model family {entry.name} ({entry.architectures[0]}): {entry.why_not}, so vLLM {VLLM_VERSION} cannot "
+        "serve LoRA adapters on it; serve adapters of another family (docs/serving.md lists them) or merge the "
+        "adapter into the base weights and serve the merged model without lorafleet"
+    )
