@@ -52,6 +52,9 @@ DataUri = Annotated[
     Field(json_schema_extra={"x-kubernetes-validations": [PVC_PATH_RULE]}),
 ]
 
+DatasetFormat = Literal["chat", "instruction", "completion", "text"]
+DatasetFileFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"]
+
 # Kubernetes' quantity grammar (k8s.io/apimachinery resource.Quantity), without a sign: requests are never negative.
 QUANTITY = (
     r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"

@@ -14,6 +14,8 @@ from lorafleet.api.common import (
     VERSION_NAME,
     ApiModel,
     ConditionList,
+    DatasetFileFormat,
+    DatasetFormat,
     DataUri,
     LocalObjectReference,
     ObjectStore,
@@ -22,8 +24,6 @@ from lorafleet.api.common import (
 )
 from lorafleet.api.stores import StoreRef, check_store_ref, store_ref_rule
 
-DatasetFormat = Literal["chat", "instruction", "completion", "text"]
-DatasetFileFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"]
 ChatRole = Literal["system", "user", "assistant"]
 
 
