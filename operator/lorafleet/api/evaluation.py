@@ -27,6 +27,10 @@ EvaluationMetric = Literal[
 LOWER_IS_BETTER: frozenset[str] = frozenset({"evalLoss", "perplexity"})
 
 
+def _default_metrics() -> list[EvaluationMetric]:
+    return ["exactMatch", "rougeL"]
+
+
 class GenerationSettings(ApiModel):
     """How answers are generated: the same settings for the base model and the adapter."""
 
@@ -103,7 +107,7 @@ class Evaluation(ApiModel):
         "(completion), the last assistant message (chat).",
     )
     metrics: list[EvaluationMetric] = Field(
-        default_factory=lambda: ["exactMatch", "rougeL"],
+        default_factory=_default_metrics,
         min_length=1,
         max_length=8,
         description="Metrics computed for both the base model and the adapter.",
