@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lorafleet import io_metrics
 from lorafleet.api.adapterdeployment import AdapterDeploymentStatus
 from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject, FineTuneJobObject
 from lorafleet.config import OperatorSettings
@@ -143,6 +144,7 @@ def _fetch_state(pod: Obj) -> Obj:
         return {"pod": name, "error": "no pod IP yet"}
     url = f"http://{ip}:{STATE_PORT}{STATE_PATH}"
     deadline = time.monotonic() + POD_STATE_DEADLINE
+    io_metrics.count("pod")
     try:
         with urllib.request.urlopen(url, timeout=POD_STATE_TIMEOUT) as response:
             state = json.loads(_read_bounded(response, deadline))

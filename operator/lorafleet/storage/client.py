@@ -20,6 +20,7 @@ from botocore.exceptions import (
 )
 from botocore.handlers import add_expect_header
 
+from lorafleet.io_metrics import count_botocore_sends
 from lorafleet.storage.errors import (
     AccessDenied,
     BadCredentials,
@@ -85,6 +86,7 @@ def make_client(settings: StoreSettings, *, verified_bodies: bool = False) -> An
     # later desynchronises the response parsing (seen with MinIO under load: "Failed to parse headers", then
     # KeyError 'ETag' in s3transfer). The header only saves a rejected body's bandwidth; send bodies directly.
     client.meta.events.unregister("before-call.s3", add_expect_header)
+    count_botocore_sends(client, "s3")
     return client
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from lorafleet.io_metrics import count_botocore_sends
 from lorafleet.storage.client import translate
 from lorafleet.storage.errors import StoreError
 from lorafleet.storage.scrub import remember
@@ -57,7 +58,9 @@ def _sts_client(settings: StoreSettings) -> Any:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
-    return session.client("sts", endpoint_url=settings.endpoint, verify=settings.verify, config=config)
+    client = session.client("sts", endpoint_url=settings.endpoint, verify=settings.verify, config=config)
+    count_botocore_sends(client, "sts")
+    return client
 
 
 def mint(
