@@ -185,3 +185,22 @@ def test_garbage_collector_deletes_dependents(cluster: ClusterHandle, namespace:
             return True
 
     wait_until(child_gone, timeout=60, what="dependent ConfigMap garbage-collected")
+
+
+def test_a_running_job_pod_deleted_on_a_fake_node_goes_away(cluster: ClusterHandle, namespace: str) -> None:
+    # A Job's pod carries the job controller's tracking finalizer until it is terminal; a fake node has no kubelet
+    # to make a deleted pod terminal, so without the harness's pod-delete stage it stays Terminating for ever
+    # (and namespaces with it).
+    _require_kwok(cluster)
+    cluster.batch.create_namespaced_job(namespace, _job("long", annotations={"lorafleet.io/kwok-duration": "600s"}))
+    pod = wait_until(
+        lambda: next((p for p in _pods(cluster, namespace, "job-name=long") if p.status.phase == "Running"), None),
+        what="Job pod Running",
+    )
+    assert "batch.kubernetes.io/job-tracking" in (pod.metadata.finalizers or [])
+    cluster.core.delete_namespaced_pod(pod.metadata.name, namespace)
+    wait_until(
+        lambda: all(p.metadata.name != pod.metadata.name for p in _pods(cluster, namespace, "job-name=long")),
+        timeout=60,
+        what="the deleted pod to be gone",
+    )

@@ -145,6 +145,10 @@ def stages(upstream_dir: Path) -> list[dict[str, Any]]:
     missing = set(UPSTREAM_STAGES) - set(loaded)
     if missing:
         raise FileNotFoundError(f"kwok stages {sorted(missing)} not found in {upstream_dir}")
+    # kwok's pod-delete only deletes; a Job's pod keeps the job controller's tracking finalizer until the pod is
+    # terminal, which a deleted fake pod never becomes (no kubelet), so it would stay Terminating for ever. Clear the
+    # finalizers as the pod is deleted, as a kubelet's final status would let the job controller do.
+    loaded["pod-delete"]["spec"]["next"]["finalizers"] = {"empty": True}
     return [loaded[n] for n in UPSTREAM_STAGES] + custom_stages()
 
 
