@@ -334,6 +334,7 @@ class Operator:
     source: Path | None = None  # a folder holding the lorafleet package to run instead of the working tree's
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    metrics_port: int = field(default_factory=free_port)
 
     @property
     def writes_status(self) -> bool:
@@ -353,7 +354,7 @@ class Operator:
             env.update(
                 {
                     "LORAFLEET_LOG_FORMAT": "text",
-                    "LORAFLEET_METRICS_PORT": str(free_port()),
+                    "LORAFLEET_METRICS_PORT": str(self.metrics_port),
                     "LORAFLEET_HEALTH_PORT": str(free_port()),
                     "LORAFLEET_NAMESPACES": json.dumps([self.namespace]),
                     "LORAFLEET_STORE_ENDPOINT": "http://127.0.0.1:9",
@@ -391,6 +392,24 @@ class Operator:
 
     def rss(self) -> dict[str, float] | None:
         return rss_mib(self.proc.pid) if self.proc is not None else None
+
+    def external_requests(self) -> dict[str, int]:
+        """lorafleet_external_requests_total by target (s3, sts, pod) from the operator's /metrics; {} for the
+        baseline, which makes none."""
+        if not self.writes_status or not self.alive():
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("lorafleet_external_requests_total{"):
+                labels, _, value = line.rpartition(" ")
+                target = labels.partition('target="')[2].partition('"')[0]
+                counts[target] = counts.get(target, 0) + int(float(value))
+        return counts
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -758,9 +777,11 @@ class Run:
     def steady(self) -> None:
         self.settle()
         counts0, modified0, t0 = self.proxy.counts(), self.timeline.modified, time.monotonic()
+        external0 = self.op.external_requests()
         log(f"{self.name}: steady-state window of {self.s.steady:.0f} s")
         time.sleep(self.s.steady)
         counts1, elapsed = self.proxy.counts(), time.monotonic() - t0
+        external = diff(self.op.external_requests(), external0)
         requests = diff(counts1, counts0)
         verbs = by_verb(requests)
         self.result["steady"] = {
@@ -770,6 +791,9 @@ class Run:
             "by_verb_per_min": per_minute(verbs, elapsed),
             "by_request_per_min": per_minute(requests, elapsed),
             "finetunejob_modifications": self.timeline.modified - modified0,
+            "external_per_min": {t: per_minute(external, elapsed).get(t, 0.0) for t in ("s3", "sts", "pod")}
+            if self.op.writes_status
+            else {"s3": 0.0, "sts": 0.0, "pod": 0.0},
             "rss_mib": self.op.rss(),
             "alive": self.op.alive(),
             "load": load(),
@@ -945,6 +969,7 @@ def markdown(report: Obj) -> str:
         ("steady: API requests/min", ("steady", "requests_per_min"), ""),
         ("steady: writes/min", ("steady", "writes_per_min"), ""),
         *[(f"steady: {v}/min", ("steady", "by_verb_per_min", v), "") for v in VERBS],
+        *[(f"steady: {t} HTTP requests/min", ("steady", "external_per_min", t), "") for t in ("s3", "sts", "pod")],
         ("settle: last FineTuneJob/Job change after burst", ("settle", "last_change_after_burst_s"), " s"),
         ("settle: FineTuneJob changes after burst", ("settle", "finetunejob_modifications_since_burst"), ""),
         ("steady: FineTuneJob changes seen", ("steady", "finetunejob_modifications"), ""),
