@@ -21,8 +21,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
+from lorafleet.api import common as api_common
+from lorafleet.api import evaluation as api_eval
 from lorafleet.api import finetunejob as api_ftj
 from lorafleet.contracts.base import Contract, Lenient
+from lorafleet.contracts.evaluation import EvaluationResult
 from lorafleet.contracts.stores import IGNORE_UNKNOWN, ObjectStore
 
 CONFIG_FILE = "trainer.json"
@@ -51,7 +54,7 @@ class Dataset(api_ftj.Dataset):
         default_factory=FieldMapping, description="JSON field names, where they differ from the defaults."
     )
     # Not dumped while they have their defaults, so rendered configs (and the golden files) stay as they were.
-    file_format: api_ftj.DatasetFileFormat = Field(
+    file_format: api_common.DatasetFileFormat = Field(
         default="auto", description="File format of the dataset.", exclude_if=lambda value: value == "auto"
     )
     roles: dict[str, api_ftj.ChatRole] = Field(
@@ -65,6 +68,26 @@ class LoraSettings(api_ftj.LoraSettings):
 
 class TrainingSettings(api_ftj.TrainingSettings):
     model_config = IGNORE_UNKNOWN
+
+
+class GenerationSettings(api_eval.GenerationSettings):
+    model_config = IGNORE_UNKNOWN
+
+
+class QualityBar(api_eval.QualityBar):
+    model_config = IGNORE_UNKNOWN
+
+
+class Evaluation(api_eval.Evaluation):
+    model_config = IGNORE_UNKNOWN
+
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="Generation settings for both models."
+    )
+    # The lenient item type narrows the CRD's list (pydantic validates it; mypy sees list invariance).
+    require: list[QualityBar] = Field(  # type: ignore[assignment]
+        default_factory=list, max_length=8, description="Bars the adapter must reach (judged by the operator)."
+    )
 
 
 # -- the config ------------------------------------------------------------------------------------------------
@@ -146,6 +169,12 @@ class TrainerConfig(ConfigModel):
     status_file: str = Field(
         default="/dev/termination-log", description="Final status (JSON) for the operator to read."
     )
+    # Not dumped while absent, so rendered configs (and the golden files) stay as they were.
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description="Task evaluation after training (base model vs adapter); None skips it.",
+        exclude_if=lambda value: value is None,
+    )
 
     def render(self) -> dict[str, Any]:
         """The JSON object the operator writes into the ConfigMap."""
@@ -213,6 +242,8 @@ class TrainerReport(Contract):
     metrics: dict[str, float] | None = None
     artifact: Annotated[ReportArtifact | None, Lenient] = None  # on success
     error: Annotated[ReportError | None, Lenient] = None  # on failure
+    tokens_trained: Count = None  # tokens the optimizer saw on all ranks (for usage/chargeback)
+    evaluation: Annotated[EvaluationResult | None, Lenient] = None  # when config.evaluation was set
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -18,7 +18,8 @@ from typing import Any, TextIO, get_args
 
 from pydantic import ValidationError
 
-from lorafleet.api.finetunejob import ChatRole, Dataset, DatasetFileFormat, DatasetFormat
+from lorafleet.api.common import DatasetFileFormat, DatasetFormat
+from lorafleet.api.finetunejob import ChatRole, Dataset
 from lorafleet.trainer import data
 from lorafleet.trainer.errors import TrainerError
 
