@@ -90,6 +90,8 @@ class Manifest(_Model):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     trainer_image: str | None = None
+    # The task evaluation of an adapter (lorafleet.contracts.evaluation.EvaluationResult, key EVALUATION_KEY).
+    evaluation: dict[str, Any] | None = None
     lorafleet_version: str
     created_at: str = Field(description="UTC, RFC 3339, seconds precision.")
 
@@ -114,6 +116,7 @@ class Manifest(_Model):
                 raise ValueError(f"{f.path}: {n} blocks of {self.block_size} bytes, blocks lists {len(f.blocks or [])}")
         _check_finite(self.metrics, "metrics")
         _check_finite(self.hyperparameters, "hyperparameters")
+        _check_finite(self.evaluation, "evaluation")
         return self
 
     def to_json_obj(self) -> dict[str, Any]:

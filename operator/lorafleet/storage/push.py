@@ -71,6 +71,7 @@ class Lineage:
     hyperparameters: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     trainer_image: str | None = None
+    evaluation: dict[str, Any] | None = None
 
     def manifest(self, entries: list[FileEntry], data_prefix: str, block_size: int) -> Manifest:
         return Manifest(
@@ -86,6 +87,7 @@ class Lineage:
             hyperparameters=self.hyperparameters or {},
             metrics=self.metrics or {},
             trainer_image=self.trainer_image,
+            evaluation=self.evaluation,
             lorafleet_version=__version__,
             created_at=now_rfc3339(),
         )

@@ -104,10 +104,11 @@ class ArtifactStore:
         hyperparameters: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         trainer_image: str | None = None,
+        evaluation: dict[str, Any] | None = None,
         on_file: Callable[[str], None] | None = None,
     ) -> PushResult:
         """Upload src as an immutable version. Same content again: no-op; other content: VersionExists."""
-        lineage = Lineage(kind, name, version, base_model, dataset, hyperparameters, metrics, trainer_image)
+        lineage = Lineage(kind, name, version, base_model, dataset, hyperparameters, metrics, trainer_image, evaluation)
         # self._commit is looked up per push: the race tests wrap it to hold writers at the commit point.
         return self._writer.push(Path(src), folder, lineage, commit=self._commit, on_file=on_file)
 

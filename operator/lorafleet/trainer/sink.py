@@ -415,6 +415,7 @@ class S3Sink:
                 hyperparameters=lineage["hyperparameters"],
                 metrics=lineage["metrics"],
                 trainer_image=lineage.get("trainerImage"),
+                evaluation=lineage.get("evaluation"),
             )
         except VersionExists as e:
             raise TrainerError(ADAPTER_VERSION_EXISTS, f"{e}; set a new output.version") from e
