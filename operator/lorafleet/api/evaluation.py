@@ -7,7 +7,7 @@ One set of metric names serves the spec, the trainer's report, the adapter's man
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -35,11 +35,10 @@ class GenerationSettings(ApiModel):
     """How answers are generated: the same settings for the base model and the adapter."""
 
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Most tokens generated per answer.")
-    stop: list[str] = Field(
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list,
         max_length=8,
         description="Strings that end an answer (cut there), in addition to the end-of-sequence token.",
-        json_schema_extra={"items": {"maxLength": 64, "minLength": 1}},
     )
     temperature: float = Field(
         default=0.0, ge=0, le=2, description="Sampling temperature; 0 (the default) decodes greedily: repeatable."
@@ -111,7 +110,8 @@ class Evaluation(ApiModel):
         min_length=1,
         max_length=8,
         description="Metrics computed for both the base model and the adapter.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        # A schema default (the API server fills it in), so the CEL rule on require always sees a list.
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["exactMatch", "rougeL"]},
     )
     answer_pattern: str = Field(
         default=r"-?\d+(?:\.\d+)?",

@@ -22,6 +22,7 @@ from lorafleet.api.common import (
     PodSettings,
     StatusModel,
 )
+from lorafleet.api.evaluation import Evaluation, EvaluationStatus, UsageStatus
 from lorafleet.api.stores import StoreRef, check_store_ref, store_ref_rule
 
 ChatRole = Literal["system", "user", "assistant"]
@@ -232,6 +233,11 @@ class FineTuneJobSpec(ApiModel):
     active_deadline_seconds: int | None = Field(
         default=None, description="Time limit of the training Job in seconds.", ge=1
     )
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description="Task evaluation after training: the base model and the adapter answer the same held-out "
+        "prompts; with require, a missed bar ends the job Failed (BelowQualityBar), the adapter kept.",
+    )
 
 
 FineTuneJobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -264,6 +270,10 @@ class FineTuneJobStatus(StatusModel):
     progress: TrainingProgress | None = Field(default=None, description="Training progress.")
     artifact: ArtifactStatus | None = Field(default=None, description="The stored adapter.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Final training metrics.")
+    evaluation: EvaluationStatus | None = Field(
+        default=None, description="The task evaluation, from the adapter's verified manifest."
+    )
+    usage: UsageStatus | None = Field(default=None, description="What the fine-tune used, for chargeback.")
     observed_generation: int | None = Field(
         default=None, description="metadata.generation this status was computed from."
     )
