@@ -1,6 +1,6 @@
-"""The evaluation's contract: what the trainer measured (in its report and in the adapter's manifest, under
-`EVALUATION_KEY`), and the one judgement of it against quality bars that the FineTuneJob and the AdapterDeployment
-both use.
+"""The evaluation's contract: what the trainer measured (in its report and in the adapter's manifest, the top-level
+field `EVALUATION_KEY` of lorafleet.storage.manifest.Manifest: read it with `from_manifest`), and the one judgement
+of it against quality bars that the FineTuneJob and the AdapterDeployment both use.
 
 The numbers come from the training pod, which may run a tenant's own image: they are read leniently (a bad number
 reads as absent) and judged here by the operator, never taken from a "passed" flag the pod sets. A bar guards
@@ -19,7 +19,7 @@ from lorafleet.api.evaluation import LOWER_IS_BETTER, MetricResult, QualityBar
 from lorafleet.contracts.base import Contract, Lenient
 
 EVALUATION_VERSION = 1
-# Where the result sits in an adapter manifest's lineage (manifest.lineage[EVALUATION_KEY]).
+# The adapter manifest's top-level field holding the result (Manifest.evaluation).
 EVALUATION_KEY = "evaluation"
 PREDICTIONS_FILE = "evaluation/predictions.jsonl"
 MAX_METRICS = 16
@@ -61,6 +61,14 @@ class EvaluationResult(Contract):
 def parse_result(value: object) -> EvaluationResult | None:
     """The evaluation in a report or manifest lineage, or None when there is none (or it is not an object)."""
     return EvaluationResult.model_validate(value) if isinstance(value, Mapping) else None
+
+
+def from_manifest(manifest: object) -> EvaluationResult | None:
+    """The evaluation recorded in an adapter manifest (a lorafleet.storage.manifest.Manifest or its JSON object),
+    or None when it has none."""
+    if isinstance(manifest, Mapping):
+        return parse_result(manifest.get(EVALUATION_KEY))
+    return parse_result(getattr(manifest, EVALUATION_KEY, None))
 
 
 def metric_results(result: EvaluationResult, order: Iterable[str] = ()) -> list[MetricResult]:
