@@ -51,6 +51,12 @@ class Reason:
     TRAINER_ERROR = "TrainerError"
     ARTIFACT_REJECTED = "ArtifactRejected"  # the trainer's report named a version that is not this job's
     ADAPTER_IN_USE = "AdapterInUse"  # deletion waits for AdapterDeployments that reference the adapter
+    # The Job completed; the operator reads the adapter's manifest before judging spec.evaluation.require.
+    VERIFYING_ADAPTER = "VerifyingAdapter"
+    # Quality bars (FineTuneJob spec.evaluation.require, AdapterDeployment requireEvaluation): a bar missed, or
+    # no evaluation in the adapter's manifest to judge.
+    BELOW_QUALITY_BAR = "BelowQualityBar"
+    NOT_EVALUATED = "NotEvaluated"
     # AdapterDeployment
     FINE_TUNE_JOB_NOT_FOUND = "FineTuneJobNotFound"
     FINE_TUNE_JOB_NOT_SUCCEEDED = "FineTuneJobNotSucceeded"
