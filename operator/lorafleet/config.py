@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lorafleet import __version__
+
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Node labels that name a GPU type, looked up in a FineTuneJob's resources.nodeSelector in this order.
+GPU_TYPE_LABELS = ("nvidia.com/gpu.product", "cloud.google.com/gke-accelerator", "node.kubernetes.io/instance-type")
+
+
+class Pricing(BaseModel):
+    """Prices for status.usage.estimatedCost (LORAFLEET_PRICING, JSON): per GPU-hour by GPU type, per CPU-hour."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    currency: str = Field(default="USD", pattern=r"^[A-Za-z]{1,8}$", description="Written after the amount.")
+    gpu_hour: dict[str, Price] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="Price of one GPU for an hour by GPU type (the value of a label of GPU_TYPE_LABELS in the "
+        "FineTuneJob's resources.nodeSelector); the key 'default' prices any other type.",
+    )
+    cpu_hour: Price | None = Field(default=None, description="Price of one CPU for an hour (CPU jobs).")
+    gpu_type_labels: tuple[str, ...] = Field(
+        default=GPU_TYPE_LABELS, description="Node labels naming the GPU type, the first one found counts."
+    )
+
+    def gpu_price(self, node_selector: dict[str, str]) -> float | None:
+        """The GPU-hour price of the type the node selector asks for, else the default price, else None."""
+        gpu_type = next((node_selector[k] for k in self.gpu_type_labels if k in node_selector), None)
+        if gpu_type is not None and gpu_type in self.gpu_hour:
+            return self.gpu_hour[gpu_type]
+        return self.gpu_hour.get("default")
 
 
 class OperatorSettings(BaseSettings):
@@ -105,6 +137,11 @@ class OperatorSettings(BaseSettings):
         description="Seconds lorafleet's finalizer keeps trying to delete a FineTuneJob's adapter (deletionPolicy: "
         "Delete) while AdapterDeployments reference it or the store fails; then it gives up with a Warning Event "
         "and leaves the adapter in the store, so no deletion (nor namespace) hangs.",
+    )
+    pricing: Pricing | None = Field(
+        default=None,
+        description='Prices for FineTuneJobs\' status.usage.estimatedCost, as JSON: {"currency": "USD", "gpuHour": '
+        '{"nvidia-h100": 2.5, "default": 2.0}, "cpuHour": 0.05}; unset, no cost is estimated.',
     )
     metrics_port: int = Field(default=8080, description="Port of /metrics.")
     health_port: int = Field(default=8081, description="Port of the liveness endpoint /healthz.")

@@ -9,6 +9,7 @@ from lorafleet import API_VERSION, k8s
 from lorafleet.api.finetunejob import FineTuneJobStatus
 from lorafleet.api.objects import BaseModelObject, FineTuneJobObject, parse
 from lorafleet.config import OperatorSettings
+from lorafleet.contracts.evaluation import parse_result
 from lorafleet.contracts.trainer import (
     PROGRESS_KEY,
     ReportArtifact,
@@ -36,8 +37,9 @@ from lorafleet.controllers.store_refs import bind_basemodel, bind_finetunejob
 from lorafleet.resources import adapter_guard as guard
 from lorafleet.resources import finetunejob as builders
 from lorafleet.resources.children import conflict_message
+from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status import FineTuneJobObserved, finetunejob_status, status_dict
-from lorafleet.resources.status.finetunejob import TERMINAL, deletion_blocked
+from lorafleet.resources.status.finetunejob import TERMINAL, deletion_blocked, gated, job_completed
 from lorafleet.resources.stores import RenderError
 
 KIND = "FineTuneJob"
@@ -73,32 +75,44 @@ def trainer_report(pods: list[Obj], progress_config_map: Obj | None = None) -> T
 
 
 def verified_report(
-    ftj: FineTuneJobObject, report: TrainerReport | None
+    ftj: FineTuneJobObject, report: TrainerReport | None, look_in_store: bool = False
 ) -> tuple[TrainerReport | None, guard.Problem | None]:
     """The trainer's report with its artifact replaced by what the store's manifest says, or dropped: until the
     manifest can be read (the status then says the artifact is not recorded yet), and for good when the report
     names another version folder than the spec's, or the manifest's lineage another FineTuneJob (the report is
-    untrusted input: adapter_guard). The second value says why an artifact was refused."""
-    claimed = report.artifact if report is not None else None
-    if report is None or claimed is None or (ftj.status is not None and ftj.status.artifact is not None):
+    untrusted input: adapter_guard). A verified report's evaluation is the manifest's (none if it has none): that
+    is what the quality bars are judged on. `look_in_store`: when the report names no artifact (or there is no
+    report), read the spec's version folder anyway; a job whose outcome waits on quality bars must not wait for
+    a report that never comes. The second value says why an artifact was refused."""
+    if ftj.status is not None and ftj.status.artifact is not None:
         return report, None
-    dropped = report.model_copy(update={"artifact": None})
+    claimed = report.artifact if report is not None else None
+    if claimed is None and not look_in_store:
+        return report, None
+    dropped = (report or TrainerReport()).model_copy(update={"artifact": None})
     try:
         expected = builders.output_target(ftj, SETTINGS).adapter_uri
     except RenderError as exc:
         return dropped, (guard.ARTIFACT_REJECTED, f"no version folder to record: {exc.message}")
-    problem = guard.uri_problem(claimed.uri, expected)
+    problem = guard.uri_problem(claimed.uri, expected) if claimed is not None else None
     if problem is None:
-        check = artifacts.MANIFESTS.get(ftj.spec.output.store, ftj.namespace, expected, claimed.digest)
+        # A job judged on its manifest reads the folder unpinned: the store's manifest (its lineage naming this
+        # job) is the truth, whatever digest the report claims.
+        digest = claimed.digest if claimed is not None and not look_in_store else None
+        check = artifacts.MANIFESTS.get(ftj.spec.output.store, ftj.namespace, expected, digest)
         if check.problem is not None:
             log.warning("adapter %s of %s not verified: %s", expected, ftj.name, check.problem[1])
+            if claimed is None and check.problem[0] == Reason.MANIFEST_NOT_FOUND:
+                # The Job completed (the only time the store is looked in) and published nothing there.
+                return dropped, (Reason.MANIFEST_NOT_FOUND, f"the training Job completed, but {check.problem[1]}")
             return dropped, None
         if check.digest is None or check.size_bytes is None:
             return dropped, None
         problem = guard.lineage_problem(expected, ftj.metadata.uid, check.job_uid)
         if problem is None:
             verified = ReportArtifact(uri=expected, digest=check.digest, size_bytes=check.size_bytes)
-            return report.model_copy(update={"artifact": verified}), None
+            evaluation = parse_result(check.evaluation)
+            return dropped.model_copy(update={"artifact": verified, "evaluation": evaluation}), None
     log.warning("adapter reported for %s/%s refused: %s", ftj.namespace, ftj.name, problem[1])
     return dropped, problem
 
@@ -132,13 +146,15 @@ def reconcile(ftj: FineTuneJobObject) -> FineTuneJobStatus:
     job = children.get("batch/v1", "Job", names.job)
     pods = CACHES.select("v1", "Pod", namespace, {"job-name": names.job}) if job else []
     progress = children.get("v1", "ConfigMap", names.progress)
-    report, artifact_problem = verified_report(ftj, trainer_report(pods, progress))
+    look_in_store = gated(ftj) and job_completed(job)
+    report, artifact_problem = verified_report(ftj, trainer_report(pods, progress), look_in_store)
     observed = FineTuneJobObserved(
         base_model=base,
         job=job,
         report=report,
         render_error=error,
         artifact_problem=artifact_problem,
+        pricing=SETTINGS.pricing,
         conflict=conflict_message(children.conflicts, KIND) if children.conflicts else None,
     )
     return finetunejob_status(ftj, observed, now())

@@ -26,6 +26,7 @@ from lorafleet.contracts.trainer import (
     TrainerConfig,
     TrainingSettings,
 )
+from lorafleet.contracts.trainer import Evaluation as TrainerEvaluation
 from lorafleet.resources.common import (
     DNS_LABEL_MAX,
     Obj,
@@ -138,7 +139,7 @@ def workload_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: Operat
     namespace = ftj.namespace
     output = resolve_store_uri(ftj.spec.output.uri, settings, "spec.output.uri", namespace)
     require_within(output, default_location(namespace, settings, "spec.output"), "spec.output.uri")
-    inputs = {"spec.dataset.uri": ftj.spec.dataset.uri, "spec.dataset.evalUri": ftj.spec.dataset.eval_uri}
+    inputs = _dataset_inputs(ftj.spec)
     if platform_store(base.source.store, settings):
         inputs = {"BaseModel spec.source.uri": base.source.uri, **inputs}
     read_only = []
@@ -173,7 +174,7 @@ def trainer_config(
         if base_store is not None and platform_store(base.source.store, settings):
             base_store = _minted(lenient_copy(ObjectStore, base_store), secret)
     if spec.output.store is None:  # the trainer reads s3:// datasets with the output store's keys
-        for field, uri in (("spec.dataset.uri", spec.dataset.uri), ("spec.dataset.evalUri", spec.dataset.eval_uri)):
+        for field, uri in _dataset_inputs(spec).items():
             if uri and parse(uri).scheme == "s3":
                 require_shared_readable(uri, meta.namespace, settings, field)
     nodes, gpus = spec.resources.nodes, spec.resources.gpus_per_node
@@ -202,7 +203,17 @@ def trainer_config(
         ),
         image=spec.image or (settings.trainer_image if gpus else settings.trainer_cpu_image),
         work_dir=WORK_DIR,
+        evaluation=lenient_copy(TrainerEvaluation, spec.evaluation) if spec.evaluation is not None else None,
     )
+
+
+def _dataset_inputs(spec: FineTuneJobSpec) -> dict[str, str | None]:
+    """Every data file the trainer reads, by the field that names it."""
+    return {
+        "spec.dataset.uri": spec.dataset.uri,
+        "spec.dataset.evalUri": spec.dataset.eval_uri,
+        "spec.evaluation.uri": spec.evaluation.uri if spec.evaluation is not None else None,
+    }
 
 
 def build_config_map(ftj: FineTuneJobObject, config: TrainerConfig) -> Obj:
@@ -260,7 +271,7 @@ def _model_fetch(
 
 
 def _dataset_claims(spec: FineTuneJobSpec) -> list[str]:
-    uris = [spec.dataset.uri, spec.dataset.eval_uri]
+    uris = list(_dataset_inputs(spec).values())
     return list(dict.fromkeys(parse(u).authority for u in uris if u and u.startswith("pvc://")))
 
 

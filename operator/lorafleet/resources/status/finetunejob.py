@@ -7,15 +7,20 @@ from datetime import datetime
 from typing import Any
 
 from lorafleet.api.common import Condition
+from lorafleet.api.evaluation import Evaluation, EvaluationStatus
 from lorafleet.api.finetunejob import ArtifactStatus, FineTuneJobPhase, FineTuneJobStatus, TrainingProgress
 from lorafleet.api.objects import BaseModelObject, FineTuneJobObject
+from lorafleet.config import Pricing
 from lorafleet.contracts.base import clip, is_reason
+from lorafleet.contracts.evaluation import EvaluationResult, metric_results, missed_bars, score_line
 from lorafleet.contracts.trainer import TrainerReport
 from lorafleet.resources.adapter_guard import DELETION_BLOCKED
 from lorafleet.resources.conditions import ConditionType, Reason, rfc3339
 from lorafleet.resources.status.common import Cond, Obj, base_model_problem, dig, merge_conditions, ready_triplet
 from lorafleet.resources.stores import RenderError
+from lorafleet.resources.usage import usage_status
 from lorafleet.serving.families import lora_refusal
+from lorafleet.storage.manifest import check_relative_path
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -29,8 +34,86 @@ class FineTuneJobObserved:
     report: TrainerReport | None = None  # the trainer's final report or live progress, artifact verified
     render_error: RenderError | None = None  # why the children could not be rendered; matters while no Job exists
     conflict: str | None = None  # children's names held by objects it does not control: nothing was applied
-    # Why the reported artifact was refused (adapter_guard): (reason, message); Degraded says it once Succeeded.
+    # Why the reported artifact was refused (adapter_guard): (reason, message); Degraded says it once Succeeded,
+    # and a job with quality bars (spec.evaluation.require) ends Failed with it: there is nothing to judge.
     artifact_problem: tuple[str, str] | None = None
+    pricing: Pricing | None = None  # the operator's prices, for status.usage.estimatedCost
+
+
+def job_completed(job: Obj | None) -> bool:
+    """Whether the training Job succeeded (Complete, or SuccessCriteriaMet while its last pods terminate)."""
+    return job is not None and _job_condition(job, "Complete", "SuccessCriteriaMet") is not None
+
+
+def gated(ftj: FineTuneJobObject) -> bool:
+    """Whether the job's outcome waits on quality bars (spec.evaluation.require)."""
+    return ftj.spec.evaluation is not None and bool(ftj.spec.evaluation.require)
+
+
+def evaluation_status(
+    spec: Evaluation | None, result: EvaluationResult | None, artifact_uri: str | None
+) -> EvaluationStatus | None:
+    """status.evaluation: the metrics in the spec's order, the score column, and the operator's own judgement
+    of the bars (missed_bars; a pass flag from the pod is never read). None without a result."""
+    if result is None:
+        return None
+    rows = metric_results(result, spec.metrics if spec is not None else ())
+    missed = missed_bars(result, spec.require if spec is not None else ())
+    return EvaluationStatus(
+        metrics=rows,
+        score=score_line(rows),
+        passed=not missed,
+        message=clip("; ".join(missed)) if missed else None,
+        predictions_uri=_predictions_uri(artifact_uri, result.predictions_file),
+    )
+
+
+def _predictions_uri(artifact_uri: str | None, path: str | None) -> str | None:
+    """The predictions file inside the recorded version folder; a path that would leave it is not shown."""
+    if artifact_uri is None or not path or len(path) > 256:
+        return None
+    try:
+        check_relative_path(path)
+    except ValueError:
+        return None
+    return f"{artifact_uri.rstrip('/')}/{path}"
+
+
+def _quality_outcome(
+    ftj: FineTuneJobObject, observed: FineTuneJobObserved, artifact: ArtifactStatus | None, job_name: str | None
+) -> tuple[FineTuneJobPhase, str, str]:
+    """The outcome of a completed Job whose spec requires quality bars, judged on the evaluation in the adapter's
+    verified manifest (observed.report's, once its artifact is verified): Succeeded, Failed BelowQualityBar or
+    NotEvaluated (the adapter is kept and recorded), Failed with the artifact problem, or Running while the
+    manifest is read."""
+    spec = ftj.spec.evaluation
+    assert spec is not None
+    if artifact is None:
+        if observed.artifact_problem is not None:
+            reason, message = observed.artifact_problem
+            return "Failed", reason, f"{message}; the quality bars (spec.evaluation.require) cannot be judged"
+        return (
+            "Running",
+            Reason.VERIFYING_ADAPTER,
+            f'training Job "{job_name}" succeeded; reading the adapter\'s manifest to judge spec.evaluation.require',
+        )
+    result = observed.report.evaluation if observed.report is not None else None
+    if result is None:
+        return (
+            "Failed",
+            Reason.NOT_EVALUATED,
+            f"the adapter's manifest at {artifact.uri} holds no evaluation, so spec.evaluation.require cannot be "
+            "judged (a trainer image without evaluation? see spec.image); the adapter is kept",
+        )
+    missed = missed_bars(result, spec.require)
+    if missed:
+        return (
+            "Failed",
+            Reason.BELOW_QUALITY_BAR,
+            clip(f"the adapter misses spec.evaluation.require: {'; '.join(missed)}; it is kept at {artifact.uri}"),
+        )
+    message = f'training Job "{job_name}" succeeded and the adapter reached every quality bar; stored at {artifact.uri}'
+    return "Succeeded", Reason.SUCCEEDED, message
 
 
 def _time(value: Any) -> str | None:
@@ -124,6 +207,9 @@ def finetunejob_status(ftj: FineTuneJobObject, observed: FineTuneJobObserved, no
     old_ready = next((c for c in old.conditions if c.type == ConditionType.READY), None)
     old_message = old_ready.message if old_ready is not None else ""
 
+    evaluation = old.evaluation
+    usage = old.usage
+
     phase: FineTuneJobPhase
     if old.phase in TERMINAL:
         phase = old.phase
@@ -150,7 +236,10 @@ def finetunejob_status(ftj: FineTuneJobObject, observed: FineTuneJobObserved, no
             message = f'training Job "{job_name}" succeeded'
             if artifact:
                 message += f"; adapter stored at {artifact.uri}"
+            if gated(ftj):
+                phase, reason, message = _quality_outcome(ftj, observed, artifact, job_name)
         elif failed is not None:
+            artifact = None  # a failed Job's report names no adapter the operator records
             phase = "Failed"
             completion_time = _time(failed.get("lastTransitionTime")) or rfc3339(now)
             # The trainer knows why (e.g. DatasetInvalid); the Job only says it gave up retrying.
@@ -178,9 +267,22 @@ def finetunejob_status(ftj: FineTuneJobObject, observed: FineTuneJobObserved, no
         else:
             reason, message = Reason.JOB_CREATING, "creating the training Job"
 
+    if phase in TERMINAL:
+        # Judged once, on the pass that ends the job or records its artifact (the report's evaluation is then the
+        # verified manifest's: controllers.finetunejob.verified_report); without an artifact, the report's own,
+        # except where bars decide the outcome.
+        ends_now = old.phase not in TERMINAL or (artifact is not None and old.artifact is None)
+        if ends_now or (artifact is None and evaluation is None):
+            evaluation = _evaluation(ftj, report, artifact)
+        tokens = report.tokens_trained if report is not None else None
+        if usage is None or (usage.tokens_trained is None and tokens is not None):  # a report read late
+            usage = usage_status(ftj.spec.resources, start_time, completion_time, tokens, observed.pricing)
+
     ready = Cond("True" if phase == "Succeeded" else "False", reason, message)
     progressing = Cond(
-        "True" if reason in (Reason.JOB_CREATING, Reason.JOB_SUSPENDED, Reason.JOB_RUNNING) else "False",
+        "True"
+        if reason in (Reason.JOB_CREATING, Reason.JOB_SUSPENDED, Reason.JOB_RUNNING, Reason.VERIFYING_ADAPTER)
+        else "False",
         reason,
         message,
     )
@@ -206,11 +308,22 @@ def finetunejob_status(ftj: FineTuneJobObject, observed: FineTuneJobObserved, no
         start_time=start_time,
         completion_time=completion_time if phase in TERMINAL else None,
         progress=progress,
-        artifact=artifact if phase == "Succeeded" else None,
+        # Failed with a recorded artifact: a quality bar missed (the adapter is kept, for a person to look at).
+        artifact=artifact if phase in TERMINAL else None,
         metrics=metrics,
+        evaluation=evaluation if phase in TERMINAL else None,
+        usage=usage if phase in TERMINAL else None,
         observed_generation=ftj.generation,
         conditions=_lora_servable(conditions, observed.base_model, ftj.generation, now),
     )
+
+
+def _evaluation(
+    ftj: FineTuneJobObject, report: TrainerReport | None, artifact: ArtifactStatus | None
+) -> EvaluationStatus | None:
+    if report is None or (artifact is None and gated(ftj)):
+        return None
+    return evaluation_status(ftj.spec.evaluation, report.evaluation, artifact.uri if artifact is not None else None)
 
 
 def _lora_servable(
