@@ -148,6 +148,7 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
         revision=manifest.version,
         rank=rank if isinstance(rank, int) else None,
         job_uid=lineage_uid(manifest.hyperparameters),
+        evaluation=manifest.evaluation,
     )
 
 

@@ -36,6 +36,8 @@ class ArtifactCheck:
     revision: str | None = None
     rank: int | None = None  # an adapter's LoRA rank, from the lineage the trainer wrote
     job_uid: str | None = None  # the FineTuneJob UID its lineage names (hyperparameters.job.uid)
+    # An adapter's task evaluation as its manifest stores it (lorafleet.contracts.evaluation.parse_result reads it).
+    evaluation: Mapping[str, Any] | None = None
     # (reason, message) when the version could not be verified; transient unless reason is DigestMismatch.
     problem: tuple[str, str] | None = None
 
