@@ -277,7 +277,13 @@ FULL_VALUES: dict[str, Any] = {
         "egressCIDRs": ["10.20.0.0/16", "192.168.1.10/32"],
         "dns": {"namespace": "dns", "podLabels": {"app": "coredns"}},
     },
-    "operator": {"resyncMinutes": 12.5, "logFormat": "text", "metricsPort": 9090, "healthPort": 9091},
+    "operator": {
+        "resyncMinutes": 12.5,
+        "logFormat": "text",
+        "metricsPort": 9090,
+        "healthPort": 9091,
+        "pricing": {"currency": "EUR", "gpuHour": {"nvidia-h100": 2.5, "default": 2.0}, "cpuHour": 0.05},
+    },
     "replicas": 3,
     "leaderElection": {
         "enabled": True,
@@ -309,6 +315,8 @@ def test_rendered_settings_parse_into_the_operators_settings(env: pytest.MonkeyP
     assert ops.egress_cidrs == ["10.20.0.0/16", "192.168.1.10/32"]
     assert (ops.dns_namespace, ops.dns_pod_labels) == ("dns", {"app": "coredns"})
     assert ops.resync_minutes == 12.5
+    assert ops.pricing is not None and ops.pricing.currency == "EUR" and ops.pricing.cpu_hour == 0.05
+    assert ops.pricing.gpu_hour == {"nvidia-h100": 2.5, "default": 2.0}
     assert ops.log_format == "text"
     assert (ops.metrics_port, ops.health_port) == (9090, 9091)
     assert ops.leader_election is True

@@ -124,6 +124,17 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("ftj-cpu-negative", _set(FTJ, "spec.resources.cpu", -1), "spec.resources.cpu"),
     ("ftj-memory-object", _set(FTJ, "spec.resources.memory", {"gi": 64}), "spec.resources.memory"),
     ("ad-memory-lots", _set(AD, "spec.resources.memory", "64 gigs"), "spec.resources.memory"),
+    # Task evaluation (issue 17): a bar needs a minimum, names a measured metric; bounded example counts.
+    ("ftj-eval-bar-without-minimum", _set(FTJ, "spec.evaluation", {"require": [{"metric": "rougeL"}]}), "minScore"),
+    (
+        "ftj-eval-require-unmeasured",
+        _set(FTJ, "spec.evaluation", {"metrics": ["exactMatch"], "require": [{"metric": "rougeL", "minScore": 0.5}]}),
+        "evaluation.metrics",
+    ),
+    ("ftj-eval-no-examples", _set(FTJ, "spec.evaluation", {"maxExamples": 0}), "spec.evaluation.maxExamples"),
+    ("ftj-eval-many-examples", _set(FTJ, "spec.evaluation", {"maxExamples": 5001}), "spec.evaluation.maxExamples"),
+    ("ftj-eval-unknown-metric", _set(FTJ, "spec.evaluation", {"metrics": ["bleu"]}), "spec.evaluation.metrics[0]"),
+    ("ftj-eval-no-metrics", _set(FTJ, "spec.evaluation", {"metrics": []}), "spec.evaluation.metrics"),
 ]
 
 
@@ -178,6 +189,13 @@ def test_pvc_paths_inside_the_claim_and_quantities_are_accepted(
     assert custom.create(ftj)["spec"]["resources"]["memory"] == "1.5Gi"
     bm = _set(_set(BM, "metadata.name", "on-a-claim"), "spec.source.uri", "pvc://models/llama/")
     custom.create(bm)
+
+
+def test_quality_bar_on_a_default_metric_is_accepted(cluster: ClusterHandle, crds: None, namespace: str) -> None:
+    """evaluation.metrics left out defaults to [exactMatch, rougeL] on the server, so a bar on rougeL is valid."""
+    ftj = _set(FTJ, "spec.evaluation", {"require": [{"metric": "rougeL", "minImprovement": 0}]})
+    created = Custom(cluster, namespace).create(ftj)
+    assert created["spec"]["evaluation"]["metrics"] == ["exactMatch", "rougeL"]
 
 
 def test_finetunejob_spec_is_immutable(cluster: ClusterHandle, crds: None, namespace: str) -> None:
