@@ -1,12 +1,25 @@
 """The gateway's route table for version switches (lorafleet.serving.routes): a request is routed to one engine
 name and answered under the public one, whatever the chunking of the response; an old version is unloadable only
-once every request routed before the switch has ended; with no alias in use, bodies pass unparsed."""
+once every request routed before the switch has ended; a body whose model needs no renaming passes unchanged."""
 
 from __future__ import annotations
 
 import json
 
-from lorafleet.serving.routes import Routes, StreamRewriter, public_name, version_alias
+from lorafleet.serving.guard import parse_body
+from lorafleet.serving.routes import Routes, StreamRewriter, Version, public_name, version_alias
+
+
+def _routes(*names: str) -> Routes:
+    routes = Routes()
+    routes.set_served({n: [Version(n, "v1")] for n in names}, "base")
+    return routes
+
+
+def _rewrite(routes: Routes, body: bytes) -> tuple[bytes | None, StreamRewriter | None]:
+    """What the gateway does: parse, pick the target of the model, rewrite."""
+    data, model = parse_body(body)
+    return routes.rewrite_request(body, data, routes.target(model) if model is not None else None)
 
 
 def test_alias_names() -> None:
@@ -15,18 +28,19 @@ def test_alias_names() -> None:
 
 
 def test_no_alias_leaves_bodies_untouched() -> None:
-    routes = Routes()
+    routes = _routes("chat", "other")
     body = b'{"model": "chat",  "prompt": "x"}'
-    assert routes.rewrite_request(body) == (body, None)
+    assert _rewrite(routes, body) == (body, None)
     routes.route("other", "other@123")
-    assert routes.rewrite_request(body) == (body, None)  # chat has no alias
-    assert routes.rewrite_request(b"not json") == (b"not json", None)
+    assert _rewrite(routes, body) == (body, None)  # chat has no alias
+    assert _rewrite(routes, b"not json") == (b"not json", None)
+    assert _rewrite(routes, b'{"model": "base"}') == (b'{"model": "base"}', None)
 
 
 def test_request_and_response_renamed() -> None:
-    routes = Routes()
+    routes = _routes("chat")
     routes.route("chat", "chat@0123456789ab")
-    body, rewriter = routes.rewrite_request(b'{"model": "chat", "prompt": "hi"}')
+    body, rewriter = _rewrite(routes, b'{"model": "chat", "prompt": "hi"}')
     assert body is not None and json.loads(body) == {"model": "chat@0123456789ab", "prompt": "hi"}
     assert rewriter is not None
     stream = b'data: {"id":"1","model":"chat@0123456789ab","choices":[]}\n\ndata: {"model":"chat@0123456789ab"}\n\n'
@@ -67,11 +81,11 @@ def test_old_version_drains_before_it_may_be_unloaded() -> None:
 
 
 def test_switch_back_to_the_plain_name() -> None:
-    routes = Routes()
+    routes = _routes("chat")
     routes.route("chat", "chat@0123456789ab")
     routes.route("chat", "chat")
     assert routes.engine_name("chat") == "chat"
-    assert routes.rewrite_request(b'{"model": "chat"}') == (b'{"model": "chat"}', None)
+    assert _rewrite(routes, b'{"model": "chat"}') == (b'{"model": "chat"}', None)
     assert routes.drained("chat@0123456789ab")
     routes.forget("chat")
     assert routes.engine_name("chat") == "chat"

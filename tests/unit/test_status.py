@@ -448,10 +448,10 @@ def test_resolve_adapters(spec: Obj, jobs: dict[str, Obj | None], resolved: Reso
     got, waiting = resolve_adapters(adapter_deployment_obj(ad(spec)), fine_tune_jobs(jobs))
     assert got == ([resolved] if resolved else [])
     if entry is None:
-        assert waiting == []
+        assert waiting == {}
     else:
-        (w,) = waiting
-        assert (w.name, w.state, w.reason, w.loaded_replicas) == ("a", entry[0], entry[1], 0)
+        ((name, w),) = waiting.items()
+        assert (name, w.state, w.reason, w.loaded_replicas) == ("a", entry[0], entry[1], 0)
         assert entry[2] in (w.message or "")
 
 

@@ -21,6 +21,7 @@ from lorafleet.api.common import (
     SecretKeySelector,
     StatusModel,
 )
+from lorafleet.api.evaluation import QualityBar
 from lorafleet.api.stores import StoreRef, check_store_ref, store_ref_rule
 from lorafleet.contracts.states import AdapterState  # the states the replicas report
 
@@ -60,16 +61,64 @@ class ArtifactRef(ApiModel):
         return self
 
 
-class AdapterSpec(ApiModel):
-    """One adapter to serve: from a FineTuneJob of this namespace, or a stored artifact."""
+# A canary splits an adapter's requests over a few versions; every version takes a LoRA slot in each replica.
+MAX_VERSIONS = 8
+MAX_QUALITY_BARS = 8
+
+
+class AdapterVersion(ApiModel):
+    """One version of a served adapter and its share of the adapter's requests (a canary)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
                     "rule": "has(self.fineTuneJobRef) != has(self.artifact)",
-                    "message": "each adapter needs exactly one of fineTuneJobRef or artifact",
+                    "message": "each version needs exactly one of fineTuneJobRef or artifact",
                 }
+            ]
+        }
+    )
+
+    name: str = Field(
+        description="Version name, e.g. v4: the version label of the metrics and the status (clients still send "
+        "the adapter's name).",
+        pattern=ADAPTER_NAME,
+        max_length=63,
+    )
+    fine_tune_job_ref: LocalObjectReference | None = Field(
+        default=None, description="A FineTuneJob whose adapter is served once it has succeeded."
+    )
+    artifact: ArtifactRef | None = Field(default=None, description="A stored adapter version.")
+    weight: int = Field(
+        description="Percent of the adapter's requests this version answers; the weights of an adapter's versions "
+        "sum to 100. A version with weight 0 is loaded but gets no requests (ready to be promoted).",
+        ge=0,
+        le=100,
+    )
+
+
+def _sources(adapter: AdapterSpec) -> int:
+    return sum(x is not None for x in (adapter.fine_tune_job_ref, adapter.artifact, adapter.versions))
+
+
+class AdapterSpec(ApiModel):
+    """One adapter to serve: from a FineTuneJob of this namespace, a stored artifact, or several versions that
+    share its requests by weight (a canary)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.artifact) ? 1 : 0) "
+                    "+ (has(self.versions) ? 1 : 0) == 1",
+                    "message": "each adapter needs exactly one of fineTuneJobRef, artifact or versions",
+                },
+                {
+                    "rule": "!has(self.versions) || self.versions.map(v, v.weight).sum() == 100",
+                    "message": "the weights of an adapter's versions must sum to 100 (e.g. 90 and 10)",
+                    "fieldPath": ".versions",
+                },
             ]
         }
     )
@@ -81,6 +130,21 @@ class AdapterSpec(ApiModel):
         default=None, description="A FineTuneJob whose adapter is served once it has succeeded."
     )
     artifact: ArtifactRef | None = Field(default=None, description="A stored adapter version.")
+    versions: list[AdapterVersion] | None = Field(
+        default=None,
+        description="Instead of fineTuneJobRef or artifact: versions answering this name's requests by weight, "
+        "e.g. v3 90 and v4 10. Each version is loaded in every replica; promotion is an edit of the weights.",
+        min_length=1,
+        max_length=MAX_VERSIONS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    require_evaluation: list[QualityBar] = Field(
+        default_factory=list,
+        max_length=MAX_QUALITY_BARS,
+        description="Quality bars each version must reach in the evaluation stored in its manifest (the "
+        "FineTuneJob's spec.evaluation): a version without one stays Pending (NotEvaluated), one below a bar "
+        "stays Pending (BelowQualityBar); neither is loaded. Empty: no gate.",
+    )
     api_key_secret_ref: SecretKeySelector | None = Field(
         default=None,
         description="A Secret key holding this adapter's API keys, one per line: requests for it must send one as "
@@ -88,6 +152,22 @@ class AdapterSpec(ApiModel):
         "effect without a restart; adding or removing the reference rolls the replicas. Left out, anyone who "
         "may reach the Service may use the adapter.",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSpec:
+        # The CEL rules' twins: the operator refuses what an older CRD let through.
+        if _sources(self) != 1:
+            raise ValueError(f"adapter {self.name!r} needs exactly one of fineTuneJobRef, artifact or versions")
+        for version in self.versions or []:
+            if (version.fine_tune_job_ref is None) == (version.artifact is None):
+                raise ValueError(f"version {version.name!r} needs exactly one of fineTuneJobRef or artifact")
+        if self.versions is not None:
+            names = [v.name for v in self.versions]
+            if len(set(names)) != len(names):
+                raise ValueError(f"adapter {self.name!r} names a version twice: {names}")
+            if sum(v.weight for v in self.versions) != 100:
+                raise ValueError(f"the weights of adapter {self.name!r}'s versions must sum to 100")
+        return self
 
 
 class EngineSettings(ApiModel):
@@ -179,6 +259,19 @@ class AdapterDeploymentSpec(ApiModel):
 AdapterDeploymentPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
+class AdapterVersionStatus(StatusModel):
+    """Where one version of a canary stands."""
+
+    name: str = Field(description="Version name.")
+    weight: int = Field(default=0, description="Percent of the adapter's requests it answers once loaded.")
+    state: AdapterState = Field(description="Pending, Loading, Loaded or Failed.")
+    reason: str | None = Field(default=None, description="CamelCase reason for the state.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
+    uri: str | None = Field(default=None, description="Artifact URI being served.")
+    digest: str | None = Field(default=None, description="Artifact digest being served.")
+    loaded_replicas: int = Field(default=0, description="Replicas that have the version loaded.")
+
+
 class AdapterStatus(StatusModel):
     """Where one adapter stands."""
 
@@ -189,6 +282,9 @@ class AdapterStatus(StatusModel):
     uri: str | None = Field(default=None, description="Artifact URI being served.")
     digest: str | None = Field(default=None, description="Artifact digest being served.")
     loaded_replicas: int = Field(default=0, description="Replicas that have the adapter loaded.")
+    versions: list[AdapterVersionStatus] = Field(
+        default_factory=list, description="Each version of a canary (spec versions), with its weight."
+    )
 
 
 class AdapterDeploymentStatus(StatusModel):

@@ -65,16 +65,43 @@ class AdapterReason:
     OLD_VERSION = "OldVersion"
 
 
+# A version of a canary is a desired adapter of its own, named `<served name>:<version>` (neither public names nor
+# version names may hold ':'); clients send the served name and the gateway picks a version by weight.
+VERSION_SEP = ":"
+
+
+def version_key(served_name: str, version: str) -> str:
+    return f"{served_name}{VERSION_SEP}{version}"
+
+
 # -- desired set -----------------------------------------------------------------------------------------------
 
 
 class DesiredAdapter(Contract):
-    """One adapter the replicas must serve."""
+    """One adapter the replicas must serve: a served name, or one version of a canary."""
 
-    name: str = Field(description="Served name of the adapter.")
+    name: str = Field(description="Served name of the adapter; for a version of a canary, version_key's name.")
     uri: str = Field(description="s3:// URI of the adapter version folder.")
     digest: str | None = Field(default=None, description="Expected sha256 digest of its manifest.")
     store: ObjectStore | None = Field(default=None, description="Object store; None uses the environment.")
+    # A canary's versions only (absent otherwise, so a set without canaries renders as before):
+    served_name: str | None = Field(
+        default=None, description="The name clients send, answered by this version.", exclude_if=lambda v: v is None
+    )
+    version: str | None = Field(
+        default=None, description="Version label of the metrics.", exclude_if=lambda v: v is None
+    )
+    weight: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Percent of served_name's requests this version answers.",
+        exclude_if=lambda v: v is None,
+    )
+
+    @property
+    def public_name(self) -> str:
+        return self.served_name or self.name
 
 
 class DesiredAdapterSet(Contract):

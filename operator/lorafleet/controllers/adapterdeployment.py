@@ -34,7 +34,14 @@ from lorafleet.controllers.store_refs import bind_adapterdeployment, bind_basemo
 from lorafleet.resources import adapterdeployment as builders
 from lorafleet.resources.children import conflict_message
 from lorafleet.resources.conditions import Reason
-from lorafleet.resources.status import AdapterDeploymentObserved, adapterdeployment_status, resolve_adapters
+from lorafleet.resources.status import (
+    AdapterDeploymentObserved,
+    ArtifactCheck,
+    ResolvedAdapter,
+    adapterdeployment_status,
+    resolve_adapters,
+)
+from lorafleet.resources.status.adapterdeployment import all_versions, evaluation_targets
 from lorafleet.resources.stores import RenderError
 from lorafleet.serving.families import lora_refusal
 from lorafleet.serving.status import aggregate
@@ -44,21 +51,21 @@ FineTuneJobs = dict[str, FineTuneJobObject | None]
 
 
 def _fine_tune_job_names(ad: AdapterDeploymentObject) -> list[str]:
-    return [a.fine_tune_job_ref.name for a in ad.spec.adapters if a.fine_tune_job_ref is not None]
+    return [v.fine_tune_job_ref.name for v in all_versions(ad) if v.fine_tune_job_ref is not None]
 
 
 def adapter_ranks(
     ad: AdapterDeploymentObject, fine_tune_jobs: FineTuneJobs, stored: Mapping[str, int | None] | None = None
 ) -> dict[str, int | None]:
-    """LoRA ranks per adapter (pure): from its FineTuneJob's spec, or the lineage in a stored artifact's manifest
-    (`stored`, read by `stored_ranks` in the observe step; unknown ranks are None)."""
+    """LoRA ranks per adapter version (pure): from its FineTuneJob's spec, or the lineage in a stored artifact's
+    manifest (`stored`, read by `stored_ranks` in the observe step; unknown ranks are None)."""
     ranks: dict[str, int | None] = {}
-    for adapter in ad.spec.adapters:
-        if adapter.fine_tune_job_ref is not None:
-            job = fine_tune_jobs.get(adapter.fine_tune_job_ref.name)
-            ranks[adapter.name] = job.spec.lora.r if job is not None else None
-        elif adapter.artifact is not None:
-            ranks[adapter.name] = (stored or {}).get(adapter.name)
+    for version in all_versions(ad):
+        if version.fine_tune_job_ref is not None:
+            job = fine_tune_jobs.get(version.fine_tune_job_ref.name)
+            ranks[version.key] = job.spec.lora.r if job is not None else None
+        elif version.artifact is not None:
+            ranks[version.key] = (stored or {}).get(version.key)
     return ranks
 
 
@@ -67,13 +74,36 @@ def stored_ranks(ad: AdapterDeploymentObject) -> dict[str, int | None]:
     keyed by store, URI and digest, bounded timeouts). A version that cannot be verified has no rank here; the
     sidecar reports what is wrong with it."""
     ranks: dict[str, int | None] = {}
-    for adapter in ad.spec.adapters:
-        artifact = adapter.artifact
+    for version in all_versions(ad):
+        artifact = version.artifact
         if artifact is None:
             continue
         check = artifacts.MANIFESTS.get(artifact.store, ad.namespace, artifact.uri, artifact.digest)
-        ranks[adapter.name] = check.rank if check.problem is None else None
+        ranks[version.key] = check.rank if check.problem is None else None
     return ranks
+
+
+def stored_evaluations(ad: AdapterDeploymentObject, jobs: FineTuneJobs) -> dict[str, ArtifactCheck]:
+    """Observe: the manifest of each stored version whose adapter requires an evaluation (spec
+    requireEvaluation), through the manifest cache; the promotion gate judges the evaluation it holds."""
+    return {
+        a.name: artifacts.MANIFESTS.get(a.store, ad.namespace, a.uri, a.digest) for a in evaluation_targets(ad, jobs)
+    }
+
+
+def desired_adapters(resolved: list[ResolvedAdapter]) -> list[DesiredAdapter]:
+    return [
+        DesiredAdapter(
+            name=a.name,
+            uri=a.uri,
+            digest=a.digest,
+            store=lenient_copy(ObjectStore, a.store) if a.store is not None else None,
+            served_name=a.served_name,
+            version=a.version,
+            weight=a.weight,
+        )
+        for a in resolved
+    ]
 
 
 def plan(
@@ -82,26 +112,19 @@ def plan(
     jobs: FineTuneJobs,
     settings: OperatorSettings,
     ranks: Mapping[str, int | None] | None = None,
+    manifests: Mapping[str, ArtifactCheck] | None = None,
 ) -> tuple[list[Obj] | None, RenderError | None]:
     """The desired children (pure: no API server, store or pod is asked; `ranks` are the stored adapters' ranks
-    from the observe step), or None to leave them as they are while the BaseModel is missing or not
-    Ready or the spec cannot be rendered; only the adapters that can be served now go into the desired-adapter
-    ConfigMap."""
+    and `manifests` the gated versions' manifests, from the observe step), or None to leave them as they are
+    while the BaseModel is missing or not Ready or the spec cannot be rendered; only the adapter versions that
+    can be served now (and pass their requireEvaluation bars) go into the desired-adapter ConfigMap."""
     if base is None or base.status is None or base.status.phase != "Ready":
         return None, None
     refusal = lora_refusal(base.spec.family)
     if refusal is not None:  # vLLM would not start with --enable-lora, or has no class for it at all
         return None, RenderError(Reason.LORA_NOT_SUPPORTED, refusal)
-    resolved, _ = resolve_adapters(ad, jobs)
-    adapters = [
-        DesiredAdapter(
-            name=a.name,
-            uri=a.uri,
-            digest=a.digest,
-            store=lenient_copy(ObjectStore, a.store) if a.store is not None else None,
-        )
-        for a in resolved
-    ]
+    resolved, _ = resolve_adapters(ad, jobs, manifests)
+    adapters = desired_adapters(resolved)
     try:
         return builders.desired_children(ad, base, adapters, adapter_ranks(ad, jobs, ranks), settings), None
     except RenderError as exc:
@@ -190,8 +213,9 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
     jobs: FineTuneJobs = {
         name: _bound(get_typed(FineTuneJobObject, name, namespace)) for name in _fine_tune_job_names(ad)
     }
+    manifests = stored_evaluations(ad, jobs) if refused is None else {}
     if refused is None:
-        desired, error = plan(ad, base, jobs, SETTINGS, stored_ranks(ad))
+        desired, error = plan(ad, base, jobs, SETTINGS, stored_ranks(ad), manifests)
     else:
         desired, error = None, refused
     children = sync_children(ad, desired, builders.CHILD_KINDS)
@@ -201,7 +225,7 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
     # No pod is written: a changed desired set reaches the replicas through the kubelet's own refresh of their
     # ConfigMap volume (resources.adapterdeployment.build_adapters_config_map says why).
     pods = running_pods(namespace, ad.name)
-    resolved, _ = resolve_adapters(ad, jobs)
+    resolved, _ = resolve_adapters(ad, jobs, manifests)
     reports = aggregate(pod_states(pods), {a.name: a.digest for a in resolved}) if resolved else None
     observed = AdapterDeploymentObserved(
         base_model=base,
@@ -211,6 +235,7 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
         adapter_reports=reports,
         render_error=error,
         conflict=conflict_message(children.conflicts, KIND) if children.conflicts else None,
+        manifests=manifests,
     )
     return adapterdeployment_status(ad, observed, now())
 

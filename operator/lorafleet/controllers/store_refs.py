@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorafleet import API_VERSION
+from lorafleet.api.adapterdeployment import ArtifactRef
 from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject, FineTuneJobObject
 from lorafleet.api.stores import StoreRef
 from lorafleet.controllers.base import SETTINGS
@@ -74,27 +75,42 @@ def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderE
     return _replace(ftj, spec=spec), None
 
 
+def _bind_artifact(artifact: ArtifactRef, namespace: str, field: str) -> tuple[ArtifactRef, RenderError | None]:
+    if artifact.store_ref is None:
+        if artifact.store is None:
+            try:
+                require_within(artifact.uri, default_location(namespace, SETTINGS, field), f"{field}.uri")
+            except RenderError as exc:
+                return artifact, exc
+        return artifact, None
+    try:
+        resolved = resolve_ref(artifact.store_ref, namespace, field)
+        require_within(artifact.uri, resolved, f"{field}.uri")
+    except RenderError as exc:
+        return artifact, exc
+    return _replace(artifact, store=resolved.store, store_ref=None), None
+
+
 def bind_adapterdeployment(ad: AdapterDeploymentObject) -> tuple[AdapterDeploymentObject, RenderError | None]:
-    """Every adapter's artifact store; the first that cannot be used is the error (the others stay bound). An
-    artifact in the default store (neither store nor storeRef) is served, with the platform's keys, only from this
-    namespace's root, as through storeRef ClusterArtifactStore "default"."""
-    error: RenderError | None = None
+    """Every adapter's artifact store (each version's, in a canary); the first that cannot be used is the error
+    (the others stay bound). An artifact in the default store (neither store nor storeRef) is served, with the
+    platform's keys, only from this namespace's root, as through storeRef ClusterArtifactStore "default"."""
+    errors: list[RenderError] = []
     adapters = []
     for i, adapter in enumerate(ad.spec.adapters):
-        artifact = adapter.artifact
-        field = f"spec.adapters[{i}].artifact"
-        if artifact is not None and artifact.store_ref is None and artifact.store is None:
-            try:
-                require_within(artifact.uri, default_location(ad.namespace, SETTINGS, field), f"{field}.uri")
-            except RenderError as exc:
-                error = error or exc
-        if artifact is not None and artifact.store_ref is not None:
-            try:
-                resolved = resolve_ref(artifact.store_ref, ad.namespace, field)
-                require_within(artifact.uri, resolved, f"{field}.uri")
-            except RenderError as exc:
-                error = error or exc
-            else:
-                adapter = _replace(adapter, artifact=_replace(artifact, store=resolved.store, store_ref=None))
+        if adapter.artifact is not None:
+            artifact, error = _bind_artifact(adapter.artifact, ad.namespace, f"spec.adapters[{i}].artifact")
+            errors += [error] if error is not None else []
+            adapter = _replace(adapter, artifact=artifact)
+        if adapter.versions is not None:
+            versions = []
+            for j, version in enumerate(adapter.versions):
+                if version.artifact is not None:
+                    field = f"spec.adapters[{i}].versions[{j}].artifact"
+                    artifact, error = _bind_artifact(version.artifact, ad.namespace, field)
+                    errors += [error] if error is not None else []
+                    version = _replace(version, artifact=artifact)
+                versions.append(version)
+            adapter = _replace(adapter, versions=versions)
         adapters.append(adapter)
-    return _replace(ad, spec=_replace(ad.spec, adapters=adapters)), error
+    return _replace(ad, spec=_replace(ad.spec, adapters=adapters)), next(iter(errors), None)

@@ -19,6 +19,7 @@ from lorafleet import API_VERSION
 from lorafleet.controllers.base import enqueue
 from lorafleet.controllers.caches import CACHES, CUSTOM_KINDS, Kind
 from lorafleet.controllers.informer import Change
+from lorafleet.resources.adapter_guard import adapter_sources
 from lorafleet.resources.common import LABEL_PREFIX, LABEL_VALUE_MAX, label_value
 
 Obj = dict[str, Any]
@@ -55,8 +56,9 @@ def dependents(kind: str, namespace: str, name: str) -> Iterator[tuple[str, str]
                     yield dependent, str(_meta(obj).get("name"))
     elif kind == "FineTuneJob":
         for obj in CACHES.all(API_VERSION, "AdapterDeployment", namespace) or []:
-            adapters = (obj.get("spec") or {}).get("adapters") or []
-            if any(_ref_name(a.get("fineTuneJobRef")) == name for a in adapters if isinstance(a, Mapping)):
+            adapters = [a for a in (obj.get("spec") or {}).get("adapters") or [] if isinstance(a, Mapping)]
+            sources = [source for adapter in adapters for source in adapter_sources(adapter)]
+            if any(_ref_name(source.get("fineTuneJobRef")) == name for source in sources):
                 yield "AdapterDeployment", str(_meta(obj).get("name"))
     elif kind == "AdapterDeployment":
         # A FineTuneJob whose deletion waits for the deployments that reference its adapter looks again.

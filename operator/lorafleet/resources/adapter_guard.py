@@ -63,6 +63,14 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj.get("metadata") or {}
 
 
+def adapter_sources(adapter: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A spec.adapters entry (as JSON) and the versions of its canary: each may name a fineTuneJobRef or artifact."""
+    versions = adapter.get("versions")
+    if not isinstance(versions, list):
+        return [adapter]
+    return [adapter, *(v for v in versions if isinstance(v, Mapping))]
+
+
 def referencing_deployments(
     namespace: str, name: str, uris: Iterable[str], deployments: Iterable[Mapping[str, Any]]
 ) -> list[str]:
@@ -76,9 +84,8 @@ def referencing_deployments(
         if meta.get("deletionTimestamp"):
             continue  # going away with its references
         ns = str(meta.get("namespace") or "")
-        for adapter in (obj.get("spec") or {}).get("adapters") or []:
-            if not isinstance(adapter, Mapping):
-                continue
+        entries = [a for a in (obj.get("spec") or {}).get("adapters") or [] if isinstance(a, Mapping)]
+        for adapter in (source for entry in entries for source in adapter_sources(entry)):
             ref = adapter.get("fineTuneJobRef")
             by_ref = ns == namespace and isinstance(ref, Mapping) and ref.get("name") == name
             artifact = adapter.get("artifact")

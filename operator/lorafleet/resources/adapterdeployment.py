@@ -105,7 +105,8 @@ def size_max_lora_rank(spec: AdapterDeploymentSpec, ranks: dict[str, int | None]
 def size_max_loras(spec: AdapterDeploymentSpec) -> int:
     if spec.engine.max_loras is not None:
         return spec.engine.max_loras
-    wanted = max(len(spec.adapters), 1)
+    # Every version of a canary takes a slot of its own.
+    wanted = max(sum(len(a.versions or [a]) for a in spec.adapters), 1)
     return next((b for b in MAX_LORAS_BUCKETS if b >= wanted), MAX_LORAS_BUCKETS[-1])
 
 

@@ -8,7 +8,9 @@ request's path, so vLLM's runtime LoRA endpoints (/v1/load_lora_adapter, /v1/unl
 
 Before forwarding, a request is admitted by lorafleet.serving.guard: its body is read up to a cap (413) within a
 deadline (408) and within a budget shared by all requests (503); a request for an adapter with API keys needs
-one of them (401).
+one of them (401); a body with a duplicate key is refused (400), and so is a name only the sidecar gives vLLM
+(404: a version being switched to, a canary's version). The request then goes to the version lorafleet.serving.routes
+picks for its model (by weight, for a canary), and is counted per adapter and version (lorafleet.serving.metrics).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from aiohttp import web
 
 from lorafleet.contracts.serving import HEALTH_PATH, READY_PATH, STATE_PATH
 from lorafleet.serving.engine import EngineClient
-from lorafleet.serving.guard import BUSY, ApiKeys, BodyBudget, Refusal, body_too_large, model_of
-from lorafleet.serving.routes import Routes, StreamRewriter
+from lorafleet.serving.guard import BUSY, ApiKeys, BodyBudget, Refusal, body_too_large, parse_body
+from lorafleet.serving.metrics import CONTENT_TYPE, METRICS_PATH, OTHER, UsageTap
+from lorafleet.serving.routes import Routes, StreamRewriter, internal_name
 from lorafleet.serving.syncer import Syncer
 
 log = logging.getLogger("lorafleet.serving.gateway")
@@ -118,20 +121,44 @@ async def _read_body(request: web.Request, limits: Limits, budget: BodyBudget) -
     return b"".join(chunks), reserved
 
 
+@dataclass
+class _Outcome:
+    """What the metrics record of one request: its adapter and version labels, and its response's usage."""
+
+    adapter: str = OTHER
+    version: str = ""
+    tap: UsageTap | None = None
+
+
+CLIENT_CLOSED = 499  # the client went away before the response started (nginx's code)
+
+
 def _proxy(path: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        routes = request.app[SYNCER].routes
+        syncer = request.app[SYNCER]
+        routes = syncer.routes
         # Counted until the response ends: the adapter version it was routed to is not unloaded meanwhile.
         generation = routes.enter()
+        outcome = _Outcome()
+        code = CLIENT_CLOSED
         try:
-            return await _forward(request, path, routes)
+            response = await _forward(request, path, routes, outcome)
+            code = response.status
+            return response
         finally:
             routes.leave(generation)
+            if request.method == "POST":
+                usage = outcome.tap.usage() if outcome.tap is not None else None
+                syncer.metrics.observe(outcome.adapter, outcome.version, code, usage)
 
     return handler
 
 
-async def _forward(request: web.Request, path: str, routes: Routes) -> web.StreamResponse:
+def _not_found(model: str) -> Refusal:
+    return Refusal(404, "NotFoundError", f"The model `{model}` does not exist.")
+
+
+async def _forward(request: web.Request, path: str, routes: Routes, outcome: _Outcome) -> web.StreamResponse:
     app = request.app
     engine, session, limits, budget, keys = app[ENGINE], app[UPSTREAM], app[LIMITS], app[BUDGET], app[KEYS]
     body: bytes | None = None
@@ -140,19 +167,28 @@ async def _forward(request: web.Request, path: str, routes: Routes) -> web.Strea
     try:
         if request.can_read_body:
             body, reserved = await _read_body(request, limits, budget)
+        try:
+            data, model = parse_body(body)
+        except ValueError as e:
+            return refuse(Refusal(400, "BadRequest", str(e)))
+        if model is not None and model != routes.base_model and internal_name(model):
+            return refuse(_not_found(model))  # never bypasses a served name's API keys or weights
+        target = routes.target(model) if model is not None else None
+        if target is not None:
+            outcome.adapter, outcome.version = target.served, target.version
+        elif model is not None and model == routes.base_model:
+            outcome.adapter = model
         drop: frozenset[str] = frozenset()
         if keys.protected:
-            try:
-                model = model_of(body)
-            except ValueError as e:
-                return refuse(Refusal(400, "BadRequest", str(e)))
             refusal = keys.check(model, request.headers.get("Authorization"))
             if refusal is not None:
                 log.info("%s %s: %s for model %r", request.method, path, refusal.type, model)
                 return refuse(refusal)
             if model in keys.protected:
                 drop = frozenset({"authorization"})  # the key was for us; vLLM never sees it
-        body, rewriter = routes.rewrite_request(body)  # the public adapter name -> the version's engine name
+        # The served name -> the picked version's engine name (the body is unchanged when they are the same).
+        body, rewriter = routes.rewrite_request(body, data, target)
+        data = None
         try:
             upstream = await session.request(
                 request.method,
@@ -185,10 +221,13 @@ async def _forward(request: web.Request, path: str, routes: Routes) -> web.Strea
             and "chunked" not in upstream.headers.get("Transfer-Encoding", "")
         ):
             headers["Content-Length"] = upstream.headers["Content-Length"]
+        tap = outcome.tap = UsageTap(upstream.headers.get("Content-Type")) if request.method == "POST" else None
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                if tap is not None:
+                    tap.feed(chunk)
                 await response.write(rewriter.feed(chunk) if rewriter else chunk)
             if rewriter:
                 await response.write(rewriter.flush())
@@ -215,6 +254,11 @@ async def ready(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     return web.json_response(request.app[SYNCER].state(), dumps=lambda o: json.dumps(o, indent=1))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SYNCER].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 def build_app(
@@ -253,8 +297,10 @@ def build_app(
 
 def build_status_app(syncer: Syncer) -> web.Application:
     """The status port, for the operator only (not behind the Service; the NetworkPolicy admits the operator's
-    namespace): /lorafleet/state names the adapters' URIs, digests and errors."""
+    namespace): /lorafleet/state names the adapters' URIs, digests and errors; /metrics counts each adapter's
+    requests and tokens."""
     app = web.Application(client_max_size=1024)
     app[SYNCER] = syncer
     app.router.add_get(STATE, state)
+    app.router.add_get(METRICS_PATH, metrics)
     return app

@@ -41,14 +41,15 @@ def body_too_large(limit: int) -> Refusal:
     )
 
 
-def model_of(body: bytes | None) -> str | None:
-    """The `model` a JSON request names; None when the body is not a JSON object naming one (vLLM then refuses it
-    or serves the base model, which is never protected).
+def parse_body(body: bytes | None) -> tuple[Any, str | None]:
+    """The parsed JSON body (None when it is not JSON) and the `model` it names (None when it names none: vLLM
+    then refuses it or serves the base model, which is never protected).
 
-    Raises ValueError on a duplicate key: the check must see the same model as vLLM, whatever JSON parser it uses.
+    Raises ValueError on a duplicate key: the gateway must see the same model as vLLM, whatever JSON parser it
+    uses, for the API key check and the choice of a canary's version alike.
     """
     if not body:
-        return None
+        return None, None
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
@@ -59,11 +60,16 @@ def model_of(body: bytes | None) -> str | None:
     try:
         data = json.loads(body, object_pairs_hook=no_duplicates)
     except UnicodeDecodeError:
-        return None
+        return None, None
     except json.JSONDecodeError:
-        return None
+        return None, None
     model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
+    return data, model if isinstance(model, str) else None
+
+
+def model_of(body: bytes | None) -> str | None:
+    """The `model` a JSON request names (parse_body's)."""
+    return parse_body(body)[1]
 
 
 def bearer_token(header: str | None) -> str | None:

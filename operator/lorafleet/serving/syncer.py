@@ -50,7 +50,8 @@ from lorafleet.serving.checks import (
     classify_engine_error,
 )
 from lorafleet.serving.engine import EngineClient, EngineModel, EngineUnavailable
-from lorafleet.serving.routes import Routes, public_name, version_alias
+from lorafleet.serving.metrics import ServingMetrics
+from lorafleet.serving.routes import Routes, Version, public_name, version_alias
 
 log = logging.getLogger("lorafleet.serving.sync")
 
@@ -133,6 +134,19 @@ def _key(want: DesiredAdapter) -> tuple[str, str | None, str]:
     return (want.uri, want.digest, store)
 
 
+def version_label(want: DesiredAdapter) -> str:
+    """The metrics' version label: a canary's version name, else the version folder's name (the URI's last part)."""
+    return want.version or want.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def served_names(desired: DesiredAdapterSet) -> dict[str, list[Version]]:
+    """Served name -> the versions answering it, in the desired set's order."""
+    served: dict[str, list[Version]] = {}
+    for want in desired.adapters:
+        served.setdefault(want.public_name, []).append(Version(want.name, version_label(want), want.weight))
+    return served
+
+
 def _backoff(failures: int) -> float:
     return float(min(RETRY_MAX_S, RETRY_MIN_S * 2 ** max(0, failures - 1)))
 
@@ -167,6 +181,7 @@ class Syncer:
         self._desired_stat: tuple[int, int, int, int] | None = None
         self.adapters: dict[str, Adapter] = {}
         self.routes = Routes()
+        self.metrics = ServingMetrics()
         self.engine_healthy = False
         self.engine_base: str | None = None
         self.engine_message: str | None = "not checked yet"
@@ -218,6 +233,13 @@ class Syncer:
             self.desired_error = f"{self.desired_file} names an adapter twice (keeping the last set): {names}"
             log.error("%s", self.desired_error)
             return False
+        clash = sorted({a.served_name for a in desired.adapters if a.served_name} & set(names))
+        if clash:
+            self.desired_error = (
+                f"{self.desired_file} serves {clash} both as an adapter and a canary (keeping the last set)"
+            )
+            log.error("%s", self.desired_error)
+            return False
         self._apply_desired(desired)
         return True
 
@@ -231,6 +253,7 @@ class Syncer:
         )
         self.desired, self.desired_error, self.desired_read_at = desired, None, _now()
         wanted = {a.name: a for a in desired.adapters}
+        self.routes.set_served(served_names(desired), desired.base_model)
         for name in list(self.adapters):
             if name not in wanted:
                 self._cancel(self.adapters.pop(name))
@@ -334,6 +357,8 @@ class Syncer:
         for adapter in self.adapters.values():
             self._observe(adapter, served.get(adapter.want.name, {}))
         self._known_served = {n for n, a in self.adapters.items() if a.state == LOADED}
+        # A canary's requests go only to the versions vLLM serves now (one still loading gets none).
+        self.routes.set_live(n for n in self.adapters if self.routes.engine_name(n) in served.get(n, {}))
         self._collect_garbage(served)
 
     async def _unload(self, versions: Served, why: str, keep: str | None = None, wait: bool = False) -> None:
