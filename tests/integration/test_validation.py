@@ -42,6 +42,15 @@ def _clean(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _canary(*weights: int) -> dict[str, Any]:
+    """An adapter entry whose versions v3, v4, ... have these weights."""
+    versions = [
+        {"name": f"v{3 + i}", "fineTuneJobRef": {"name": f"support-v{3 + i}"}, "weight": w}
+        for i, w in enumerate(weights)
+    ]
+    return {"name": "support-bot", "versions": versions}
+
+
 BM = _clean(objects.base_model())
 FTJ = _clean(objects.fine_tune_job())
 AD = _clean(objects.adapter_deployment())
@@ -135,6 +144,40 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("ftj-eval-many-examples", _set(FTJ, "spec.evaluation", {"maxExamples": 5001}), "spec.evaluation.maxExamples"),
     ("ftj-eval-unknown-metric", _set(FTJ, "spec.evaluation", {"metrics": ["bleu"]}), "spec.evaluation.metrics[0]"),
     ("ftj-eval-no-metrics", _set(FTJ, "spec.evaluation", {"metrics": []}), "spec.evaluation.metrics"),
+    # Canaries and promotion gates (issue 17): weights 0..100 summing to 100, one source per version.
+    ("ad-canary-sum", _set(AD, "spec.adapters.0", _canary(90, 20)), "spec.adapters[0].versions"),
+    ("ad-canary-weight", _set(AD, "spec.adapters.0", _canary(101, 0)), "spec.adapters[0].versions[0].weight"),
+    ("ad-canary-negative", _set(AD, "spec.adapters.0", _canary(110, -10)), "spec.adapters[0].versions[1].weight"),
+    (
+        "ad-canary-same-version",
+        _set(_set(AD, "spec.adapters.0", _canary(50, 50)), "spec.adapters.0.versions.1.name", "v3"),
+        "spec.adapters[0].versions[1]",
+    ),
+    (
+        "ad-canary-and-source",
+        _set(_set(AD, "spec.adapters.0", _canary(90, 10)), "spec.adapters.0.fineTuneJobRef", {"name": "x"}),
+        "spec.adapters[0]",
+    ),
+    (
+        "ad-canary-version-no-source",
+        _set(_set(AD, "spec.adapters.0", _canary(90, 10)), "spec.adapters.0.versions.0.fineTuneJobRef", "DELETE"),
+        "spec.adapters[0].versions[0]",
+    ),
+    (
+        "ad-canary-version-name",
+        _set(_set(AD, "spec.adapters.0", _canary(90, 10)), "spec.adapters.0.versions.0.name", "v:3"),
+        "spec.adapters[0].versions[0].name",
+    ),
+    (
+        "ad-bar-without-threshold",
+        _set(AD, "spec.adapters.0.requireEvaluation", [{"metric": "rougeL"}]),
+        "spec.adapters[0].requireEvaluation[0]",
+    ),
+    (
+        "ad-bar-unknown-metric",
+        _set(AD, "spec.adapters.0.requireEvaluation", [{"metric": "bleu", "minScore": 0.1}]),
+        "spec.adapters[0].requireEvaluation[0].metric",
+    ),
 ]
 
 
