@@ -176,6 +176,19 @@ def read_records(
     return records
 
 
+def stream_records(
+    path: str | Path, *, uri: str | None = None, file_format: FileFormat = "auto"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or record number, object) for each record, read lazily; DatasetInvalid at the first bad one."""
+    name = uri or str(path)
+    source = open_dataset(path, file_format, name)
+    for row in _rows(source, name):
+        if row.error is not None:
+            raise TrainerError(DATASET_INVALID, f"dataset {name}: {source.where(row.number)}: {row.error}")
+        if row.value is not None:
+            yield row.number, row.value
+
+
 def read_jsonl(path: str | Path, *, uri: str | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSON Lines file; DatasetInvalid listing the bad lines."""
     return read_records(path, uri=uri, file_format="jsonl")
@@ -279,7 +292,7 @@ def parse_record(record: Mapping[str, Any], dataset: Dataset) -> Sample:
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], *, completion_only: bool) -> Rendered:
-    text = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    text = apply_template(tokenizer, messages, add_generation_prompt=False)
     if not completion_only:
         return Rendered(text, ((0, len(text)),), add_special_tokens=False, append_eos=False)
     spans = []
@@ -287,12 +300,12 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], *, complet
         if message["role"] != "assistant":
             continue
         try:
-            before = _apply_template(tokenizer, messages[:index], add_generation_prompt=True)
+            before = apply_template(tokenizer, messages[:index], add_generation_prompt=True)
         except SampleError:
             if index:
                 raise
             before = ""  # a template that refuses an empty conversation
-        through = _apply_template(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        through = apply_template(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise TrainerError(
                 CHAT_TEMPLATE_UNSUPPORTED,
@@ -305,7 +318,7 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], *, complet
     return Rendered(text, tuple(spans), add_special_tokens=False, append_eos=False)
 
 
-def _apply_template(tokenizer: Tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+def apply_template(tokenizer: Tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 errors: templates refuse conversations with raise_exception()

@@ -85,7 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = result.progress
         if rank == 0 or local_rank == 0:
             artifact = result.artifact.status() if result.artifact else None
-            write_status(status_file, build_status(progress=progress, metrics=result.metrics, artifact=artifact))
+            report = build_status(
+                progress=progress,
+                metrics=result.metrics,
+                artifact=artifact,
+                evaluation=result.evaluation,
+                tokens_trained=result.tokens_trained,
+            )
+            write_status(status_file, report)
         reporter.event("done", trainLoss=result.metrics.get("trainLoss"), evalLoss=result.metrics.get("evalLoss"))
         return EXIT_OK
     except TrainerError as e:

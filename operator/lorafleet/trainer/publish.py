@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerState
 
+from lorafleet.contracts.evaluation import EVALUATION_KEY, EvaluationResult
 from lorafleet.contracts.serving import ENGINE_MODEL_DIR
 from lorafleet.contracts.trainer import TrainerConfig
 from lorafleet.trainer.batches import Datasets
@@ -46,13 +48,18 @@ def publish(
     sink: ArtifactSink,
     ranks: Ranks,
     reporter: ProgressReporter,
+    evaluation: Callable[[Path], EvaluationResult] | None = None,
 ) -> PublishedArtifact | None:
-    """Save the adapter (every rank: FSDP gathers), publish it from rank 0, and return what rank 0 published on
-    every rank, so that any pod's status names the artifact."""
+    """Save the adapter (every rank: FSDP gathers), evaluate it on rank 0 (`evaluation` writes its predictions
+    into the folder; its result goes into the lineage under EVALUATION_KEY), publish it from rank 0, and return
+    what rank 0 published on every rank, so that any pod's status names the artifact."""
     adapter_dir = adapter_folder(trainer, config, Path(config.work_dir) / "adapter")
     artifact = None
     if ranks.is_main:
-        artifact = sink.publish_adapter(adapter_dir, lineage(config, datasets, metrics, trainer.state))
+        stored = lineage(config, datasets, metrics, trainer.state)
+        if evaluation is not None:
+            stored[EVALUATION_KEY] = evaluation(adapter_dir).wire()
+        artifact = sink.publish_adapter(adapter_dir, stored)
         reporter.event("published", uri=artifact.uri, digest=artifact.digest, sizeBytes=artifact.size_bytes)
     shared: PublishedArtifact | None = broadcast(artifact)
     barrier()

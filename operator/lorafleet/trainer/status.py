@@ -5,10 +5,12 @@ lorafleet.contracts.trainer.TrainerReport:
      "progress": {"step", "totalSteps", "epoch", "loss"},
      "metrics": {name: number},
      "artifact": {"uri", "digest", "sizeBytes"},      # on success
+     "tokensTrained": int,
+     "evaluation": {"version", "metrics": {name: {"base", "adapter", "examples"}}, "examples", "predictionsFile"},
      "error": {"reason": CamelCase, "message"}}       # on failure
 
-Kubernetes keeps at most 4096 bytes of a termination message, so the object is kept under MAX_BYTES: long
-messages are cut first, then metrics are dropped. Free of torch.
+Kubernetes keeps at most 4096 bytes of a termination message, so the object is kept under MAX_BYTES: metrics are
+dropped first, then long messages are cut, then the evaluation is left out (the manifest keeps it). Free of torch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.contracts.base import MAX_MESSAGE, clip
+from lorafleet.contracts.evaluation import EvaluationResult
 from lorafleet.contracts.trainer import MAX_REPORT_BYTES as MAX_BYTES
 from lorafleet.contracts.trainer import ReportArtifact, ReportError, ReportProgress, TrainerReport
 from lorafleet.storage.scrub import scrub
@@ -43,6 +46,8 @@ def build_status(
     metrics: dict[str, Any] | None = None,
     artifact: dict[str, Any] | None = None,
     error: tuple[str, str] | None = None,
+    evaluation: EvaluationResult | None = None,
+    tokens_trained: int | None = None,
 ) -> dict[str, Any]:
     """The report (TrainerReport) as JSON, with non-finite numbers left out and numbers rounded to 6 significant
     digits."""
@@ -55,6 +60,10 @@ def build_status(
         report.metrics = {k: _round(v) for k, v in sorted(clean.items()) if v is not None}
     if artifact:
         report.artifact = ReportArtifact.model_validate(artifact)
+    if evaluation is not None:
+        report.evaluation = evaluation
+    if tokens_trained is not None:
+        report.tokens_trained = tokens_trained
     if error:
         reason, message = error
         report.error = ReportError(reason=reason, message=clip(scrub(message), MAX_MESSAGE))
@@ -70,6 +79,9 @@ def encode(status: dict[str, Any]) -> str:
         text = json.dumps(status, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > MAX_BYTES and "error" in status:
         status["error"]["message"] = status["error"]["message"][:256]
+        text = json.dumps(status, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > MAX_BYTES and "evaluation" in status:
+        del status["evaluation"]
         text = json.dumps(status, separators=(",", ":"), ensure_ascii=False)
     return text
 

@@ -8,6 +8,7 @@ never by the operator):
 - model.py: precision, the tokenizer, the base model with LoRA;
 - batches.py: the datasets fetched and parsed, packing, the sampler and the collator;
 - hf.py: TrainingArguments, our Trainer subclass and callback, the training loop;
+- evaluate.py: the task evaluation (config.evaluation): checked with the data, run after training;
 - publish.py: an earlier attempt's adapter, the final adapter and its lineage, publishing.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,11 @@ import torch
 from transformers import Trainer, TrainerState
 from transformers import logging as hf_logging
 
+from lorafleet.contracts.evaluation import EvaluationResult, parse_result
 from lorafleet.contracts.trainer import TrainerConfig
 from lorafleet.trainer.batches import Datasets, collator, load_datasets, packing_mode, report_datasets
 from lorafleet.trainer.errors import Interrupted
+from lorafleet.trainer.evaluate import HeldOut, evaluate, prepare
 from lorafleet.trainer.hf import LorafleetCallback, make_trainer, train, training_arguments
 from lorafleet.trainer.model import check_qlora_dependencies, load_model, load_tokenizer, precision_for
 from lorafleet.trainer.progress import ProgressReporter
@@ -45,16 +49,27 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifact: PublishedArtifact | None = None
     skipped: bool = False  # the adapter version was already published by an earlier attempt of this job
+    evaluation: EvaluationResult | None = None  # config.evaluation's result (rank 0's, on every rank)
+    tokens_trained: int | None = None
 
 
 def validate(config: TrainerConfig, *, sink: ArtifactSink | None = None) -> Datasets:
-    """The checks that need no model weights: hardware, base model folder, tokenizer, the whole dataset."""
+    """The checks that need no model weights: hardware, base model folder, tokenizer, the whole dataset, the
+    evaluation's held-out samples and settings."""
     sink = sink or sink_for(config)
     precision_for(config)
     if config.method == "qlora":
         check_qlora_dependencies()
     tokenizer = load_tokenizer(config)
-    return load_datasets(config, tokenizer, sink, Path(config.work_dir))
+    datasets = load_datasets(config, tokenizer, sink, Path(config.work_dir))
+    prepare_evaluation(config, tokenizer, sink, datasets)
+    return datasets
+
+
+def prepare_evaluation(config: TrainerConfig, tokenizer: Any, sink: ArtifactSink, datasets: Datasets) -> HeldOut | None:
+    """The evaluation's held-out examples, checked (None without config.evaluation)."""
+    eval_lines = {e.line for e in datasets.eval} if config.dataset.eval_split and not datasets.eval_file else None
+    return prepare(config, tokenizer, sink, Path(config.work_dir), datasets.eval_file, eval_lines, datasets.train_file)
 
 
 def run(
@@ -90,6 +105,7 @@ def run(
     tokenizer = load_tokenizer(config)
     with local_main_first(ranks):
         datasets = load_datasets(config, tokenizer, sink, Path(config.work_dir))
+        held_out = prepare_evaluation(config, tokenizer, sink, datasets)
     if report:
         report_datasets(reporter, config, datasets)
 
@@ -111,8 +127,11 @@ def run(
     progress = _progress(trainer.state, callback)
     _raise_if_interrupted(callback, trainer.state)
     metrics = _metrics(trainer, callback, datasets, output.metrics, progress["loss"], started)
-    artifact = publish(trainer, config, datasets, metrics, sink, ranks, reporter)
-    return RunResult(progress=progress, metrics=metrics, artifact=artifact)
+    evaluation = _evaluation_step(config, model, tokenizer, held_out, reporter)
+    artifact = publish(trainer, config, datasets, metrics, sink, ranks, reporter, evaluation=evaluation)
+    result = parse_result(artifact.lineage.get("evaluation")) if artifact is not None else None
+    tokens = int(trainer.state.num_input_tokens_seen or 0) or None
+    return RunResult(progress=progress, metrics=metrics, artifact=artifact, evaluation=result, tokens_trained=tokens)
 
 
 # -- the steps of run ----------------------------------------------------------------------------------------------
@@ -131,11 +150,27 @@ def _limit_cpu_threads() -> None:
 
 
 def _result_of_earlier_attempt(artifact: PublishedArtifact) -> RunResult:
-    """The status of a run whose adapter an earlier attempt published: its stored metrics, nothing trained."""
+    """The status of a run whose adapter an earlier attempt published: its stored metrics and evaluation."""
     stored = artifact.lineage.get("metrics", {})
     scalars = {k: float(v) for k, v in stored.items() if isinstance(v, int | float)}
     steps = int(scalars.get("steps", 0))
-    return RunResult(progress={"step": steps, "totalSteps": steps}, metrics=scalars, artifact=artifact, skipped=True)
+    return RunResult(
+        progress={"step": steps, "totalSteps": steps},
+        metrics=scalars,
+        artifact=artifact,
+        skipped=True,
+        evaluation=parse_result(artifact.lineage.get("evaluation")),
+        tokens_trained=int(scalars["trainTokens"]) if "trainTokens" in scalars else None,
+    )
+
+
+def _evaluation_step(
+    config: TrainerConfig, model: Any, tokenizer: Any, held_out: HeldOut | None, reporter: ProgressReporter
+) -> Callable[[Path], EvaluationResult] | None:
+    """publish's hook: rank 0 evaluates once the adapter folder is written (None without config.evaluation)."""
+    if held_out is None:
+        return None
+    return lambda adapter_dir: evaluate(config, model, tokenizer, held_out, adapter_dir, reporter)
 
 
 def _fetch_checkpoint(
