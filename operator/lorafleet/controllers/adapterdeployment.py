@@ -19,11 +19,12 @@ from lorafleet.config import OperatorSettings
 from lorafleet.contracts.base import lenient_copy
 from lorafleet.contracts.serving import STATE_PATH, STATE_PORT, DesiredAdapter
 from lorafleet.contracts.stores import ObjectStore
-from lorafleet.controllers import artifacts
+from lorafleet.controllers import artifacts, credentials
 from lorafleet.controllers.base import (
     SETTINGS,
     Obj,
     Reconciler,
+    enqueue,
     get_typed,
     now,
     register_reconciler,
@@ -32,6 +33,7 @@ from lorafleet.controllers.base import (
 from lorafleet.controllers.caches import CACHES
 from lorafleet.controllers.store_refs import bind_adapterdeployment, bind_basemodel, bind_finetunejob
 from lorafleet.resources import adapterdeployment as builders
+from lorafleet.resources import serving_credentials
 from lorafleet.resources.children import conflict_message
 from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status import (
@@ -218,6 +220,8 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
         desired, error = plan(ad, base, jobs, SETTINGS, stored_ranks(ad), manifests)
     else:
         desired, error = None, refused
+    if SETTINGS.store_sts:
+        desired, error = _serving_credentials(ad, base, desired, error)
     children = sync_children(ad, desired, builders.CHILD_KINDS)
     names = builders.names(ad.name)
     deployment = children.get("apps/v1", "Deployment", names.deployment)
@@ -238,6 +242,26 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
         manifests=manifests,
     )
     return adapterdeployment_status(ad, observed, now())
+
+
+def _serving_credentials(
+    ad: AdapterDeploymentObject, base: BaseModelObject | None, desired: list[Obj] | None, error: RenderError | None
+) -> tuple[list[Obj] | None, RenderError | None]:
+    """artifactStore.sts: the replicas' read-only minted keys exist before the Deployment that mounts them and are
+    renewed in time (the AdapterDeployment is queued again for then); the Secret goes with the AdapterDeployment
+    (ownerReference)."""
+    if desired is None or base is None:
+        return desired, error
+    try:
+        grant = serving_credentials.serving_grant(ad, base.spec, SETTINGS)
+        if grant is None:
+            return desired, error
+        name = serving_credentials.secret_name(ad.name)
+        renew_in = credentials.ensure(ad, name, builders.COMPONENT, grant)
+    except RenderError as exc:
+        return None, exc
+    enqueue(KIND, ad.namespace, ad.name, renew_in)
+    return desired, error
 
 
 ADAPTERS_POLL_SECONDS = 10.0

@@ -27,6 +27,7 @@ from lorafleet.contracts.serving import (
     DesiredAdapter,
     DesiredAdapterSet,
 )
+from lorafleet.resources import serving_credentials as minted
 from lorafleet.resources.common import (
     SPEC_HASH,
     Obj,
@@ -188,6 +189,18 @@ def build_deployment(
         if base_location.scheme == "s3"
         else None
     )
+    # artifactStore.sts: read-only minted keys instead of the platform's Secret (resources.serving_credentials).
+    secret = minted.secret_name(ad.name) if minted.serving_grant(ad, base, settings) is not None else None
+    fetch_env = store_env(base_store, platform=base.source.store is None)
+    sync_volumes: list[Obj] = []
+    sync_mounts: list[Obj] = []
+    sync_args: list[str] = []
+    if secret is not None and store is not None:
+        if base_store is not None and minted.platform_source(base, settings):
+            fetch_env = [*store_env(minted.minted_store(base_store, secret)), minted.session_token_env(secret)]
+        store = store.model_copy(update={"credentials_secret_ref": None})  # the sidecar reads the files instead
+        volume, mount, sync_args = minted.sidecar_volume(secret)
+        sync_volumes, sync_mounts = [volume], [mount]
     ca_volumes, ca_mounts, ca_env = ca_bundle_volume(base_store)
     common_env: list[Obj] = [
         {"name": "HOME", "value": "/tmp"},
@@ -204,6 +217,7 @@ def build_deployment(
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         *ca_volumes,
+        *sync_volumes,
     ]
     model_mount: Obj = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
     init_containers: list[Obj] = []
@@ -227,7 +241,7 @@ def build_deployment(
                     "image": settings.sync_image,
                     "imagePullPolicy": settings.image_pull_policy,
                     "command": pull,
-                    "env": [*common_env, *store_env(base_store, platform=base.source.store is None)],
+                    "env": [*common_env, *fetch_env],
                     "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, *ca_mounts],
                     "securityContext": container_security_context(),
                 }
@@ -291,6 +305,7 @@ def build_deployment(
             f"--status-listen=0.0.0.0:{STATE_PORT}",
             f"--max-request-bytes={spec.service.max_request_bytes}",
             *keys_args,
+            *sync_args,
         ],
         "env": [
             *common_env,
@@ -309,6 +324,7 @@ def build_deployment(
             {"name": "tmp", "mountPath": "/tmp"},
             *ca_mounts,
             *keys_mounts,
+            *sync_mounts,
         ],
         "securityContext": container_security_context(),
         # Ready only when vLLM is healthy and every desired adapter is loaded: the Service then routes only to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lorafleet.storage import (
     StoreUnavailable,
     VersionFolder,
 )
+from lorafleet.storage.sts_files import FileCredentials
 
 log = logging.getLogger("lorafleet.serving.fetch")
 
@@ -37,14 +39,32 @@ class StoreFetcher:
     Stores are built from the environment (the operator renders the default store's settings and credentials
     into the sidecar). The default store's credentials go to the default store's endpoint only: an adapter
     naming another endpoint is read there unsigned (its own Secret is not the sidecar's to hold).
+
+    With `credentials_dir` (the operator's minted, read-only keys as a Secret volume, Helm artifactStore.sts),
+    the keys are read from there before each adapter, so keys the operator renewed are used once the kubelet has
+    swapped the files, long before the first ones expire.
     """
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, credentials_dir: Path | None = None) -> None:
         self._base = StoreSettings.from_env(env)
+        self._files = FileCredentials(credentials_dir) if credentials_dir is not None else None
         self._stores: dict[str, ArtifactStore] = {}
+        self._lock = threading.Lock()  # adapters are prepared in parallel worker threads
+
+    def _settings(self) -> StoreSettings:
+        if self._files is None:
+            return self._base
+        keys = self._files.current()
+        return replace(
+            self._base,
+            access_key_id=keys.access_key_id,
+            secret_access_key=keys.secret_access_key,
+            session_token=keys.session_token,
+            anonymous=False,
+        )
 
     def store_for(self, want: DesiredAdapter) -> ArtifactStore:
-        settings = self._base
+        settings = self._settings()
         if want.store is not None:
             endpoint = want.store.endpoint.rstrip("/")
             foreign = endpoint != (settings.endpoint or "").rstrip("/")
@@ -61,9 +81,11 @@ class StoreFetcher:
                     settings, access_key_id=None, secret_access_key=None, session_token=None, anonymous=True
                 )
         key = f"{settings.endpoint}|{settings.region}|{settings.insecure_skip_tls_verify}|{settings.anonymous}"
-        if key not in self._stores:
-            self._stores[key] = ArtifactStore(settings)
-        return self._stores[key]
+        with self._lock:
+            cached = self._stores.get(key)
+            if cached is None or cached.settings != settings:  # renewed keys: a new client, the old one goes
+                cached = self._stores[key] = ArtifactStore(settings)
+            return cached
 
     def __call__(self, want: DesiredAdapter, desired: DesiredAdapterSet, adapters_dir: Path) -> Prepared | Refusal:
         name, uri = want.name, want.uri
@@ -99,7 +121,11 @@ class StoreFetcher:
             return Refusal(Reason.DOWNLOAD_FAILED, f"adapter {name!r}: {e}")
         log.info(
             "pulled %s %s into %s (%d bytes downloaded, %d reused)",
-            name, digest, dest, result.downloaded_bytes, result.reused_bytes,
+            name,
+            digest,
+            dest,
+            result.downloaded_bytes,
+            result.reused_bytes,
         )
 
         config, refusal = read_adapter_config(name, dest)

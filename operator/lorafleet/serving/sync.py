@@ -53,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="a model served only with one of its API keys (repeatable); no keys file: every request refused",
     )
+    p.add_argument(
+        "--store-credentials-dir",
+        type=Path,
+        help="mounted Secret volume with minted store keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_SESSION_TOKEN), read again whenever the kubelet renews it",
+    )
     p.add_argument("--poll-interval", type=float, default=0.1, help="seconds between stats of the desired file")
     p.add_argument("--resync-interval", type=float, default=2.0, help="seconds between checks of vLLM")
     p.add_argument("--parallel-downloads", type=int, default=2, help="adapters downloaded at once")
@@ -64,7 +70,7 @@ async def serve(args: argparse.Namespace, prepare: PrepareFn | None = None) -> N
     if prepare is None:
         from lorafleet.serving.fetch import StoreFetcher
 
-        prepare = StoreFetcher()
+        prepare = StoreFetcher(credentials_dir=args.store_credentials_dir)
     args.adapters_dir.mkdir(parents=True, exist_ok=True)
     engine = EngineClient(args.engine)
     syncer = Syncer(
