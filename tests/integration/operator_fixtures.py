@@ -17,6 +17,7 @@ from kubernetes.client.rest import ApiException
 
 from lorafleet import GROUP, VERSION
 from lorafleet.storage import ArtifactStore, VersionFolder
+from lorafleet_dev.kwok import GPU_PRODUCT
 from lorafleet_dev.operator import OperatorProcess, install_crds
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
@@ -24,6 +25,8 @@ from tests.integration.conftest import SESSION_PREFIX
 
 MODEL_URI = "s3://models/tiny-llama/r1"
 ADAPTER_ROOT = "s3://lorafleet"
+# The session operator's prices (status.usage.estimatedCost): kwok's GPU nodes are H100s.
+PRICING = {"currency": "USD", "gpuHour": {GPU_PRODUCT: 3.6, "default": 1.0}, "cpuHour": 0.36}
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +61,7 @@ def operator(
         "LORAFLEET_STORE_URI": ADAPTER_ROOT,
         "LORAFLEET_RESYNC_SECONDS": "3",
         "LORAFLEET_NAMESPACES": json.dumps([f"{SESSION_PREFIX}-*"]),  # this session's namespaces only
+        "LORAFLEET_PRICING": json.dumps(PRICING),
     }
     op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     op.start()
