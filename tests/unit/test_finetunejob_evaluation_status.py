@@ -21,6 +21,7 @@ from lorafleet.controllers import finetunejob as ftj_controller
 from lorafleet.resources import finetunejob as ftj_res
 from lorafleet.resources.conditions import Reason, get_condition
 from lorafleet.resources.status import ArtifactCheck, FineTuneJobObserved, finetunejob_status, status_dict
+from lorafleet.resources.stores import RenderError
 from lorafleet.resources.usage import usage_status
 from tests.unit import objects
 
@@ -261,6 +262,30 @@ def test_the_trainer_config_carries_the_evaluation() -> None:
     assert evaluation["metrics"] == ["rougeL", "exactMatch"]
     assert evaluation["require"] == [{"metric": "rougeL", "minScore": 0.5, "minImprovement": 0.1}]
     assert "evaluation" not in rendered(_ftj(None))  # configs without it render as before
+
+
+def test_an_evaluation_file_in_another_namespaces_root_is_refused() -> None:
+    """The trainer reads it with the platform's keys, like the datasets: never another team's artifacts."""
+    settings = OperatorSettings(store_endpoint="http://minio:9000", store_uri="s3://lorafleet/")
+    base = objects.as_base_model(objects.base_model()).spec
+    theirs = _ftj({"uri": "s3://lorafleet/team-b/adapters/x/v1/evaluation/predictions.jsonl"})
+    with pytest.raises(RenderError, match=r"spec\.evaluation\.uri") as refused:
+        ftj_res.trainer_config(objects.as_fine_tune_job(theirs), "tiny-llama", base, settings)
+    assert refused.value.reason == Reason.STORE_NOT_ALLOWED
+    ours = _ftj({"uri": "s3://lorafleet/ml/data/held-out.jsonl"})
+    assert ftj_res.trainer_config(objects.as_fine_tune_job(ours), "tiny-llama", base, settings).evaluation
+
+
+def test_an_evaluation_file_on_a_claim_is_mounted() -> None:
+    settings = OperatorSettings(store_endpoint="http://minio:9000", store_uri="s3://lorafleet/")
+    body = _ftj({"uri": "pvc://held-out/support.jsonl"})
+    children = ftj_res.desired_children(
+        objects.as_fine_tune_job(body), objects.as_base_model(objects.ready(objects.base_model())), settings
+    )
+    job = next(c for c in children if c["kind"] == "Job")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]  # fmt: skip
+    assert claims == ["held-out"]
 
 
 # -- usage and cost ---------------------------------------------------------------------------------------------
