@@ -38,6 +38,7 @@ from tests.unit import objects
 
 Obj = dict[str, Any]
 STORE_SECRET = "lorafleet-store"
+TEAM_SECRET = "team-store-keys"  # a spec's own store never names the platform's Secret (StoreNotAllowed)
 FIELD_MANAGER = "lorafleet-chart-rbac"  # tells this operator's writes apart from any other operator's
 # How an RBAC denial shows in the operator's log: the API server's "... cannot <verb> resource ...", its refusal to let
 # the operator grant what it does not hold (escalation prevention), the operator's own hint
@@ -174,8 +175,9 @@ def service_account_kubeconfig(cluster: ClusterHandle, namespace: str, account: 
 
 def _secret(cluster: ClusterHandle, namespace: str, s3_server: S3Server) -> None:
     data = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
-    body = client.V1Secret(metadata=client.V1ObjectMeta(name=STORE_SECRET), string_data=data)
-    cluster.core.create_namespaced_secret(namespace, body)
+    for name in (STORE_SECRET, TEAM_SECRET):  # the platform's copy, and a team's own keys for its own store
+        body = client.V1Secret(metadata=client.V1ObjectMeta(name=name), string_data=data)
+        cluster.core.create_namespaced_secret(namespace, body)
 
 
 def _manifest(obj: Obj, namespace: str) -> Obj:
@@ -325,7 +327,7 @@ def _reconcile_everything(
     own_store = _manifest(objects.base_model(name="own-store"), namespace)
     own_store["spec"]["source"] = {
         "uri": MODEL_URI,
-        "store": {"endpoint": store_endpoint, "credentialsSecretRef": {"name": STORE_SECRET}},
+        "store": {"endpoint": store_endpoint, "credentialsSecretRef": {"name": TEAM_SECRET}},
     }
     custom.create(own_store)
     ftj = _manifest(objects.fine_tune_job(), namespace)

@@ -439,6 +439,30 @@ def serve_b_adapter(w: World) -> None:
         assert theirs not in str(desired.data), "B's adapter is in A's desired set: A's replicas would pull it"
 
 
+def serve_b_adapter_via_inline_store(w: World) -> None:
+    """A's AdapterDeployment names B's adapter with an inline store at the default store's endpoint (no Secret):
+    the sidecar would read that endpoint with the default store's keys, so the default store's rule holds:
+    StoreNotAllowed naming A's root, nothing rendered."""
+    _store, theirs, digest = _b_adapter(w)
+    inline = {"endpoint": w.s3_server.endpoint}
+    ad = objects.adapter_deployment(
+        adapters=[{"name": "stolen", "artifact": {"uri": theirs, "digest": digest, "store": inline}}]
+    )
+    ad["metadata"] = {"name": "inline-thief", "namespace": w.a.namespace}
+    ad["spec"]["replicas"] = 1
+    w.a.custom.create(ad)
+    refused = w.a.custom.wait_status(
+        "AdapterDeployment",
+        "inline-thief",
+        lambda s, _o: any(c.get("reason") == "StoreNotAllowed" for c in s.get("conditions") or []),
+        what="StoreNotAllowed",
+    )
+    messages = " ".join(c.get("message", "") for c in refused["status"]["conditions"])
+    assert f"{ADAPTER_ROOT}/{w.a.namespace}/" in messages and theirs in messages, messages
+    deployments = w.a.admin.apps.list_namespaced_deployment(w.a.namespace).items
+    assert ad_res.names("inline-thief").deployment not in [d.metadata.name for d in deployments]  # not rendered
+
+
 def read_b_adapter_as_base_model(w: World) -> None:
     """A's BaseModel (shared read-only in the default store) names B's adapter folder: StoreNotAllowed, not read."""
     _store, theirs, _digest = _b_adapter(w)
@@ -485,6 +509,7 @@ ATTACKS = [
     pytest.param(pvc_path_escape, id="pvc-path-escape"),
     pytest.param(memory_lots, id="memory-lots"),
     pytest.param(serve_b_adapter, id="serve-b-adapter"),
+    pytest.param(serve_b_adapter_via_inline_store, id="serve-b-adapter-via-inline-store"),
     pytest.param(read_b_adapter_as_base_model, id="read-b-adapter-as-base-model"),
     pytest.param(gateway_without_key, id="gateway-without-key"),
     pytest.param(gateway_oversized_body, id="gateway-oversized-body"),

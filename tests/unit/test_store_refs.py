@@ -1,5 +1,8 @@
 """A storeRef resolves only to a store the object's namespace may use, at an endpoint the platform allows, and
-every URI it yields lies under that namespace's own root of the store (resources.store_refs, pure)."""
+every URI it yields lies under that namespace's own root of the store (resources.store_refs, pure). A store a
+tenant writes (inline `store`, or its ArtifactStore) never names the platform's Secret, and an inline adapter store
+at the default store's endpoint (read by the sidecar with the default store's keys) is held to this namespace's
+root."""
 
 from __future__ import annotations
 
@@ -8,11 +11,18 @@ from typing import Any
 import pytest
 
 from lorafleet.api.adapterdeployment import ArtifactRef
+from lorafleet.api.common import ObjectStore
 from lorafleet.api.finetunejob import AdapterOutput
 from lorafleet.api.stores import StoreRef
 from lorafleet.config import OperatorSettings
 from lorafleet.resources.conditions import Reason
-from lorafleet.resources.store_refs import require_within, resolve, within
+from lorafleet.resources.store_refs import (
+    require_inline_served,
+    require_own_secret,
+    require_within,
+    resolve,
+    within,
+)
 from lorafleet.resources.stores import RenderError
 
 SETTINGS = OperatorSettings(
@@ -113,3 +123,35 @@ def test_store_ref_excludes_the_inline_store() -> None:
         ArtifactRef.model_validate(
             {"uri": "s3://bkt/p", "store": {"endpoint": "http://x:1"}, "storeRef": CLUSTER.model_dump()}
         )
+
+
+PLATFORM = SETTINGS.model_copy(update={"store_credentials_secret": "platform-copy"})
+
+
+def test_a_tenants_store_never_names_the_platforms_secret() -> None:
+    inline = ObjectStore(endpoint="http://minio:9000", credentials_secret_ref={"name": "platform-copy"})
+    with pytest.raises(RenderError) as info:
+        require_own_secret(inline, PLATFORM, "spec.output.store")
+    assert info.value.reason == Reason.STORE_NOT_ALLOWED
+    assert 'spec.output.store.credentialsSecretRef names Secret "platform-copy"' in info.value.message
+    assert "artifactStore.credentialsSecret" in info.value.message and "storeRef" in info.value.message
+    require_own_secret(inline.model_copy(update={"credentials_secret_ref": None}), PLATFORM, "spec.output.store")
+    own = ObjectStore(endpoint="http://minio:9000", credentials_secret_ref={"name": "team-keys"})
+    require_own_secret(own, PLATFORM, "spec.output.store")  # its own Secret: accepted
+
+    team = {"kind": "ArtifactStore", "spec": {"endpoint": "http://minio:9000", "bucket": "lorafleet",
+                                              "credentialsSecretRef": {"name": "platform-copy"}}}  # fmt: skip
+    with pytest.raises(RenderError) as via_ref:
+        resolve(TEAM, "team-a", team, {}, PLATFORM, "spec.output")
+    assert 'ArtifactStore "archive" spec.credentialsSecretRef names Secret "platform-copy"' in via_ref.value.message
+
+
+def test_an_inline_adapter_store_at_the_default_endpoint_keeps_to_the_namespaces_root() -> None:
+    inline = ObjectStore(endpoint="http://minio:9000/")
+    field = "spec.adapters[0].artifact.store"
+    require_inline_served(inline, "s3://lorafleet/prod/team-a/adapters/x/v1", "team-a", SETTINGS, field)
+    with pytest.raises(RenderError) as info:
+        require_inline_served(inline, "s3://lorafleet/prod/team-b/adapters/x/v1", "team-a", SETTINGS, field)
+    assert info.value.reason == Reason.STORE_NOT_ALLOWED and "s3://lorafleet/prod/team-a/" in info.value.message
+    elsewhere = ObjectStore(endpoint="https://rgw.storage.svc:443")  # read unsigned there: any URI
+    require_inline_served(elsewhere, "s3://lorafleet/prod/team-b/adapters/x/v1", "team-a", SETTINGS, field)

@@ -20,6 +20,8 @@ from lorafleet.resources.store_refs import (
     CLUSTER,
     ResolvedStore,
     default_location,
+    require_inline_served,
+    require_own_secret,
     require_shared_readable,
     require_within,
     resolve,
@@ -47,11 +49,13 @@ def bind_basemodel(bm: BaseModelObject) -> tuple[BaseModelObject, RenderError | 
     roots (resources.store_refs.require_shared_readable)."""
     source = bm.spec.source
     if source.store_ref is None:
-        if source.store is None and parse(source.uri).scheme == "s3":
-            try:
+        try:
+            if source.store is not None:
+                require_own_secret(source.store, SETTINGS, "spec.source.store")
+            elif parse(source.uri).scheme == "s3":
                 require_shared_readable(source.uri, bm.namespace, SETTINGS, "spec.source.uri")
-            except RenderError as exc:
-                return bm, exc
+        except RenderError as exc:
+            return bm, exc
         return bm, None
     try:
         resolved = resolve_ref(source.store_ref, bm.namespace, "spec.source")
@@ -66,6 +70,11 @@ def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderE
     """The output goes to the store's root for this namespace: <root>/adapters/<name>/<version>."""
     output = ftj.spec.output
     if output.store_ref is None:
+        try:
+            if output.store is not None:
+                require_own_secret(output.store, SETTINGS, "spec.output.store")
+        except RenderError as exc:
+            return ftj, exc
         return ftj, None
     try:
         resolved = resolve_ref(output.store_ref, ftj.namespace, "spec.output")
@@ -77,11 +86,13 @@ def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderE
 
 def _bind_artifact(artifact: ArtifactRef, namespace: str, field: str) -> tuple[ArtifactRef, RenderError | None]:
     if artifact.store_ref is None:
-        if artifact.store is None:
-            try:
+        try:
+            if artifact.store is None:
                 require_within(artifact.uri, default_location(namespace, SETTINGS, field), f"{field}.uri")
-            except RenderError as exc:
-                return artifact, exc
+            else:  # the sidecar reads the default store's endpoint with the default store's keys
+                require_inline_served(artifact.store, artifact.uri, namespace, SETTINGS, f"{field}.store")
+        except RenderError as exc:
+            return artifact, exc
         return artifact, None
     try:
         resolved = resolve_ref(artifact.store_ref, namespace, field)
@@ -94,7 +105,8 @@ def _bind_artifact(artifact: ArtifactRef, namespace: str, field: str) -> tuple[A
 def bind_adapterdeployment(ad: AdapterDeploymentObject) -> tuple[AdapterDeploymentObject, RenderError | None]:
     """Every adapter's artifact store (each version's, in a canary); the first that cannot be used is the error
     (the others stay bound). An artifact in the default store (neither store nor storeRef) is served, with the
-    platform's keys, only from this namespace's root, as through storeRef ClusterArtifactStore "default"."""
+    platform's keys, only from this namespace's root, as through storeRef ClusterArtifactStore "default"; so is one
+    with an inline store at the default store's endpoint, which the sidecar reads with the default store's keys."""
     errors: list[RenderError] = []
     adapters = []
     for i, adapter in enumerate(ad.spec.adapters):

@@ -150,7 +150,32 @@ def resolve(
         )
     if ref.kind == CLUSTER:
         return ResolvedStore(ref, _inline(cluster, cluster.credentials_secret_ref), _root(cluster, namespace))
+    require_own_secret(team, settings, f"{field}.storeRef: {describe(ref)} spec")
     return ResolvedStore(ref, _inline(team, team.credentials_secret_ref), _root(team))
+
+
+def require_own_secret(store: ArtifactStoreSpec | ObjectStore, settings: OperatorSettings, field: str) -> None:
+    """A store a tenant wrote (inline `store`, or its ArtifactStore) uses a Secret of its own, never the copy of the
+    platform's keys that workloads of the default store read (Helm artifactStore.credentialsSecret): with those
+    keys and a URI of its choosing it would read or write anywhere the platform can."""
+    ref = store.credentials_secret_ref
+    platform = settings.store_credentials_secret
+    if ref is not None and platform and ref.name == platform:
+        raise RenderError(
+            Reason.STORE_NOT_ALLOWED,
+            f'{field}.credentialsSecretRef names Secret "{ref.name}", the platform\'s keys for the default store '
+            "(Helm artifactStore.credentialsSecret): a store of your own uses a Secret of your own; to use the "
+            f"default store, leave {field} out or name it with storeRef (its per-namespace location applies)",
+        )
+
+
+def require_inline_served(store: ObjectStore, uri: str, namespace: str, settings: OperatorSettings, field: str) -> None:
+    """An adapter a tenant names with an inline `store`: at the default store's endpoint the serving sidecar reads
+    it with the default store's keys (it holds no other Secret), so the default store's location rule applies;
+    elsewhere it is read unsigned."""
+    require_own_secret(store, settings, field)
+    if settings.store_endpoint and store.endpoint.rstrip("/") == settings.store_endpoint.rstrip("/"):
+        require_within(uri, default_location(namespace, settings, field), f"{field}.uri")
 
 
 def plain_key(uri: str) -> bool:
