@@ -116,3 +116,35 @@ def test_strategy_is_not_rendered_while_default() -> None:
     fsdp = DistributedSettings(strategy="fsdp")
     assert fsdp.model_dump(by_alias=True)["strategy"] == "fsdp"
     assert DistributedSettings.model_validate(fsdp.model_dump(by_alias=True)).strategy == "fsdp"
+
+
+def test_a_full_evaluation_fits_beside_the_usual_report() -> None:
+    from typing import get_args
+
+    from lorafleet.api.evaluation import EvaluationMetric
+    from lorafleet.contracts.evaluation import EvaluationResult
+    from lorafleet.contracts.trainer import TrainerReport
+
+    names = get_args(EvaluationMetric)
+    assert len(names) == 8
+    evaluation = EvaluationResult.model_validate(
+        {
+            "metrics": {n: {"base": 0.123456789, "adapter": 1234.56789, "examples": 5000} for n in names},
+            "examples": 5000,
+            "predictionsFile": "evaluation/predictions.jsonl",
+        }
+    )
+    metrics = {k: 12345.6789 for k in ("trainLoss", "evalLoss", "tokensPerSecond", "trainSeconds", "wallSeconds")}
+    metrics |= {"trainTokens": 1e9, "steps": 100000.0, "samples": 1e6}
+    status = build_status(
+        progress={"step": 100000, "totalSteps": 100000, "epoch": 3.0, "loss": 0.5},
+        metrics=metrics,
+        artifact={"uri": "s3://" + "b" * 63 + "/" + "p" * 500, "digest": "sha256:" + "0" * 64, "sizeBytes": 10},
+        evaluation=evaluation,
+        tokens_trained=10**12,
+    )
+    text = encode(status)
+    assert len(text.encode()) <= MAX_BYTES
+    report = TrainerReport.model_validate(json.loads(text))
+    assert report.metrics is not None and report.metrics.keys() == metrics.keys() and report.tokens_trained == 10**12
+    assert report.evaluation == evaluation  # compact: nothing had to be dropped
