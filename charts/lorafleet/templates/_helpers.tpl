@@ -138,9 +138,10 @@ go with the garbage collector.
   resources: ["secrets"]
   verbs: ["get"]
 {{- if ((.Values.artifactStore).sts).enabled }}
-# artifactStore.sts: each FineTuneJob's minted store credentials (controllers/credentials.py), a Secret it owns,
-# written by name (apply: create and patch) and deleted once the job has finished. create cannot be narrowed by
-# name, and the names are per FineTuneJob; an existing Secret the FineTuneJob does not control is never written.
+# artifactStore.sts: minted store credentials (controllers/credentials.py), a Secret the workload owns, written by
+# name (apply: create and patch): a FineTuneJob's <name>-store, deleted once the job has finished, and an
+# AdapterDeployment's read-only <name>-serving-store, renewed in place and collected with it. create cannot be
+# narrowed by name, and the names are per object; an existing Secret the object does not control is never written.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "patch", "delete"]
