@@ -22,7 +22,7 @@ fi
 ctx="kind-${name}"
 
 # kwok controller in cluster (reads Stage CRs) with its default stages, then ours on top:
-# pod-complete is replaced by a delayed one and lorafleet-pod-fail is added (docs/cluster.md).
+# pod-complete is replaced by a delayed one and lorafleet-pod-fail is added (docs/dev/cluster.md).
 kubectl --context "$ctx" apply -f "${kwok_release}/kwok.yaml"
 kubectl --context "$ctx" wait --for=condition=Established crd/stages.kwok.x-k8s.io --timeout=60s
 kubectl --context "$ctx" apply -f "${kwok_release}/stage-fast.yaml"

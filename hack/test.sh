@@ -32,7 +32,7 @@ suites=(tests/unit tests/trainer tests/integration)
 if [ "$(id -u)" = 0 ] && [ "${LORAFLEET_SKIP_E2E:-0}" != 1 ] && [ "$prereqs_ok" = 1 ]; then
   suites+=(tests/e2e)
 else
-  echo "hack/test.sh: NOT running tests/e2e (they need root and the prerequisites above; docs/node.md)" >&2
+  echo "hack/test.sh: NOT running tests/e2e (they need root and the prerequisites above; docs/dev/node.md)" >&2
 fi
 step "[4/4] pytest ${suites[*]} (a first run builds the Kubernetes components, 10 to 18 minutes, and as root the node's and three images, about 20 more)"
 exec python -m pytest "${suites[@]}" "$@"

@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests on a real node (docs/node.md).
+"""Fixtures for end-to-end tests on a real node (docs/dev/node.md).
 
 * ``node`` (session): the local cluster (the ``cluster`` fixture of tests/integration) plus a real node
   (``lorafleet_dev.node``: containerd, kubelet, kube-proxy, CoreDNS), started if needed and stopped at the
@@ -163,7 +163,7 @@ def node(cluster: ClusterHandle) -> Iterator[NodeHandle]:  # noqa: F811  (the im
     except Exception as e:  # not root, packages missing, a component that did not start
         pytest.fail(
             f"could not start the real node: {e}\n"
-            "Run `sudo hack/node up` to see why (docs/node.md), or set LORAFLEET_SKIP_E2E=1 to skip the e2e tests.",
+            "Run `sudo hack/node up` to see why (docs/dev/node.md), or set LORAFLEET_SKIP_E2E=1 to skip the e2e tests.",
             pytrace=False,
         )
     try:

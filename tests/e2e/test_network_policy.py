@@ -1,4 +1,4 @@
-"""The egress NetworkPolicy lorafleet renders for a training pod is enforced on the real node (docs/node.md).
+"""The egress NetworkPolicy lorafleet renders for a training pod is enforced on the real node (docs/dev/node.md).
 
 The engine is kube-router's firewall (``lorafleet_dev.netpol``), started by ``hack/node up`` or by the ``node``
 fixture. Two HTTP listeners run on the host: one on the node's IP 10.85.0.1 (where MinIO listens in the

@@ -3,7 +3,7 @@ images are there (never pulled), a pod runs and its logs and exec work through t
 API server through the `kubernetes` Service, kube-proxy routes a ClusterIP Service to another pod, and
 CoreDNS resolves Service names.
 
-Each test is one step of docs/node.md; a later step failing does not hide an earlier one working."""
+Each test is one step of docs/dev/node.md; a later step failing does not hide an earlier one working."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A FineTuneJob really trains in a pod on the real node (docs/node.md, "A FineTuneJob trains on the node").
+"""A FineTuneJob really trains in a pod on the real node (docs/dev/node.md, "A FineTuneJob trains on the node").
 
 MinIO listens on the node's bridge address (10.85.0.1), which both the operator (a subprocess on this machine)
 and the pods reach. It holds the tiny Llama of ``lorafleet_dev.tiny_model`` as a model version and a small chat

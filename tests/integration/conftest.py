@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real Kubernetes API server (docs/cluster.md).
+"""Fixtures for tests against a real Kubernetes API server (docs/dev/cluster.md).
 
 * ``cluster`` (session): by default uses the local control plane of ``lorafleet_dev.cluster`` (built from
   source on first use, then cached), starting it if needed. At the end it is stopped unless ``hack/cluster up``

@@ -48,7 +48,7 @@ CHILD_RESOURCES = {
 
 
 def helm_binary() -> Path:
-    """The pinned helm, built on first use (about 2 minutes with Go; see docs/cluster.md)."""
+    """The pinned helm, built on first use (about 2 minutes with Go; see docs/dev/cluster.md)."""
     try:
         return Builder(log=lambda _: None).ensure(["helm"])["helm"]
     except BuildError as exc:
