@@ -239,3 +239,20 @@ def test_the_evaluation_key_is_where_the_manifest_keeps_it() -> None:
     from lorafleet.storage.manifest import Manifest
 
     assert EVALUATION_KEY in Manifest.model_fields
+
+
+def test_a_versions_artifact_keeps_to_the_namespaces_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canary's version is bound like any artifact: another namespace's adapters are not served through it."""
+    from lorafleet.controllers import store_refs
+
+    monkeypatch.setattr(store_refs, "SETTINGS", SETTINGS)
+    theirs = {"uri": "s3://lorafleet/team-b/adapters/bot/v1"}
+    ad = _ad({"name": "bot", "versions": [
+        {"name": "v1", "artifact": _artifact("v1"), "weight": 50},
+        {"name": "v2", "artifact": theirs, "weight": 50},
+    ]})  # fmt: skip
+    _, error = store_refs.bind_adapterdeployment(ad)
+    assert error is not None and error.reason == "StoreNotAllowed"
+    assert "spec.adapters[0].versions[1].artifact.uri" in error.message
+    mine = _ad({"name": "bot", "versions": [{"name": "v1", "artifact": _artifact("v1"), "weight": 100}]})
+    assert store_refs.bind_adapterdeployment(mine)[1] is None
