@@ -272,6 +272,8 @@ def test_operator_reconciles_with_only_the_charts_rbac(
     values: Obj = {
         "artifactStore": {"endpoint": s3_server.endpoint, "uri": ADAPTER_ROOT, "credentialsSecret": STORE_SECRET},
         "networkPolicy": {"enabled": True, "egressCIDRs": ["10.0.0.0/8"]},
+        # The "own-store" BaseModel names a Secret of the work namespace: the operator must read it there.
+        "rbac": {"secretNamespaces": [work_namespace]},
     }
     if mode == "namespaced":
         values["watchNamespaces"] = [work_namespace]

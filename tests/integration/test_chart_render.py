@@ -1,6 +1,7 @@
 """The Helm chart, rendered by the real helm (built into the cache by lorafleet_dev.build): it lints, its CRDs are the
 generated ones byte for byte, a typo in values fails, every setting it renders is one the operator reads, and its
-RBAC grants what the controllers do (every child kind they apply, the trainer Role they hand out) in both modes.
+RBAC grants what the controllers do (every child kind they apply, the trainer Role they hand out) in both modes,
+and Secrets only in the operator's own namespace and the namespaces rbac.secretNamespaces lists.
 
 The RBAC is proven against a real API server in tests/integration/test_chart_rbac.py.
 """
@@ -153,7 +154,9 @@ def test_default_render_has_the_expected_objects(default_render: list[Obj]) -> N
         ("Deployment", "lorafleet"),
         ("PodDisruptionBudget", "lorafleet"),
         ("Role", "lorafleet-leader-election"),
+        ("Role", "lorafleet-secrets"),  # its own namespace's Secrets only
         ("RoleBinding", "lorafleet-leader-election"),
+        ("RoleBinding", "lorafleet-secrets"),
         ("Service", "lorafleet-metrics"),
         ("ServiceAccount", "lorafleet"),
     ]
@@ -230,6 +233,8 @@ def test_service_monitor_is_optional() -> None:
         ({"replicas": 0}, "replicas"),
         ({"leaderElection": {"leaseDuration": 15}}, "additional properties 'leaseDuration' not allowed"),
         ({"leaderElection": {"retryPeriodSeconds": 0}}, "retryPeriodSeconds"),
+        ({"rbac": {"secretNamespaces": ["*", "team-a"]}}, "secretNamespaces"),  # "*" only alone
+        ({"rbac": {"secretNamespaces": ["Team_A"]}}, "secretNamespaces/0"),
     ],
 )
 def test_schema_rejects_typos_and_bad_values(values: dict[str, Any], complaint: str) -> None:
@@ -402,7 +407,7 @@ def test_rbac_covers_every_child_the_controllers_apply(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["cluster", "namespaced"])
-def test_rbac_covers_reads_watches_status_events_and_secrets(mode: str) -> None:
+def test_rbac_covers_reads_watches_status_and_events(mode: str) -> None:
     docs = render({"watchNamespaces": ["team-a"]} if mode == "namespaced" else None)
     rules = operator_rules(docs, "team-a" if mode == "namespaced" else None)
     needed = [
@@ -411,7 +416,7 @@ def test_rbac_covers_reads_watches_status_events_and_secrets(mode: str) -> None:
         *[("lorafleet.io", f"{p}/status", "patch") for p in ("basemodels", "finetunejobs", "adapterdeployments")],
         ("batch", "jobs", "get"), ("batch", "jobs", "list"), ("batch", "jobs", "watch"),
         ("apps", "deployments", "get"), ("apps", "deployments", "list"), ("apps", "deployments", "watch"),
-        ("", "services", "get"), ("", "pods", "list"), ("", "pods", "watch"), ("", "secrets", "get"),
+        ("", "services", "get"), ("", "pods", "list"), ("", "pods", "watch"),
         ("", "events", "create"), ("events.k8s.io", "events", "create"),
     ]  # fmt: skip
     missing = [n for n in needed if not allows(rules, *n)]
@@ -444,6 +449,61 @@ def test_rbac_is_least_privilege() -> None:
         assert not allows(rules, group, resource, "delete"), f"the operator never deletes a tenant's {resource}"
     for verb in ("escalate", "bind"):
         assert not allows(rules, "rbac.authorization.k8s.io", "roles", verb)
+
+
+def secret_verbs(docs: list[Obj]) -> dict[str, set[str]]:
+    """Namespace ("*": cluster-wide) -> the Secret verbs the operator holds there, from every (Cluster)Role."""
+    out: dict[str, set[str]] = {}
+    for doc in docs:
+        if doc["kind"] in ("Role", "ClusterRole") and not doc["metadata"]["name"].endswith("-discovery"):
+            ns = doc["metadata"].get("namespace", "*")
+            for rule in doc.get("rules") or []:
+                if "" in rule["apiGroups"] and "secrets" in rule["resources"]:
+                    out.setdefault(ns, set()).update(rule["verbs"])
+    return out
+
+
+GET, WRITE = {"get"}, {"get", "create", "patch", "delete"}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param({}, {NAMESPACE: GET}, id="default: only its own namespace"),
+        pytest.param({"rbac": {"secretNamespaces": ["team-a"]}}, {NAMESPACE: GET, "team-a": GET}, id="listed"),
+        pytest.param(
+            {"rbac": {"secretNamespaces": ["team-a", "team-b"]}, "artifactStore": {"sts": {"enabled": True}}},
+            {NAMESPACE: GET, "team-a": WRITE, "team-b": WRITE},
+            id="sts writes where listed, never in its own namespace",
+        ),
+        pytest.param({"rbac": {"secretNamespaces": ["*"]}}, {NAMESPACE: GET, "*": GET}, id="star: cluster-wide"),
+        pytest.param(
+            {"watchNamespaces": ["team-a", "team-b"], "rbac": {"secretNamespaces": ["team-b"]}},
+            {NAMESPACE: GET, "team-b": GET},
+            id="namespaced: a watched namespace is not a Secret namespace",
+        ),
+        pytest.param(
+            {"watchNamespaces": ["team-a", "team-b"], "rbac": {"secretNamespaces": ["*"]}},
+            {NAMESPACE: GET, "team-a": GET, "team-b": GET},
+            id="namespaced star: every watched namespace",
+        ),
+    ],
+)
+def test_secrets_only_in_the_operators_namespace_and_those_listed(values: Obj, expected: dict[str, set[str]]) -> None:
+    """Least privilege (issue 15): Secret rights follow rbac.secretNamespaces, not the watched scope."""
+    docs = render(values)
+    assert secret_verbs(docs) == expected
+    for doc in find(docs, "RoleBinding", "lorafleet-secrets"):
+        assert doc["roleRef"]["name"] == "lorafleet-secrets" and doc["metadata"]["namespace"] in expected
+        assert doc["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet", "namespace": NAMESPACE}]
+
+
+def test_secret_namespaces_outside_the_watched_ones_are_refused() -> None:
+    values = {"watchNamespaces": ["team-a"], "rbac": {"secretNamespaces": ["team-b"]}}
+    proc = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, *set_args(values), check=False)
+    assert proc.returncode != 0 and 'rbac.secretNamespaces lists "team-b", which watchNamespaces does not' in (
+        proc.stderr
+    )
 
 
 def test_namespaced_mode_has_a_role_per_namespace_and_no_cluster_wide_grant() -> None:

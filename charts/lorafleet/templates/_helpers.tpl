@@ -124,28 +124,6 @@ go with the garbage collector.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Secrets, by name only (never list or watch: the operator holds no copy of any namespace's Secrets). Read where
-# a store needs them, in the namespace of the object that names them:
-# * controllers/artifacts.py `_secret_value`: the credentials (and CA bundle) of the store a BaseModel's
-#   spec.source.store or a FineTuneJob's spec.output.store names, at an endpoint the platform allows, to read a
-#   manifest (a BaseModel's digest, a finished FineTuneJob's adapter) and, with deletionPolicy Delete, to delete
-#   the adapter version that FineTuneJob wrote.
-# * controllers/basemodel.py `reconcile`: whether the Secrets a BaseModel names exist (a condition says which is
-#   missing, instead of pods stuck in CreateContainerConfigError).
-# Pods get their credentials through secretKeyRef and Secret volumes, which the kubelet resolves: creating them
-# needs no Secret access. Tenants' Secrets can have any name, so RBAC cannot narrow this further.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
-{{- if ((.Values.artifactStore).sts).enabled }}
-# artifactStore.sts: minted store credentials (controllers/credentials.py), a Secret the workload owns, written by
-# name (apply: create and patch): a FineTuneJob's <name>-store, deleted once the job has finished, and an
-# AdapterDeployment's read-only <name>-serving-store, renewed in place and collected with it. create cannot be
-# narrowed by name, and the names are per object; an existing Secret the object does not control is never written.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["create", "patch", "delete"]
-{{- end }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -159,4 +137,33 @@ go with the garbage collector.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Secrets, in the namespaces rbac.secretNamespaces lists (rbac.yaml), not with lorafleet.rules. Call with the root.
+*/}}
+{{- define "lorafleet.secretRules" -}}
+# Secrets, by name only (never list or watch: the operator holds no copy of any namespace's Secrets). Read where
+# a store needs them, in the namespace of the object that names them:
+# * controllers/artifacts.py `_secret_value`: the credentials (and CA bundle) of the store a BaseModel's
+#   spec.source.store or a FineTuneJob's spec.output.store names, at an endpoint the platform allows, to read a
+#   manifest (a BaseModel's digest, a finished FineTuneJob's adapter) and, with deletionPolicy Delete, to delete
+#   the adapter version that FineTuneJob wrote.
+# * controllers/basemodel.py `reconcile`: whether the Secrets a BaseModel names exist (a condition says which is
+#   missing, instead of pods stuck in CreateContainerConfigError).
+# Pods get their credentials through secretKeyRef and Secret volumes, which the kubelet resolves: creating them
+# needs no Secret access. Tenants' Secrets can have any name, so RBAC narrows this by namespace only: where the
+# operator may not read, the object gets StoreNotAllowed naming the Helm value rbac.secretNamespaces.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- if ((.Values.artifactStore).sts).enabled }}
+# artifactStore.sts: minted store credentials (controllers/credentials.py), a Secret the workload owns, written by
+# name (apply: create and patch): a FineTuneJob's <name>-store, deleted once the job has finished, and an
+# AdapterDeployment's read-only <name>-serving-store, renewed in place and collected with it. create cannot be
+# narrowed by name, and the names are per object; an existing Secret the object does not control is never written.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch", "delete"]
+{{- end }}
 {{- end }}

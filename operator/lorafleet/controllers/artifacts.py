@@ -17,6 +17,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
 
 from lorafleet import k8s
 from lorafleet.api.common import ObjectStore
@@ -39,11 +42,13 @@ __all__ = [
     "MANIFESTS",
     "Deletion",
     "ManifestCache",
+    "SecretForbidden",
     "SecretMissing",
     "StoreError",
     "check_version",
     "delete_if_owned",
     "delete_version",
+    "read_secret",
     "store_for",
 ]
 
@@ -59,6 +64,28 @@ class SecretMissing(Exception):
     """A Secret the spec references does not exist (yet)."""
 
 
+class SecretForbidden(StoreError):
+    """The operator's RBAC does not reach Secrets in this namespace (Helm rbac.secretNamespaces)."""
+
+
+def secret_forbidden_message(namespace: str, name: str, verb: str) -> str:
+    return (
+        f'the operator may not {verb} Secret "{name}" in namespace "{namespace}": its RBAC reaches Secrets only in '
+        f'its own namespace and those the platform team lists; add "{namespace}" to the Helm value '
+        'rbac.secretNamespaces (["*"]: every namespace)'
+    )
+
+
+def read_secret(namespace: str, name: str) -> dict[str, Any] | None:
+    """A Secret by name, None when missing; SecretForbidden when the chart's RBAC does not reach its namespace."""
+    try:
+        return k8s.get("v1", "Secret", name, namespace)
+    except ApiException as exc:
+        if exc.status == 403:
+            raise SecretForbidden(secret_forbidden_message(namespace, name, "read")) from None
+        raise
+
+
 class StoreNotAllowed(StoreError):
     """A spec's store names a Secret at an endpoint the platform does not allow: the Secret is never read."""
 
@@ -69,7 +96,7 @@ def _operator_settings() -> OperatorSettings:
 
 
 def _secret_value(namespace: str, name: str, key: str) -> str:
-    secret = k8s.get("v1", "Secret", name, namespace)
+    secret = read_secret(namespace, name)
     if secret is None:
         raise SecretMissing(name)
     raw = (secret.get("data") or {}).get(key)
@@ -125,7 +152,7 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
         manifest, digest, _ = store.read_manifest(VersionFolder.parse(uri))
     except SecretMissing as exc:
         return ArtifactCheck(problem=(Reason.SECRET_NOT_FOUND, f'Secret "{exc}" referenced by the store not found'))
-    except StoreNotAllowed as exc:
+    except (StoreNotAllowed, SecretForbidden) as exc:
         return ArtifactCheck(problem=(Reason.STORE_NOT_ALLOWED, str(exc)))
     except (IncompleteVersion, ObjectNotFound) as exc:
         return ArtifactCheck(problem=(Reason.MANIFEST_NOT_FOUND, str(exc)))

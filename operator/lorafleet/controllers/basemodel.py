@@ -7,12 +7,12 @@ AdapterDeployments that wait for a BaseModel are reconciled as soon as it change
 
 from __future__ import annotations
 
-from lorafleet import k8s
 from lorafleet.api.basemodel import BaseModelStatus
 from lorafleet.api.objects import BaseModelObject
 from lorafleet.controllers import artifacts
 from lorafleet.controllers.base import SETTINGS, Reconciler, now, register_reconciler
 from lorafleet.controllers.store_refs import bind_basemodel
+from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status import ArtifactCheck, BaseModelObserved, basemodel_secret_names, basemodel_status
 
 KIND = "BaseModel"
@@ -25,7 +25,11 @@ def reconcile(bm: BaseModelObject) -> BaseModelStatus:
         refusal = ArtifactCheck(problem=(refused.reason, refused.message))
         observed = BaseModelObserved(default_store_configured=True, source_check=refusal)
         return basemodel_status(bm, observed, now())
-    missing = next((n for n in basemodel_secret_names(bm) if k8s.get("v1", "Secret", n, namespace) is None), None)
+    try:
+        missing = next((n for n in basemodel_secret_names(bm) if artifacts.read_secret(namespace, n) is None), None)
+    except artifacts.SecretForbidden as exc:  # the chart's RBAC does not reach this namespace's Secrets
+        forbidden = ArtifactCheck(problem=(Reason.STORE_NOT_ALLOWED, str(exc)))
+        return basemodel_status(bm, BaseModelObserved(default_store_configured=True, source_check=forbidden), now())
     source = bm.spec.source
     configured = bool(SETTINGS.store_endpoint) or source.store is not None
     check = None

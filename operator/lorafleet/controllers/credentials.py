@@ -14,8 +14,11 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 
+from kubernetes.client.exceptions import ApiException
+
 from lorafleet import k8s
 from lorafleet.api.objects import CustomResource
+from lorafleet.controllers.artifacts import SecretForbidden, read_secret, secret_forbidden_message
 from lorafleet.controllers.base import SETTINGS, Obj, log, now
 from lorafleet.resources.common import object_meta
 from lorafleet.resources.conditions import Reason
@@ -56,7 +59,10 @@ def renew_at(expires: datetime, duration_seconds: int) -> datetime:
 def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> float:
     """The owner's credentials Secret exists and is fresh; returns the seconds until it must be renewed.
     RenderError (ChildConflict, StoreUnavailable) when it cannot be."""
-    existing = k8s.get("v1", "Secret", name, owner.namespace)
+    try:
+        existing = read_secret(owner.namespace, name)
+    except SecretForbidden as exc:
+        raise RenderError(Reason.STORE_NOT_ALLOWED, f"store credentials for this workload not minted: {exc}") from None
     if existing is not None and not _controlled_by(existing, owner.metadata.uid):
         raise RenderError(
             Reason.CHILD_CONFLICT,
@@ -87,13 +93,27 @@ def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> fl
     meta["annotations"] = {EXPIRES: minted.expiration.isoformat(), GRANT: wanted}
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": data}
     # Forced only over our own Secret: a new one is applied without force (someone else's is never taken over).
-    k8s.apply(secret, field_manager=SETTINGS.field_manager, force=existing is not None)
+    try:
+        k8s.apply(secret, field_manager=SETTINGS.field_manager, force=existing is not None)
+    except ApiException as exc:
+        if exc.status != 403:
+            raise
+        message = secret_forbidden_message(owner.namespace, name, "write")
+        raise RenderError(
+            Reason.STORE_NOT_ALLOWED, f"store credentials for this workload not minted: {message}"
+        ) from None
     log.info("minted store credentials %s/%s until %s", owner.namespace, name, minted.expiration.isoformat())
     return max((renew_at(minted.expiration, duration) - when).total_seconds(), 60.0)
 
 
 def remove(owner: CustomResource, name: str) -> None:
     """Delete the owner's credentials Secret once its workload is done (they expire anyway; this ends them now)."""
-    existing = k8s.get("v1", "Secret", name, owner.namespace)
-    if existing is not None and _controlled_by(existing, owner.metadata.uid):
-        k8s.delete("v1", "Secret", name, owner.namespace)
+    try:
+        existing = read_secret(owner.namespace, name)
+        if existing is not None and _controlled_by(existing, owner.metadata.uid):
+            k8s.delete("v1", "Secret", name, owner.namespace)
+    except (SecretForbidden, ApiException) as exc:
+        if isinstance(exc, ApiException) and exc.status != 403:
+            raise
+        # Never minted where the operator may not write Secrets (ensure refused); minted keys expire anyway.
+        log.info("store credentials %s/%s not removed: %s", owner.namespace, name, exc)
