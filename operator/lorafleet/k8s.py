@@ -300,14 +300,25 @@ def _to_dict(result: Any) -> dict[str, Any]:
     return cast(dict[str, Any], result)
 
 
-def apply(obj: Mapping[str, Any], field_manager: str, force: bool = True) -> dict[str, Any]:
+# An apply configuration's resourceVersion is a precondition on the stored object. No stored object has revision 1
+# (etcd's first write is revision 2), so an apply carrying it creates the object when the name is free and fails
+# with 409 Conflict, changing nothing, when any object holds the name: create-if-absent in one request, with the
+# fields owned by the apply (unlike a POST, whose fields an "Update" entry would own).
+CREATE_ONLY_VERSION = "1"
+
+
+def apply(obj: Mapping[str, Any], field_manager: str, force: bool = True, create_only: bool = False) -> dict[str, Any]:
     """Server-side apply of any object (core or custom, namespaced or cluster-scoped); returns the result.
 
     `force=True` takes over fields another manager set: the operator is the source of truth for what it
-    builds. Raises ValueError for a namespaced kind without metadata.namespace or a cluster-scoped kind with
+    builds. `create_only=True` only creates: ApiException 409 when an object of that name exists (force is then
+    irrelevant). Raises ValueError for a namespaced kind without metadata.namespace or a cluster-scoped kind with
     one (a bug in the caller, not something to retry).
     """
     body = clean_for_apply(obj)
+    if create_only:
+        body["metadata"]["resourceVersion"] = CREATE_ONLY_VERSION
+        force = False
     res = resource(body["apiVersion"], body["kind"])
     metadata = body["metadata"]
     namespace = metadata.get("namespace")

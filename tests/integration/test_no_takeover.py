@@ -246,3 +246,21 @@ def test_a_single_pod_fine_tune_job_may_start_with_a_digit(cluster: ClusterHandl
 def _distributed(ftj: Obj) -> Obj:
     ftj["spec"]["resources"]["nodes"] = 2
     return ftj
+
+
+def test_a_create_only_apply_creates_a_free_name_and_never_touches_a_held_one(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    # How a new child is created without reading its name first (controllers.base.execute_children): an apply whose
+    # resourceVersion precondition no stored object meets.
+    k8s.use_api_client(cluster.api_client)
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "free", "namespace": namespace}}
+    created = k8s.apply({**cm, "data": {"a": "1"}}, field_manager="lorafleet-test", create_only=True)
+    managers = {(m["manager"], m["operation"]) for m in created["metadata"]["managedFields"]}
+    assert managers == {("lorafleet-test", "Apply")}  # the apply owns the fields, as later applies expect
+    with pytest.raises(ApiException) as refused:
+        k8s.apply({**cm, "data": {"a": "2"}}, field_manager="lorafleet-test", create_only=True)
+    assert refused.value.status == 409
+    after = _read(cluster, "ConfigMap", namespace, "free") or {}
+    assert after["data"] == {"a": "1"}
+    assert after["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]

@@ -76,13 +76,13 @@ def test_finetunejob_waits_for_a_base_model_that_is_not_ready() -> None:
 def test_finetunejob_renders_config_job_and_policy_when_base_is_ready() -> None:
     children, error = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
     assert error is None
-    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Job", "NetworkPolicy"]
+    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "NetworkPolicy", "Job"]  # the Job last
 
 
 def test_distributed_finetunejob_adds_a_headless_service() -> None:
     ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 1})
     children, _ = _ftj_plan(ftj, objects.ready(objects.base_model()), SETTINGS)
-    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Service", "Job", "NetworkPolicy"]
+    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Service", "NetworkPolicy", "Job"]
     assert children[5]["spec"]["clusterIP"] == "None"
 
 

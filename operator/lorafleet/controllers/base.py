@@ -31,6 +31,8 @@ from lorafleet.resources.children import (
     ChildKind,
     ChildPlan,
     Conflict,
+    controlled_by,
+    controller_of,
     diff,
     key,
     owner_labels,
@@ -95,35 +97,59 @@ def observe_children(owner: CustomResource, kinds: tuple[ChildKind, ...]) -> dic
     return observed
 
 
-def execute_children(plan: ChildPlan) -> dict[tuple[str, str], Obj]:
-    """Delete what is no longer desired (first, as kubeai does), then apply what differs; returns the children."""
+def execute_children(plan: ChildPlan, owner_uid: str | None) -> tuple[dict[tuple[str, str], Obj], list[Conflict]]:
+    """Delete what is no longer desired (first, as kubeai does), then apply what differs; returns the children and
+    the names found held by others while creating (then the children this pass created are deleted again and
+    nothing else is applied: a Job must never mount someone else's ConfigMap)."""
     for child in plan.delete:
-        meta = child["metadata"]
-        try:
-            k8s.delete(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
-            CACHES.forget(child)
-            log.info("pruned %s %s/%s", child["kind"], meta.get("namespace"), meta["name"])
-        except ApiException as exc:
-            if exc.status != 403:
-                raise
-            log.warning("the operator may not delete %s %s: left in place", child["kind"], meta["name"])
+        _delete_child(child)
     current = {key(c): c for c in plan.unchanged}
+    created: list[Obj] = []
     for child in plan.apply:
-        # A new child is applied without force: an object someone created since the read is not taken over
-        # (the apply fails with 409, and the next pass reads it and reports the conflict).
-        applied = k8s.apply(child, field_manager=SETTINGS.field_manager, force=key(child) not in plan.new)
+        k = key(child)
+        if k not in plan.new:
+            applied = k8s.apply(child, field_manager=SETTINGS.field_manager)
+        else:
+            # No object of this name was seen: create it without reading first. An object the caches cannot see
+            # (no lorafleet label) makes the create fail with 409 and is never changed.
+            try:
+                applied = k8s.apply(child, field_manager=SETTINGS.field_manager, create_only=True)
+                created.append(applied)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                meta = child["metadata"]
+                holder = k8s.get(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
+                if holder is None:
+                    raise  # deleted since: the retry creates it
+                if not controlled_by(holder, owner_uid):
+                    for undo in created:
+                        _delete_child(undo)
+                        current.pop(key(undo), None)
+                    return current, [Conflict(k[0], k[1], controller_of(holder))]
+                applied = k8s.apply(child, field_manager=SETTINGS.field_manager)  # ours, not yet in the cache
         CACHES.record(applied)
-        current[key(child)] = applied
-    return current
+        current[k] = applied
+    return current, []
 
 
-def read_by_name(api_version: str, kind: str, name: str, namespace: str) -> Obj | None:
-    """The object holding a name, whoever made it: from the cache when it is there (it carries lorafleet's
-    managed-by label), else from the API server (the caches hold no object without that label)."""
+def _delete_child(child: Obj) -> None:
+    meta = child["metadata"]
+    try:
+        k8s.delete(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
+        CACHES.forget(child)
+        log.info("pruned %s %s/%s", child["kind"], meta.get("namespace"), meta["name"])
+    except ApiException as exc:
+        if exc.status != 403:
+            raise
+        log.warning("the operator may not delete %s %s: left in place", child["kind"], meta["name"])
+
+
+def cached_by_name(api_version: str, kind: str, name: str, namespace: str) -> Obj | None:
+    """The object holding a name as far as the caches know (they hold only objects with lorafleet's managed-by
+    label; creating a child finds any other, see execute_children); kinds no cache serves are read live."""
     if CACHES.serves(api_version, kind):
-        cached = CACHES.get(api_version, kind, name, namespace)
-        if cached is not None:
-            return cached
+        return CACHES.get(api_version, kind, name, namespace)
     return k8s.get(api_version, kind, name, namespace)
 
 
@@ -139,15 +165,14 @@ def sync_children(
     if desired is None:  # leave them as they are
         current = {key(c): c for items in observed.values() for c in items}
         return Children(current, set(observed), owner.namespace)
-    # Only children not found among the owner's are read by name: on creation, or when one was deleted.
-    existing = {(k, n): read_by_name(v, k, n, owner.namespace) for v, k, n in unobserved(desired, observed)}
+    # Only children not found among the owner's are looked up by name: on creation, or when one was deleted.
+    existing = {(k, n): cached_by_name(v, k, n, owner.namespace) for v, k, n in unobserved(desired, observed)}
     plan = diff(desired, observed, owner.metadata.uid, create_only, existing)
-    if plan.conflicts:
-        log.warning(
-            "%s %s/%s: %s", owner.kind, owner.namespace, owner.name, "; ".join(c.describe() for c in plan.conflicts)
-        )
-    current = execute_children(plan)
-    return Children(current, set(observed), owner.namespace, plan.conflicts)
+    current, conflicts = execute_children(plan, owner.metadata.uid)
+    conflicts = plan.conflicts or conflicts
+    if conflicts:
+        log.warning("%s %s/%s: %s", owner.kind, owner.namespace, owner.name, "; ".join(c.describe() for c in conflicts))
+    return Children(current, set(observed), owner.namespace, conflicts)
 
 
 def get_custom(kind: str, name: str, namespace: str) -> Obj | None:

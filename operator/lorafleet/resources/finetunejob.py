@@ -479,7 +479,6 @@ def desired_children(
     children = [build_config_map(ftj, config), build_progress_config_map(ftj), *build_progress_rbac(ftj)]
     if is_distributed(spec):
         children.append(build_rendezvous_service(ftj))
-    children.append(build_job(ftj, base, config, settings))
     if settings.network_policy:
         children.append(
             egress_network_policy(
@@ -492,4 +491,7 @@ def desired_children(
                 dns_pod_labels=settings.dns_pod_labels,
             )
         )
+    # The Job last: its pods start only once their config, their RBAC and their egress policy exist, and a name
+    # found held by someone else while creating stops the pass before any pod (controllers.base.execute_children).
+    children.append(build_job(ftj, base, config, settings))
     return children
