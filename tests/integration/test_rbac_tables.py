@@ -2,10 +2,12 @@
 `kubectl auth can-i --as` asks): the operator with the chart's RBAC, a trainer with the Role the operator hands it,
 and a serving replica.
 
-Invariants: the operator may read pods but patch none (no cluster-wide `pods patch`), reads Secrets by name only, and
-may grant the trainer's Role (it creates it here, impersonated: escalation prevention passes); a trainer may patch its
-own progress ConfigMap and nothing else (no pod, no other ConfigMap, no Secret, not even a read); a serving replica
-runs as its namespace's default ServiceAccount with no token mounted, and that account may do nothing of note.
+Invariants: the operator may read pods but patch none (no cluster-wide `pods patch`), reads Secrets by name only and
+only in its own namespace and the namespaces the Helm value rbac.secretNamespaces lists (not in an unlisted one, not
+even a watched one), and may grant the trainer's Role (it creates it here, impersonated: escalation prevention
+passes); a trainer may patch its own progress ConfigMap and nothing else (no pod, no other ConfigMap, no Secret, not
+even a read); a serving replica runs as its namespace's default ServiceAccount with no token mounted, and that
+account may do nothing of note.
 In namespaced mode the operator has no right at all outside the namespaces it watches.
 """
 
@@ -83,6 +85,15 @@ def check_table(
     assert not wrong, f"{who[0]}:\n" + "\n".join(wrong)
 
 
+def wait_in_effect(
+    cluster: ClusterHandle, who: tuple[str, list[str]], asks: list[Ask], namespaces: dict[str, str]
+) -> None:
+    """The authorizer's RBAC cache holds every new binding (each granted row below waits for its own)."""
+    wait_until(
+        lambda: all(can(cluster, who, ask, namespaces) for ask in asks), timeout=30, what="the chart's RBAC in effect"
+    )
+
+
 def _impersonating(cluster: ClusterHandle, user: str) -> client.ApiClient:
     api = client.ApiClient(cluster.api_client.configuration)
     api.default_headers["Impersonate-User"] = user  # the API server adds a ServiceAccount's groups
@@ -121,10 +132,12 @@ def uninstall(cluster: ClusterHandle, docs: list[Obj]) -> None:
 
 
 @pytest.fixture
-def chart_rbac(cluster: ClusterHandle, namespace: str) -> Iterator[str]:
-    """The chart's RBAC (cluster-wide mode) for a release of its own; yields the operator's ServiceAccount."""
+def chart_rbac(cluster: ClusterHandle, namespace: str, tenant: str) -> Iterator[str]:
+    """The chart's RBAC (cluster-wide mode, Secrets in `tenant`) for a release of its own; yields the operator's
+    ServiceAccount."""
     release = f"lf-rbac-{uuid.uuid4().hex[:6]}"
-    docs = install(cluster, render(release=release, namespace=namespace))
+    values = {"rbac": {"secretNamespaces": [tenant]}}
+    docs = install(cluster, render(values, release=release, namespace=namespace))
     yield account(docs)
     uninstall(cluster, docs)
 
@@ -159,9 +172,12 @@ def test_rbac_tables_of_operator_trainer_and_serving(
 
     # The operator creates the trainer's ConfigMap, ServiceAccount, Role and RoleBinding: RBAC refuses a Role
     # that grants more than its creator holds, so this passing is part of the table.
-    namespaces = {"tenant": tenant, "": ""}
-    ready = Ask("the authorizer's RBAC cache has the new binding", "create", "configmaps", True)
-    wait_until(lambda: can(cluster, operator, ready, namespaces), timeout=30, what="the chart's RBAC in effect")
+    namespaces = {"tenant": tenant, "own": namespace, "other": "default", "": ""}
+    wait_in_effect(cluster, operator, [
+        Ask("ClusterRoleBinding", "create", "configmaps", True),
+        Ask("RoleBinding <name>-secrets in the tenant", "get", "secrets", True, name="x"),
+        Ask("RoleBinding <name>-secrets in its own namespace", "get", "secrets", True, name="x", namespace="own"),
+    ], namespaces)  # fmt: skip
     as_operator = _impersonating(cluster, operator[0])
     for obj in [*trainer_objects(tenant, "tune"), *trainer_objects(tenant, "other-tune")]:
         _create(as_operator, obj)
@@ -175,7 +191,13 @@ def test_rbac_tables_of_operator_trainer_and_serving(
         Ask("pods are the Job's and Deployment's business", "delete", "pods", False),
         Ask("never runs code in a pod", "create", "pods", False, subresource="exec"),
         Ask("pod status is the kubelet's", "patch", "pods", False, subresource="status"),
-        Ask("store credentials, by name", "get", "secrets", True, name="team-store"),
+        Ask("store credentials, by name, in a namespace rbac.secretNamespaces lists", "get", "secrets", True,
+            name="team-store"),
+        Ask("its own namespace: ClusterArtifactStores' and the default store's Secrets", "get", "secrets", True,
+            name="platform-store", namespace="own"),
+        Ask("its own namespace: read only", "patch", "secrets", False, name="platform-store", namespace="own"),
+        Ask("a namespace rbac.secretNamespaces does not list", "get", "secrets", False, name="team-store",
+            namespace="other"),
         Ask("Secrets by name only", "list", "secrets", False),
         Ask("Secrets by name only", "watch", "secrets", False),
         Ask("never writes a Secret", "create", "secrets", False),
@@ -236,16 +258,46 @@ def test_namespaced_operator_has_no_rights_outside_its_namespaces(
     )
     try:
         operator = _user(namespace, account(docs))
-        elsewhere = {"tenant": tenant, "other": "default", "": ""}
-        ready = Ask("the authorizer's RBAC cache has the new binding", "watch", "pods", True)
-        wait_until(lambda: can(cluster, operator, ready, elsewhere), timeout=30, what="the chart's RBAC in effect")
+        elsewhere = {"tenant": tenant, "own": namespace, "other": "default", "": ""}
+        wait_in_effect(cluster, operator, [
+            Ask("RoleBinding in the watched namespace", "watch", "pods", True),
+            Ask("RoleBinding <name>-secrets in its own namespace", "get", "secrets", True, name="x", namespace="own"),
+        ], elsewhere)  # fmt: skip
         check_table(cluster, operator, [
-            Ask("watched namespace: store credentials by name", "get", "secrets", True, name="team-store"),
+            Ask("watched but not in rbac.secretNamespaces: no Secret", "get", "secrets", False, name="team-store"),
+            Ask("its own namespace: Secrets by name", "get", "secrets", True, name="platform-store", namespace="own"),
             Ask("watched namespace: pods into its cache", "watch", "pods", True),
             Ask("watched namespace: still no pod patch", "patch", "pods", False),
             Ask("elsewhere: no Secret", "get", "secrets", False, name="team-store", namespace="other"),
             Ask("elsewhere: no pods", "list", "pods", False, namespace="other"),
             Ask("elsewhere: no ConfigMaps", "patch", "configmaps", False, namespace="other"),
         ], elsewhere)  # fmt: skip
+    finally:
+        uninstall(cluster, docs)
+
+
+def test_minted_secrets_are_written_only_where_listed(cluster: ClusterHandle, namespace: str, tenant: str) -> None:
+    """artifactStore.sts: the operator writes Secrets (minted keys) in the namespaces rbac.secretNamespaces lists,
+    never in its own (the platform's keys live there) nor in an unlisted one."""
+    release = f"lf-rbac-{uuid.uuid4().hex[:6]}"
+    values = {"rbac": {"secretNamespaces": [tenant]}, "artifactStore": {"sts": {"enabled": True}}}
+    docs = install(cluster, render(values, release=release, namespace=namespace))
+    try:
+        operator = _user(namespace, account(docs))
+        where = {"tenant": tenant, "own": namespace, "other": "default", "": ""}
+        wait_in_effect(cluster, operator, [
+            Ask("RoleBinding <name>-secrets in the tenant", "create", "secrets", True),
+            Ask("RoleBinding <name>-secrets in its own namespace", "get", "secrets", True, name="x", namespace="own"),
+        ], where)  # fmt: skip
+        check_table(cluster, operator, [
+            Ask("listed: mints a workload's keys", "patch", "secrets", True, name="tune-store"),
+            Ask("listed: removes them once the job has finished", "delete", "secrets", True, name="tune-store"),
+            Ask("listed: still never lists", "list", "secrets", False),
+            Ask("its own namespace: never writes the platform's keys", "patch", "secrets", False,
+                name="platform-store", namespace="own"),
+            Ask("its own namespace: never creates", "create", "secrets", False, namespace="own"),
+            Ask("unlisted: no write", "create", "secrets", False, namespace="other"),
+            Ask("unlisted: no read", "get", "secrets", False, name="tune-store", namespace="other"),
+        ], where)  # fmt: skip
     finally:
         uninstall(cluster, docs)
