@@ -68,7 +68,21 @@ def test_finetunejob_on_a_family_without_lora_is_warned_not_refused() -> None:
 
 
 def test_target_modules_come_from_the_table() -> None:
-    assert supported_target_modules("phi3") == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert supported_target_modules("phi3") == [
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+        "embed_tokens",
+        "lm_head",
+    ]
     assert supported_target_modules("falcon") is None and supported_target_modules("other") is None
-    assert supported_target_modules("gpt_neox") is None  # the Transformers backend: vLLM checks at load
+    # The Transformers backend: transformers' layer names, and no lm_head (tests/integration/test_serving_families.py).
+    assert supported_target_modules("gpt_neox") == [
+        "query_key_value",
+        "dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+        "embed_tokens",
+    ]
     assert all(lora_refusal(f.name) is None for f in FAMILIES.values() if f.lora)

@@ -115,7 +115,7 @@ def test_a_plain_lora_within_limits_passes() -> None:
     [
         (lora(r=32), Reason.RANK_EXCEEDS_MAX),
         (lora(r=8, rank_pattern={"q_proj": 64}), Reason.RANK_EXCEEDS_MAX),
-        (lora(target_modules=["q_proj", "lm_head"]), Reason.UNSUPPORTED_TARGET_MODULES),
+        (lora(target_modules=["q_proj", "input_layernorm"]), Reason.UNSUPPORTED_TARGET_MODULES),
         (lora(use_dora=True), Reason.UNSUPPORTED_ADAPTER),
         (lora(lora_bias=True), Reason.UNSUPPORTED_ADAPTER),
         (lora(modules_to_save=["embed_tokens"]), Reason.UNSUPPORTED_ADAPTER),
@@ -158,8 +158,13 @@ def test_read_adapter_config(tmp_path: Path) -> None:
 
 
 def test_supported_target_modules_by_family() -> None:
-    assert supported_target_modules("llama") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"]
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert supported_target_modules("llama") == [*linear, "embed_tokens", "lm_head"]
+    # As vLLM's classes: Llama's takes LoRA on the embeddings and the head, Mistral's (embedding_modules {}) does not.
+    head = lora(target_modules=["q_proj", "lm_head"])
+    assert check_adapter_config("a", head, 16, LLAMA) is None
+    refusal = check_adapter_config("a", head, 16, supported_target_modules("mistral"))
+    assert refusal is not None and refusal.reason == Reason.UNSUPPORTED_TARGET_MODULES
     assert supported_target_modules("other") is None
     assert supported_target_modules(None) is None
 
@@ -191,6 +196,6 @@ def test_full_module_paths_are_checked_by_their_last_part_as_vllm_does() -> None
     """peft writes full paths when it expands all-linear (what lorafleet's trainer saved for the tiny Llama)."""
     full = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
     assert check_adapter_config("a", lora(target_modules=full), 16, LLAMA) is None
-    refusal = check_adapter_config("a", lora(target_modules=[*full, "model.lm_head"]), 16, LLAMA)
+    refusal = check_adapter_config("a", lora(target_modules=[*full, "model.norm"]), 16, LLAMA)
     assert refusal is not None and refusal.reason == Reason.UNSUPPORTED_TARGET_MODULES
-    assert "model.lm_head" in refusal.message and "q_proj" not in refusal.message.split("supported")[0]
+    assert "model.norm" in refusal.message and "q_proj" not in refusal.message.split("supported")[0]

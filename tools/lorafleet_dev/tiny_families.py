@@ -51,6 +51,10 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "mistral": _llama_like("MistralConfig", sliding_window=None),
     "mixtral": _llama_like("MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
     "qwen2": _llama_like("Qwen2Config"),
+    "qwen3": _llama_like("Qwen3Config", head_dim=HIDDEN // HEADS),
+    "qwen3_moe": _llama_like(
+        "Qwen3MoeConfig", head_dim=HIDDEN // HEADS, moe_intermediate_size=HIDDEN, num_experts=4, num_experts_per_tok=2
+    ),
     "gemma": _llama_like("GemmaConfig", head_dim=HIDDEN // HEADS),
     "phi3": _llama_like("Phi3Config"),
     "phi": _config(

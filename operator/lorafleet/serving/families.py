@@ -3,7 +3,9 @@
 The one place this is written down: the AdapterDeployment refuses a BaseModel whose family vLLM cannot serve with
 LoRA (reason LoRANotSupported, nothing rendered), a FineTuneJob on one says so in its Servable condition (a team
 may train for another server), the sidecar's target-module check (serving.checks) takes its lists from here, and
-docs/serving.md shows it as a table. tests/integration/test_vllm_families.py holds it against vLLM's own registry.
+docs/serving.md shows it as a table. tests/trainer/test_vllm_families.py holds it against vLLM's own registry;
+tests/integration/test_serving_families.py starts vLLM on a tiny model of each family and holds the target-module
+lists against the modules vLLM names when it refuses an adapter.
 
 A family is the BaseModel's spec.family, spelled as transformers' `model_type` in the model's config.json. How
 vLLM 0.32 runs each architecture (vllm/model_executor/models/registry.py):
@@ -28,20 +30,28 @@ class Family:
     vllm_class: str | None  # the vLLM class that serves it (module.Class), None: vLLM has none
     lora: bool  # vLLM serves LoRA adapters on it
     why_not: str = ""  # when not, in words
-    # Linear layers vLLM can put a LoRA on (peft's names; vLLM packs q/k/v and gate/up itself); None leaves the
-    # check to vLLM at load time.
+    # The modules vLLM's class accepts LoRA weights for (peft's names; vLLM packs q/k/v and gate/up itself): its
+    # linear layers plus its `embedding_modules` (embed_tokens, and lm_head where the class has it). vLLM lists
+    # exactly these when it refuses an adapter ("expected target modules in {...}"). None leaves the check to vLLM.
     target_modules: tuple[str, ...] | None = None
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_EMBEDDINGS = ("embed_tokens", "lm_head")  # Llama's and Qwen3's classes; Mistral's, Qwen2's and Gemma's have none
 _TRANSFORMERS = "transformers.TransformersForCausalLM"
 _NO_LORA = "vLLM's {} class does not implement LoRA (SupportsLoRA): vLLM serves the base model only"
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", ("LlamaForCausalLM",), "llama.LlamaForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        Family(
+            "llama",
+            ("LlamaForCausalLM",),
+            "llama.LlamaForCausalLM",
+            True,
+            target_modules=(*_ATTENTION, *_MLP, *_EMBEDDINGS),
+        ),
         Family(
             "mistral", ("MistralForCausalLM",), "mistral.MistralForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)
         ),
@@ -53,24 +63,37 @@ FAMILIES: dict[str, Family] = {
             target_modules=(*_ATTENTION, "w1", "w2", "w3"),
         ),
         Family("qwen2", ("Qwen2ForCausalLM",), "qwen2.Qwen2ForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
-        Family("qwen3", ("Qwen3ForCausalLM",), "qwen3.Qwen3ForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
+        Family(
+            "qwen3",
+            ("Qwen3ForCausalLM",),
+            "qwen3.Qwen3ForCausalLM",
+            True,
+            target_modules=(*_ATTENTION, *_MLP, *_EMBEDDINGS),
+        ),
         Family("gemma", ("GemmaForCausalLM",), "gemma.GemmaForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
-        # "phi" predates "phi3" here: it still accepts Phi-3's fused names, so a Phi-3 BaseModel labelled phi serves.
+        # "phi" predates "phi3" here: it still accepts Phi-3's names, so a Phi-3 BaseModel labelled phi serves.
         Family(
             "phi",
             ("PhiForCausalLM",),
             _TRANSFORMERS,
             True,
-            target_modules=(*_ATTENTION, "qkv_proj", "gate_up_proj", "down_proj", "dense", "fc1", "fc2"),
+            target_modules=(*_ATTENTION, "qkv_proj", "gate_up_proj", "down_proj", "dense", "fc1", "fc2", *_EMBEDDINGS),
         ),
         Family(
             "phi3",
             ("Phi3ForCausalLM",),
             "phi3.Phi3ForCausalLM",
             True,
-            target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+            target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj", *_EMBEDDINGS),
         ),
-        Family("gpt_neox", ("GPTNeoXForCausalLM",), _TRANSFORMERS, True),
+        # The Transformers backend keeps transformers' layer names; its embedding_modules is embed_tokens alone.
+        Family(
+            "gpt_neox",
+            ("GPTNeoXForCausalLM",),
+            _TRANSFORMERS,
+            True,
+            target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "embed_tokens"),
+        ),
         Family("falcon", ("FalconForCausalLM",), "falcon.FalconForCausalLM", False, _NO_LORA.format("Falcon")),
         Family("gptj", ("GPTJForCausalLM",), "gpt_j.GPTJForCausalLM", False, _NO_LORA.format("GPT-J")),
         Family("gpt2", ("GPT2LMHeadModel",), "gpt2.GPT2LMHeadModel", False, _NO_LORA.format("GPT-2")),
