@@ -7,8 +7,9 @@ Invariants:
   model with the very tensors stored, changing the model's output;
 * attention is chosen per class: SDPA where the class supports it, eager otherwise (MPT, GPT-J), flash-attention
   only for flattened packing and a class that has it;
-* all-linear leaves a mixture-of-experts model's experts and router alone; lora.targetExperts adapts the experts'
-  weights, and only with dropout 0 (peft's ParamWrapper allows none), refused otherwise naming lora.dropout.
+* all-linear leaves a mixture-of-experts model's (Mixtral's, Qwen3-MoE's) experts and router alone;
+  lora.targetExperts adapts the experts' weights, and only with dropout 0 (peft's ParamWrapper allows none), refused
+  otherwise naming lora.dropout.
 
 Offline: the models and tokenizer are built locally, nothing is downloaded.
 """
@@ -23,7 +24,11 @@ import pytest
 
 from tests.trainer_fixtures import TrainerEnv, adapter_tensors, need_training_stack, train_in_process
 
-FAMILIES = ["falcon", "gemma", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "mpt", "phi", "phi3", "qwen2"]
+FAMILIES = [
+    *("falcon", "gemma", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "mpt", "phi", "phi3", "qwen2"),
+    *("qwen3", "qwen3_moe"),
+]
+MOE = ("mixtral", "qwen3_moe")
 
 
 def _default_lora() -> dict[str, Any]:
@@ -77,12 +82,13 @@ def test_family_trains_with_defaults_and_the_adapter_loads_back(
     _, adapter_config = _load_back(env, config)
     targets = set(adapter_config["target_modules"])
     assert targets and not adapter_config.get("target_parameters")
-    if family == "mixtral":
+    if family in MOE:
         assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}  # no expert, no router
 
 
-def test_mixtral_experts_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env, config = _train(tmp_path, monkeypatch, "mixtral", targetExperts=True, dropout=0.0)
+@pytest.mark.parametrize("family", MOE)
+def test_experts_when_asked(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, config = _train(tmp_path, monkeypatch, family, targetExperts=True, dropout=0.0)
     train_in_process(env, config)
     model, adapter_config = _load_back(env, config)
     assert set(adapter_config["target_parameters"]) == {"gate_up_proj", "down_proj"}
