@@ -5,7 +5,8 @@ chart's ServiceAccount (TokenRequest API), writes a kubeconfig with it and runs 
 the environment of the chart's Deployment (Secrets resolved as the kubelet would). The three kinds must then
 reconcile (children created, status written, Events posted, a deletionPolicy Delete finalizer added and removed)
 with no 403 in the operator's log, cluster-wide and in namespaced mode. Uninstall with custom resources still
-present must not hang, and the namespace holding them must then delete.
+present must not hang, and the namespace holding them must then delete. In a namespace that rbac.secretNamespaces
+does not list, an object naming a Secret gets StoreNotAllowed naming that Helm value, not a 403 in a log.
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), timeout=60, what="the liveness endpoint")
         assert _http_ok(f"http://127.0.0.1:{metrics}/metrics")
         _reconcile_everything(cluster, work_namespace, operator, s3_server.endpoint)
+        if mode == "cluster":
+            _unlisted_namespace_names_the_helm_value(cluster, f"{namespace[:50]}-unlisted", s3_server)
         log = operator.log_path.read_text(errors="replace")
         denied = DENIED.findall(log)
         assert not denied, f"the API server denied the operator {denied}:\n{operator.log_tail(80)}"
@@ -317,6 +320,29 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         timeout=90,
         what=f"namespace {work_namespace} with its custom resources deleted after the uninstall",
     )
+
+
+def _unlisted_namespace_names_the_helm_value(cluster: ClusterHandle, unlisted: str, s3_server: S3Server) -> None:
+    _create_namespace(cluster, unlisted)
+    try:
+        _secret(cluster, unlisted, s3_server)
+        custom = Custom(cluster, unlisted)
+        own_store = _manifest(objects.base_model(name="own-store"), unlisted)
+        own_store["spec"]["source"] = {
+            "uri": MODEL_URI,
+            "store": {"endpoint": s3_server.endpoint, "credentialsSecretRef": {"name": TEAM_SECRET}},
+        }
+        custom.create(own_store)
+
+        def refused(status: Obj, obj: Obj) -> bool:
+            ready = condition(status, "Ready") or {}
+            return bool(ready.get("reason") == "StoreNotAllowed" and "rbac.secretNamespaces" in ready["message"])
+
+        bm = custom.wait_status("BaseModel", "own-store", refused, timeout=60, what="StoreNotAllowed naming the value")
+        assert f'in namespace "{unlisted}"' in condition(bm["status"], "Ready")["message"]  # type: ignore[index]
+        assert bm["status"]["phase"] == "Pending"
+    finally:
+        cluster.core.delete_namespace(unlisted, propagation_policy="Background")
 
 
 def _reconcile_everything(
