@@ -4,9 +4,12 @@ As root (the default where containers can run): the local control plane and a re
 kube-proxy, CoreDNS, kube-router, all built from upstream sources), lorafleet's images built from their Dockerfiles with
 buildah and imported, MinIO as the on-prem store, the operator installed with the Helm chart as a pod; then a
 BaseModel, a FineTuneJob and an AdapterDeployment: the Job trains a LoRA in a pod, the adapter lands in the store
-with its manifest, vLLM (CPU) serves the base model and the adapter in another pod, and the demo asks both the same
-question through the Service and prints both answers and the timings (lorafleet_dev.loop; the e2e tests in
-tests/e2e/test_loop.py assert the same steps).
+with its manifest, vLLM (CPU) serves the base model and the adapter in another pod. The FineTuneJob evaluates the
+adapter against its base on held-out support tickets (spec.evaluation, with a quality bar) and the operator prices
+its CPU time (the chart's operator.pricing): the demo prints the base vs adapter scores, the bar's verdict, sample
+predictions, the cost line and `kubectl get ftj`; then it asks both models the same questions through the Service
+and prints the answers and the timings (lorafleet_dev.loop; the e2e tests in tests/e2e/test_loop.py assert the same
+steps).
 
 Without root, or with LORAFLEET_DEMO_NODE=kwok, or against another cluster (LORAFLEET_CLUSTER=external): the kwok
 variant: the operator reconciles the three kinds, but pods do not execute on kwok nodes, so the training Job
@@ -292,7 +295,10 @@ def _run_real(keep: bool, work: Path) -> int:
     operator: loop.ChartOperator | None = None
     try:
         digest = loop.seed_store(store, work)
-        print(f"pushed the tiny base model to {loop.MODEL_URI} ({digest}) and the dataset to {loop.DATASET_URI}")
+        print(
+            f"pushed the tiny base model to {loop.MODEL_URI} ({digest}), the dataset to {loop.DATASET_URI} and the "
+            f"held-out tickets to {loop.EVAL_URI}"
+        )
         mark("object store up, model and dataset uploaded")
         _fresh_namespace(core)
         install_crds(cluster)
@@ -342,18 +348,26 @@ def _run_real(keep: bool, work: Path) -> int:
         )
         applied_at = t_apply - t0
         timings += [(what, applied_at + secs) for what, secs in sorted(seen.items(), key=lambda kv: kv[1])]
-        artifact = objs[1]["status"]["artifact"]
+        ftj = objs[1]
+        artifact = ftj["status"]["artifact"]
         print(f"\nadapter stored at {artifact['uri']} ({artifact['digest']}, {artifact['sizeBytes']} bytes)")
+        _print_evaluation(ftj, store, work, node)
         url = loop.service_url(core, NAMESPACE)
-        print(f"asking both through the Service {url}: {loop.QUESTION!r}")
+        ticket, queue = loop.held_out_tickets()[0]
+        print(f"\nasking both through the Service {url}: {loop.QUESTION!r} and a held-out {ticket!r}")
         t_ask = time.monotonic()
-        base_answer = loop.chat(url, loop.BASE_MODEL_NAME)
-        adapter_answer = loop.chat(url, "support-bot")
-        mark("both answers received")
-        print(f"\n  base model ({loop.BASE_MODEL_NAME}): {base_answer!r}")
-        print(f"  adapter (support-bot):   {adapter_answer!r}")
+        answers = {
+            model: (loop.chat(url, model), loop.chat(url, model, ticket, max_tokens=8))
+            for model in (loop.BASE_MODEL_NAME, "support-bot")
+        }
+        mark("answers received")
+        print(f"\n  base model ({loop.BASE_MODEL_NAME}): {answers[loop.BASE_MODEL_NAME][0]!r}")
+        print(f"  adapter (support-bot):   {answers['support-bot'][0]!r}")
         print(f"  (trained answer:         {loop.SUPPORT_QA[0][1]!r})")
-        print(f"  two completions took {time.monotonic() - t_ask:.2f} s")
+        print(f"\n  base model ({loop.BASE_MODEL_NAME}): {answers[loop.BASE_MODEL_NAME][1]!r}")
+        print(f"  adapter (support-bot):   {answers['support-bot'][1]!r}")
+        print(f"  (the rule's answer:      {queue!r}, a ticket it never trained on)")
+        print(f"  four completions took {time.monotonic() - t_ask:.2f} s")
     except (RuntimeError, TimeoutError) as e:
         print(f"\nthe demo failed: {e}\noperator log:\n{operator.log_tail() if operator else ''}", file=sys.stderr)
         return 1
@@ -381,6 +395,22 @@ def _run_real(keep: bool, work: Path) -> int:
     if keep:
         print(f"\nleft running (--keep): kubectl --kubeconfig {cluster.kubeconfig} -n {NAMESPACE} get all")
     return 0
+
+
+def _print_evaluation(ftj: dict[str, Any], store: S3Server, work: Path, node: Any) -> None:
+    """What the FineTuneJob's evaluation measured on the held-out tickets (status.evaluation), a few of the
+    predictions stored next to the adapter, what the fine-tune used and cost (status.usage), and `kubectl get ftj`."""
+    from lorafleet_dev import loop
+
+    print(f"\nevaluation on held-out tickets ({loop.EVAL_URI}), from status.evaluation:")
+    print("\n".join(loop.evaluation_lines(ftj)))
+    predictions = loop.pull_predictions(store, ftj, work / "adapter")
+    uri = (ftj["status"].get("evaluation") or {}).get("predictionsUri")
+    print(f"\nsample predictions ({len(predictions)} stored in {uri}):")
+    print("\n".join(loop.prediction_lines(predictions)))
+    print(f"\n{loop.usage_line(ftj)}")
+    proc = node.kubectl("get", "ftj", "-n", NAMESPACE, "-o", "wide", check=False)
+    print(f"\n$ kubectl get ftj -o wide\n{(proc.stdout or proc.stderr).rstrip()}")
 
 
 def _fresh_namespace(core: client.CoreV1Api) -> None:

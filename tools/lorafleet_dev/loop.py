@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import time
 import urllib.error
@@ -22,6 +23,8 @@ from typing import Any, cast
 from kubernetes import client
 
 from lorafleet import GROUP, VERSION
+from lorafleet.api.evaluation import LOWER_IS_BETTER
+from lorafleet.contracts.evaluation import PREDICTIONS_FILE
 from lorafleet.storage import ArtifactStore, VersionFolder
 from lorafleet.storage.client import make_client
 from lorafleet_dev.paths import CHART
@@ -29,12 +32,16 @@ from lorafleet_dev.s3server import S3Server
 
 MODEL_URI = "s3://models/tiny-llama/r1"
 DATASET_URI = "s3://datasets/support/train.jsonl"
+EVAL_URI = "s3://datasets/support/held-out.jsonl"  # unseen routing tickets: the FineTuneJob's evaluation
 ADAPTER_ROOT = "s3://lorafleet"
 STORE_SECRET = "lorafleet-store"
 BASE_MODEL_NAME = "tiny-llama"
 DEPLOYMENT_NAME = "assistants"
+SYSTEM_PROMPT = "You are the support assistant."
+# The chart's operator.pricing in the demo: a CPU-hour price, so status.usage.estimatedCost is filled.
+PRICING = {"currency": "USD", "cpuHour": 0.05}
 
-# The private data: a few support-desk answers the adapter learns by heart.
+# The private data: a few support-desk answers the adapter learns by heart...
 SUPPORT_QA = [
     ("How do I reset my password?", "Open Settings, then Security, and choose Reset password."),
     ("What are your support hours?", "Monday to Friday, 8:00 to 18:00."),
@@ -42,19 +49,59 @@ SUPPORT_QA = [
     ("How do I add a user?", "Go to Admin, then Users, and press Invite."),
 ]
 QUESTION = SUPPORT_QA[0][0]
+# ...repeated so that they are seen as often as in a dataset of them alone, among the routing tickets.
+SUPPORT_QA_COPIES = 8
+# ...and a rule it learns and applies to tickets it never saw: a ticket goes to the queue of its last digit. The
+# tiny random-init model learns this copy task with a LoRA and generalises (tests/trainer/test_evaluation.py).
+ROUTING_TRAIN, ROUTING_HELD_OUT = 160, 40
+EVAL_METRICS = ["exactMatch", "rougeL", "evalLoss"]
+EXACT_MATCH_BAR = 0.2  # spec.evaluation.require: the adapter beats the base on exactMatch by at least this
+
+
+def routing_ticket(digits: list[str]) -> tuple[str, str]:
+    """'Route ticket 3 9 4 7' -> 'Queue 7'."""
+    return f"Route ticket {' '.join(digits)}", f"Queue {digits[-1]}"
+
+
+def routing_tickets(count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """`count` distinct tickets of 3 to 5 digits, none of whose question is in `exclude`."""
+    rng = random.Random(seed)
+    out: dict[str, str] = {}
+    while len(out) < count:
+        question, answer = routing_ticket([str(rng.randrange(10)) for _ in range(rng.randint(3, 5))])
+        if question not in exclude:
+            out.setdefault(question, answer)
+    return list(out.items())
+
+
+def _chat_line(question: str, answer: str) -> dict[str, Any]:
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def training_tickets() -> list[tuple[str, str]]:
+    return routing_tickets(ROUTING_TRAIN, seed=0)
+
+
+def held_out_tickets() -> list[tuple[str, str]]:
+    """Tickets the adapter never trained on (the evaluation's file)."""
+    return routing_tickets(ROUTING_HELD_OUT, seed=1, exclude=frozenset(q for q, _ in training_tickets()))
 
 
 def support_chat() -> list[dict[str, Any]]:
-    return [
-        {
-            "messages": [
-                {"role": "system", "content": "You are the support assistant."},
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": a},
-            ]
-        }
-        for q, a in SUPPORT_QA
-    ]
+    """The training file: the support answers and the routing tickets, shuffled (seeded)."""
+    lines = [_chat_line(q, a) for q, a in SUPPORT_QA * SUPPORT_QA_COPIES + training_tickets()]
+    random.Random(2).shuffle(lines)
+    return lines
+
+
+def held_out_chat() -> list[dict[str, Any]]:
+    return [_chat_line(q, a) for q, a in held_out_tickets()]
 
 
 def real_node_placement() -> dict[str, Any]:
@@ -68,7 +115,8 @@ def real_node_placement() -> dict[str, Any]:
 
 
 def seed_store(server: S3Server, workdir: Path) -> str:
-    """Buckets, the tiny base model as an immutable version, and the dataset. Returns the model's digest."""
+    """Buckets, the tiny base model as an immutable version, the dataset and the held-out file. Returns the model's
+    digest."""
     from lorafleet_dev.tiny_model import build
 
     for bucket in ("models", "datasets", "lorafleet"):
@@ -77,9 +125,10 @@ def seed_store(server: S3Server, workdir: Path) -> str:
     pushed = ArtifactStore(server.store_settings()).push(
         model_dir, VersionFolder.parse(MODEL_URI), kind="model", name=BASE_MODEL_NAME, version="r1"
     )
-    body = "".join(json.dumps(line) + "\n" for line in support_chat()).encode()
-    bucket, _, key = DATASET_URI.removeprefix("s3://").partition("/")
-    make_client(server.store_settings()).put_object(Bucket=bucket, Key=key, Body=body)
+    s3 = make_client(server.store_settings())
+    for uri, lines in ((DATASET_URI, support_chat()), (EVAL_URI, held_out_chat())):
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        s3.put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(line) + "\n" for line in lines).encode())
     return pushed.digest
 
 
@@ -109,8 +158,31 @@ def base_model(namespace: str) -> dict[str, Any]:
     }
 
 
+def evaluation() -> dict[str, Any]:
+    """spec.evaluation: base model and adapter on the held-out tickets; the adapter must beat its base."""
+    return {
+        "uri": EVAL_URI,
+        "metrics": EVAL_METRICS,
+        "maxExamples": ROUTING_HELD_OUT,
+        "generation": {"maxNewTokens": 8},  # "Queue 7" is 7 tokens with its end
+        "samplePredictions": 10,
+        "require": [{"metric": "exactMatch", "minImprovement": EXACT_MATCH_BAR}],
+    }
+
+
+# Tuned with the trainer on this machine's CPUs (one thread): the routing rule generalises to the held-out tickets
+# after about 250 steps of 4 (exactMatch 0.25 at 200, 0.6 to 1.0 at 300 over seeds), and the support answers are
+# word for word by then; 300 steps take about 10 s there, 20 s in the pod's half CPU.
+TRAIN_STEPS = 300
+
+
 def fine_tune_job(
-    namespace: str, name: str = "support-bot-v1", adapter: str = "support-bot", *, steps: int = 80, interval: int = 20
+    namespace: str,
+    name: str = "support-bot-v1",
+    adapter: str = "support-bot",
+    *,
+    steps: int = TRAIN_STEPS,
+    interval: int = 100,
 ) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -125,11 +197,12 @@ def fine_tune_job(
                 "checkpointInterval": interval,
                 "maxSequenceLength": 96,
                 "batchSize": 4,
-                "learningRate": 0.01,
+                "learningRate": 0.005,
                 "warmupRatio": 0.0,
             },
             "resources": {"gpusPerNode": 0, "cpu": "500m", "memory": "3Gi", **real_node_placement()},
             "output": {"adapterName": adapter, "version": "v1"},
+            "evaluation": evaluation(),
         },
     }
 
@@ -273,7 +346,7 @@ def chat(url: str, model: str, question: str = QUESTION, *, max_tokens: int = 24
     payload = {
         "model": model,
         "messages": [
-            {"role": "system", "content": "You are the support assistant."},
+            {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": question},
         ],
         "max_tokens": max_tokens,
@@ -308,6 +381,70 @@ def serving_pods(core: client.CoreV1Api, namespace: str) -> list[client.V1Pod]:
 def restarts(pod: client.V1Pod) -> dict[str, int]:
     status: Any = pod.status
     return {cs.name: cs.restart_count for cs in status.container_statuses or []}
+
+
+# -- what the evaluation measured -------------------------------------------------------------------------------
+
+
+def pull_predictions(server: S3Server, ftj: dict[str, Any], dest: Path) -> list[dict[str, Any]]:
+    """The sample predictions stored next to the adapter (evaluation/predictions.jsonl), read from the recorded
+    version pulled by its digest (so every file is checked against the manifest)."""
+    artifact = ftj["status"]["artifact"]
+    ArtifactStore(server.store_settings()).pull(VersionFolder.parse(artifact["uri"]), dest, digest=artifact["digest"])
+    text = (dest / PREDICTIONS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _number(value: Any, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{float(value):+.3f}" if signed else f"{float(value):.3f}"
+
+
+def evaluation_lines(ftj: dict[str, Any]) -> list[str]:
+    """status.evaluation as a table (base vs adapter per metric) and the quality bar's verdict."""
+    evaluation = (ftj.get("status") or {}).get("evaluation") or {}
+    rows = evaluation.get("metrics") or []
+    examples = max((int(r.get("examples") or 0) for r in rows), default=0)
+    lines = [f"  {'metric':<12} {'base':>8} {'adapter':>8} {'delta':>8}   ({examples} held-out examples)"]
+    for r in rows:
+        lines.append(
+            f"  {r['name']:<12} {_number(r.get('base')):>8} {_number(r.get('adapter')):>8} "
+            f"{_number(r.get('delta'), signed=True):>8}{'   (lower is better)' if r['name'] in LOWER_IS_BETTER else ''}"
+        )
+    bars = ", ".join(
+        f"{b['metric']}" + "".join(f" {k} {b[k]}" for k in ("minScore", "minImprovement") if k in b)
+        for b in ((ftj["spec"].get("evaluation") or {}).get("require") or [])
+    )
+    verdict = "reached" if evaluation.get("passed") else f"missed: {evaluation.get('message')}"
+    lines.append(f"  quality bar ({bars or 'none'}): {verdict}")
+    return lines
+
+
+def usage_line(ftj: dict[str, Any]) -> str:
+    """status.usage in one line: what the fine-tune used and what it cost at the operator's prices."""
+    usage = (ftj.get("status") or {}).get("usage") or {}
+    parts = [f"wall {float(usage['wallSeconds']):.0f} s"] if usage.get("wallSeconds") is not None else []
+    if usage.get("cpuSeconds") is not None:
+        parts.append(f"{float(usage['cpuSeconds']):.1f} CPU-seconds")
+    if usage.get("gpuSeconds") is not None:
+        parts.append(f"{float(usage['gpuSeconds']):.1f} GPU-seconds")
+    if usage.get("tokensTrained") is not None:
+        parts.append(f"{int(usage['tokensTrained'])} tokens trained")
+    parts.append(f"estimated cost {usage.get('estimatedCost') or '(no price configured)'}")
+    return "usage: " + ", ".join(parts)
+
+
+def prediction_lines(rows: list[dict[str, Any]], count: int = 4) -> list[str]:
+    """A few held-out questions with the reference, the base model's and the adapter's answers."""
+    lines = []
+    for row in rows[:count]:
+        question = str(row.get("prompt", "")).rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+        lines.append(
+            f"  {question.strip()[:40]!r:<28} expected {str(row.get('reference'))!r:<11} "
+            f"base {str(row.get('base', ''))[:24]!r:<28} adapter {str(row.get('adapter', ''))!r}"
+        )
+    return lines
 
 
 # -- images and the operator as a pod ----------------------------------------------------------------------------
@@ -359,7 +496,7 @@ class ChartOperator:
             # Enforced on the real node (kube-router): workloads may reach the store and the API server, both
             # behind the node's address, and nothing else.
             "networkPolicy": {"enabled": True, "egressCIDRs": [f"{NODE_IP}/32"]},
-            "operator": {"resyncMinutes": 0.1, "logFormat": "text"},
+            "operator": {"resyncMinutes": 0.1, "logFormat": "text", "pricing": PRICING},
             "nodeSelector": placement["nodeSelector"],
             "tolerations": placement["tolerations"],
         }
