@@ -92,6 +92,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("ftj-rank-zero", _set(FTJ, "spec.lora.r", 0), "spec.lora.r"),
     ("ftj-dropout-one", _set(FTJ, "spec.lora.dropout", 1.0), "spec.lora.dropout"),
+    # lora.targetExperts (issue 16): expert weights take no LoRA dropout, set or defaulted (0.05).
+    (
+        "ftj-experts-with-dropout",
+        _set(_set(FTJ, "spec.lora.targetExperts", True), "spec.lora.dropout", 0.1),
+        "spec.lora.dropout",
+    ),
+    ("ftj-experts-default-dropout", _set(FTJ, "spec.lora.targetExperts", True), "spec.lora.dropout"),
     ("ftj-epochs-and-steps", _set(FTJ, "spec.training.epochs", 2), "spec.training"),
     ("ftj-learning-rate", _set(FTJ, "spec.training.learningRate", 5), "spec.training.learningRate"),
     ("ftj-adapter-name", _set(FTJ, "spec.output.adapterName", "Support Bot!"), "spec.output.adapterName"),
@@ -221,6 +228,13 @@ def test_valid_objects_are_accepted(cluster: ClusterHandle, crds: None, namespac
     for obj in (BM, FTJ, AD):
         created = custom.create(obj)
         assert created["metadata"]["generation"] == 1
+
+
+def test_target_experts_with_dropout_zero_is_accepted(cluster: ClusterHandle, crds: None, namespace: str) -> None:
+    custom = Custom(cluster, namespace)
+    for name, dropout in (("experts-int", 0), ("experts-float", 0.0)):  # JSON 0 is an int: CEL compares it too
+        ftj = _set(_set(FTJ, "metadata.name", name), "spec.lora", {"targetExperts": True, "dropout": dropout})
+        assert custom.create(ftj)["spec"]["lora"] == {"targetExperts": True, "dropout": dropout, "r": 16, "alpha": 32}
 
 
 def test_pvc_paths_inside_the_claim_and_quantities_are_accepted(
