@@ -2,7 +2,10 @@
 LoRA in a pod, the adapter lands in MinIO with its manifest, an AdapterDeployment's vLLM (the vllm-cpu image)
 serves the base model and the adapter through the Service, and adapters are added and removed without
 restarting the pod. The operator runs as a pod, installed with the Helm chart, and the NetworkPolicies it
-creates are enforced (kube-router). Also: a trainer pod deleted mid-run is replaced and resumes from its checkpoint.
+creates are enforced (kube-router). The FineTuneJob's evaluation (held-out routing tickets, a quality bar on
+exactMatch) shows the adapter beating its base in status.evaluation, the manifest and the stored predictions, and
+the operator's prices (the chart's operator.pricing) give status.usage.estimatedCost; `kubectl get ftj -o wide`
+shows both. Also: a trainer pod deleted mid-run is replaced and resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -140,7 +143,30 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
     assert manifest.base_model is not None and manifest.base_model.uri == loop.MODEL_URI
     assert manifest.base_model.digest == world["model_digest"]
     assert manifest.dataset is not None and manifest.dataset.uri == loop.DATASET_URI
-    assert manifest.metrics["steps"] == 80 and manifest.metrics["trainLoss"] < 2.0, manifest.metrics
+    assert manifest.metrics["steps"] == loop.TRAIN_STEPS and manifest.metrics["trainLoss"] < 2.0, manifest.metrics
+
+    # Evaluated on held-out tickets it never trained on: the adapter beats its base by the bar, as judged by the
+    # operator from the manifest; the predictions are stored with the adapter; the CPU time is priced.
+    evaluation, usage = ftj["status"]["evaluation"], ftj["status"]["usage"]
+    print("\n".join(loop.evaluation_lines(ftj)), "\n" + loop.usage_line(ftj))
+    scores = {m["name"]: m for m in evaluation["metrics"]}
+    assert list(scores) == loop.EVAL_METRICS, evaluation
+    em = scores["exactMatch"]
+    assert em["examples"] == loop.ROUTING_HELD_OUT and em["adapter"] - em["base"] >= loop.EXACT_MATCH_BAR, em
+    assert scores["rougeL"]["adapter"] > scores["rougeL"]["base"] and scores["evalLoss"]["delta"] < 0, scores
+    assert evaluation["passed"] is True and evaluation["score"].startswith("exactMatch "), evaluation
+    assert manifest.evaluation is not None and manifest.evaluation["metrics"]["exactMatch"]["adapter"] == pytest.approx(
+        em["adapter"], abs=1e-4
+    )
+    predictions = loop.pull_predictions(world["server"], ftj, world["model_dir"].parent / "pulled")
+    held_out = loop.held_out_tickets()
+    assert [p["reference"] for p in predictions] == [a for _, a in held_out[: len(predictions)]] and predictions
+    assert re.fullmatch(r"0\.\d{4} USD", usage["estimatedCost"]), usage  # 500m x seconds at 0.05 USD per CPU-hour
+    assert usage["cpuSeconds"] == pytest.approx(0.5 * usage["wallSeconds"]) and usage["tokensTrained"] > 0, usage
+    wide = node.kubectl_run("get", "ftj", "support-bot-v1", "-n", namespace, "-o", "wide")
+    print(wide.stdout)
+    header, row = wide.stdout.splitlines()[:2]
+    assert "SCORE" in header and "COST" in header and evaluation["score"] in row and usage["estimatedCost"] in row
 
     # Every workload runs under its egress NetworkPolicy (store and API server only), rendered by the operator.
     policies = client.NetworkingV1Api(node.cluster.api_client).list_namespaced_network_policy(namespace).items
@@ -174,6 +200,7 @@ def test_train_store_serve_then_add_and_remove_an_adapter_without_restart(
         {"name": "support-bot", "fineTuneJobRef": {"name": "support-bot-v1"}},
         {"name": "extra", "artifact": {"uri": pushed.folder.uri, "digest": pushed.digest}},
     ]
+
     def still_serving() -> None:  # the replica stays in the Service while the new adapter loads
         healthy()
         assert loop.chat(url, "support-bot") == adapter_answer
