@@ -279,3 +279,34 @@ def test_kubectl_explain_documents_the_fields(cluster: ClusterHandle, crds: None
     assert "checkpointInterval" in out and "Optimizer steps between checkpoints" in out
     # The category resolves to the three kinds.
     subprocess.run([*kubectl, "get", "lorafleet", "-A"], capture_output=True, text=True, check=True)
+
+
+CAS = {
+    "apiVersion": "lorafleet.io/v1alpha1",
+    "kind": "ClusterArtifactStore",
+    "metadata": {"name": "sts-validation"},
+    "spec": {"endpoint": "http://minio.storage:9000", "bucket": "lorafleet", "sts": {"enabled": True}},
+}
+
+
+@pytest.mark.parametrize("duration", [0, 899, 43201], ids=["zero", "below-900", "above-43200"])
+def test_cluster_store_sts_duration_out_of_range_is_rejected(
+    cluster: ClusterHandle, crds: None, namespace: str, duration: int
+) -> None:
+    """STS refuses lifetimes outside 900..43200 s: the API server says so before the operator mints anything."""
+    custom = Custom(cluster, namespace)
+    manifest = _set(CAS, "spec.sts.durationSeconds", duration)
+    with pytest.raises(ApiException) as raised:
+        custom.api.create_cluster_custom_object(
+            "lorafleet.io", "v1alpha1", "clusterartifactstores", manifest, dry_run="All", field_validation="Strict"
+        )
+    assert raised.value.status in (400, 422), raised.value.body
+    assert "spec.sts.durationSeconds" in raised.value.body, raised.value.body
+
+
+def test_cluster_store_sts_defaults(cluster: ClusterHandle, crds: None, namespace: str) -> None:
+    """sts.enabled alone is valid; the server fills in the one-hour lifetime."""
+    created = Custom(cluster, namespace).api.create_cluster_custom_object(
+        "lorafleet.io", "v1alpha1", "clusterartifactstores", CAS, dry_run="All", field_validation="Strict"
+    )
+    assert created["spec"]["sts"] == {"enabled": True, "durationSeconds": 3600}

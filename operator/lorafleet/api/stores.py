@@ -106,6 +106,27 @@ class StoreConnection(ApiModel):
     )
 
 
+class StoreSts(ApiModel):
+    """Short-lived credentials for a ClusterArtifactStore's workloads: STS AssumeRole at the store's endpoint,
+    signed with the store's keys, with a session policy limited to the namespace's location."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Mint each FineTuneJob's trainer credentials (read-write on its namespace's location only) "
+        "instead of the workloads reading a copy of the store's keys. The store must implement AssumeRole with a "
+        "session policy (MinIO, Ceph RGW, AWS).",
+    )
+    duration_seconds: int = Field(
+        default=3600, ge=900, le=43200, description="Lifetime of minted credentials (900 to 43200 seconds)."
+    )
+    role_arn: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="RoleArn of AssumeRole (MinIO ignores it; AWS and Ceph RGW need the role to assume). Left out: "
+        "the operator's artifactStore.sts.roleArn.",
+    )
+
+
 class ClusterArtifactStoreSpec(StoreConnection):
     """A store the platform team defines once for many namespaces. Each namespace's artifacts live apart, under
     s3://<bucket>/<prefix>/<namespace>/, and an object may only name URIs there."""
@@ -113,9 +134,11 @@ class ClusterArtifactStoreSpec(StoreConnection):
     credentials_secret_ref: S3CredentialsRef | None = Field(
         default=None,
         description="Secret with the store's keys, in the operator's namespace; only the declared keys are read. "
-        "Until short-lived credentials are minted, workloads use a Secret of the same name and keys in their own "
-        "namespace (copied there by the platform team), as for the default store.",
+        "With sts.enabled the operator mints trainers' credentials with them (read from the operator's namespace); "
+        "otherwise workloads use a Secret of the same name and keys in their own namespace (copied there by the "
+        "platform team), as for the default store.",
     )
+    sts: StoreSts = Field(default_factory=StoreSts, description="Short-lived credentials for workloads.")
     allowed_namespaces: AllowedNamespaces = Field(
         default_factory=AllowedNamespaces, description="Namespaces whose objects may use this store."
     )
