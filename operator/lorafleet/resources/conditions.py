@@ -72,6 +72,8 @@ class Reason:
     SERVING = "Serving"
     # AdapterDeployment refused, FineTuneJob warned: vLLM serves no LoRA on the base model's family
     LORA_NOT_SUPPORTED = "LoRANotSupported"
+    # AdapterDeployment refused: vLLM's LoRA on the family (mixture of experts) needs GPUs, and it has none
+    UNSUPPORTED_ON_CPU = "UnsupportedOnCPU"
     # FineTuneJob and AdapterDeployment: a child's name is held by an object they do not control (no takeover)
     CHILD_CONFLICT = "ChildConflict"
     # Reported by the Deployment controller; passed through.

