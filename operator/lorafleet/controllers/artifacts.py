@@ -45,12 +45,16 @@ __all__ = [
     "SecretForbidden",
     "SecretMissing",
     "StoreError",
+    "ca_file",
     "check_version",
     "delete_if_owned",
     "delete_version",
     "read_secret",
+    "secret_value",
     "store_for",
 ]
+
+SESSION_TOKEN_KEY = "AWS_SESSION_TOKEN"  # storage.sts_policy.SECRET_KEYS[2]
 
 # The operator's own checks (a manifest, a few KiB) are bounded: a store that accepts connections and never
 # answers costs at most CHECK_ATTEMPTS x (connect + read) seconds to the object that uses it, and its failure is
@@ -95,7 +99,7 @@ def _operator_settings() -> OperatorSettings:
     return OperatorSettings()
 
 
-def _secret_value(namespace: str, name: str, key: str) -> str:
+def secret_value(namespace: str, name: str, key: str) -> str:
     secret = read_secret(namespace, name)
     if secret is None:
         raise SecretMissing(name)
@@ -105,7 +109,7 @@ def _secret_value(namespace: str, name: str, key: str) -> str:
     return base64.b64decode(raw).decode()
 
 
-def _ca_file(pem: str) -> str:
+def ca_file(pem: str) -> str:
     """botocore wants a CA bundle path: one file per distinct bundle, written once."""
     path = os.path.join(tempfile.gettempdir(), f"lorafleet-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem")
     if not os.path.exists(path):
@@ -134,15 +138,23 @@ def store_for(spec_store: ObjectStore | None, namespace: str) -> ArtifactStore:
     refusal = credentials_refusal(spec_store, _operator_settings(), "the store")
     if refusal is not None:
         raise StoreNotAllowed(refusal)
-    access_key = secret_key = ca = None
+    access_key = secret_key = ca = token = None
     if spec_store.credentials_secret_ref is not None:
         ref = spec_store.credentials_secret_ref
-        access_key = _secret_value(namespace, ref.name, ref.access_key_id_key)
-        secret_key = _secret_value(namespace, ref.name, ref.secret_access_key_key)
+        access_key = secret_value(namespace, ref.name, ref.access_key_id_key)
+        secret_key = secret_value(namespace, ref.name, ref.secret_access_key_key)
+        token = _session_token(namespace, ref.name)
     if spec_store.ca_bundle_secret_ref is not None:
         ref_ca = spec_store.ca_bundle_secret_ref
-        ca = _ca_file(_secret_value(namespace, ref_ca.name, ref_ca.key))
-    return _store(StoreSettings.from_object_store(spec_store, access_key, secret_key, ca))
+        ca = ca_file(secret_value(namespace, ref_ca.name, ref_ca.key))
+    settings = StoreSettings.from_object_store(spec_store, access_key, secret_key, ca)
+    return _store(dataclasses.replace(settings, session_token=token) if token else settings)
+
+
+def _session_token(namespace: str, name: str) -> str | None:
+    """Minted credentials (controllers.credentials) carry a session token beside the key pair."""
+    raw = ((read_secret(namespace, name) or {}).get("data") or {}).get(SESSION_TOKEN_KEY)
+    return base64.b64decode(raw).decode() if raw else None
 
 
 def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expected: str | None) -> ArtifactCheck:

@@ -1,6 +1,8 @@
-"""Minted store credentials for a workload (Helm artifactStore.sts): a child Secret of its owner, in the owner's
-namespace, holding keys from STS AssumeRole whose session policy reaches only what the owner's plan granted
-(storage.sts_policy.Grant). The platform's own keys stay in the operator's namespace.
+"""Minted store credentials for a workload (Helm artifactStore.sts, or a ClusterArtifactStore's spec.sts): a child
+Secret of its owner, in the owner's namespace, holding keys from STS AssumeRole whose session policy reaches only
+what the owner's plan granted (storage.sts_policy.Grant). The keys that mint stay in the operator's namespace: the
+operator's environment for the default store, the ClusterArtifactStore's Secret read there (never from a tenant's
+namespace, where anyone with Secret access could plant one of that name).
 
 The Secret is read by name (the operator may get Secrets, never list or watch them) and minted again when it is
 missing, when the grant changed, or when less than a third of its lifetime is left; the owner is queued again
@@ -12,27 +14,81 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kubernetes.client.exceptions import ApiException
 
 from lorafleet import k8s
 from lorafleet.api.objects import CustomResource
-from lorafleet.controllers.artifacts import SecretForbidden, read_secret, secret_forbidden_message
+from lorafleet.controllers.artifacts import (
+    SecretForbidden,
+    SecretMissing,
+    ca_file,
+    read_secret,
+    secret_forbidden_message,
+    secret_value,
+)
 from lorafleet.controllers.base import SETTINGS, Obj, log, now
 from lorafleet.resources.common import object_meta
 from lorafleet.resources.conditions import Reason
+from lorafleet.resources.store_refs import ResolvedStore
 from lorafleet.resources.stores import RenderError
 from lorafleet.storage.errors import StoreError
 from lorafleet.storage.scrub import remember
 from lorafleet.storage.settings import StoreSettings
-from lorafleet.storage.sts import mint
+from lorafleet.storage.sts import DEFAULT_ROLE_ARN, mint
 from lorafleet.storage.sts_policy import Grant, session_policy
 
 EXPIRES = "lorafleet.io/credentials-expire-at"
 GRANT = "lorafleet.io/credentials-grant"  # a hash of the session policy: a changed grant mints again
 # Renewed when less than this share of the lifetime is left: the pods that start then still get hours.
 RENEW_SHARE = 1 / 3
+
+
+@dataclass(frozen=True)
+class MintSource:
+    """Where and with which keys credentials are minted, and for how long."""
+
+    settings: StoreSettings
+    duration_seconds: int
+    role_arn: str
+
+
+def platform_source() -> MintSource:
+    """The default store: the operator's environment and Helm artifactStore.sts."""
+    return MintSource(
+        StoreSettings.from_env(), SETTINGS.store_sts_duration_seconds, SETTINGS.store_sts_role_arn or DEFAULT_ROLE_ARN
+    )
+
+
+def cluster_store_source(resolved: ResolvedStore) -> MintSource:
+    """A ClusterArtifactStore with spec.sts: its keys (and CA bundle) read from the operator's namespace.
+    RenderError (StoreNotConfigured, StoreNotAllowed) when they cannot be."""
+    assert resolved.sts is not None, "only a minting store has a source"
+    namespace, label = SETTINGS.operator_namespace, resolved.label
+    cluster_ref = resolved.store.credentials_secret_ref  # as resolved: the store's own Secret
+    if cluster_ref is None:
+        raise RenderError(
+            Reason.STORE_NOT_CONFIGURED,
+            f"{label} has spec.sts.enabled but no spec.credentialsSecretRef: the platform team names the Secret (in "
+            f"the operator's namespace \"{namespace}\") whose keys mint the workloads' credentials",
+        )
+    try:
+        access = secret_value(namespace, cluster_ref.name, cluster_ref.access_key_id_key)
+        secret = secret_value(namespace, cluster_ref.name, cluster_ref.secret_access_key_key)
+        ca_ref = resolved.store.ca_bundle_secret_ref
+        ca = ca_file(secret_value(namespace, ca_ref.name, ca_ref.key)) if ca_ref is not None else None
+    except SecretMissing as exc:
+        raise RenderError(
+            Reason.STORE_NOT_CONFIGURED,
+            f'{label}: Secret "{exc}" not found in the operator\'s namespace "{namespace}"; the platform team creates '
+            "it there (workloads of a store with spec.sts.enabled never read it)",
+        ) from None
+    except StoreError as exc:  # SecretForbidden, a missing key
+        raise RenderError(Reason.STORE_NOT_CONFIGURED, f"{label}: {exc}") from None
+    settings = StoreSettings.from_object_store(resolved.store, access, secret, ca)
+    return MintSource(settings, resolved.sts.duration_seconds, resolved.sts.role_arn or SETTINGS.store_sts_role_arn)
 
 
 def grant_hash(grant: Grant) -> str:
@@ -56,9 +112,10 @@ def renew_at(expires: datetime, duration_seconds: int) -> datetime:
     return expires - timedelta(seconds=duration_seconds * RENEW_SHARE)
 
 
-def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> float:
+def ensure(owner: CustomResource, name: str, component: str, grant: Grant, source: MintSource | None = None) -> float:
     """The owner's credentials Secret exists and is fresh; returns the seconds until it must be renewed.
-    RenderError (ChildConflict, StoreUnavailable) when it cannot be."""
+    `source`: who mints (default: the platform's store). RenderError (ChildConflict, StoreUnavailable) when it
+    cannot be."""
     try:
         existing = read_secret(owner.namespace, name)
     except SecretForbidden as exc:
@@ -69,8 +126,9 @@ def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> fl
             f'Secret "{name}" exists and is not controlled by {owner.kind} "{owner.name}": the operator writes the '
             "store credentials it mints there; rename or delete that Secret",
         )
+    source = source or platform_source()
     when, wanted = now(), grant_hash(grant)
-    duration = SETTINGS.store_sts_duration_seconds
+    duration = source.duration_seconds
     if existing is not None:
         expires = _expiry(existing)
         same = ((existing.get("metadata") or {}).get("annotations") or {}).get(GRANT) == wanted
@@ -78,12 +136,12 @@ def ensure(owner: CustomResource, name: str, component: str, grant: Grant) -> fl
             return (renew_at(expires, duration) - when).total_seconds()
     try:
         minted = mint(
-            StoreSettings.from_env(),  # the platform's store and keys (the operator's environment)
+            source.settings,
             grant,
             duration_seconds=duration,
             namespace=owner.namespace,
             name=owner.name,
-            role_arn=SETTINGS.store_sts_role_arn,
+            role_arn=source.role_arn,
         )
     except StoreError as exc:
         raise RenderError(Reason.STORE_UNAVAILABLE, f"store credentials for this workload not minted: {exc}") from exc

@@ -33,7 +33,7 @@ from lorafleet.controllers.base import (
     write_status,
 )
 from lorafleet.controllers.caches import CACHES
-from lorafleet.controllers.store_refs import bind_basemodel, bind_finetunejob
+from lorafleet.controllers.store_refs import bind_basemodel, bind_finetunejob, resolve_ref
 from lorafleet.resources import adapter_guard as guard
 from lorafleet.resources import finetunejob as builders
 from lorafleet.resources.children import conflict_message
@@ -140,7 +140,7 @@ def reconcile(ftj: FineTuneJobObject) -> FineTuneJobStatus:
     base = get_typed(BaseModelObject, ftj.spec.base_model_ref.name, namespace)
     base = bind_basemodel(base)[0] if base is not None else None
     desired, error = plan(ftj, base, SETTINGS) if refused is None else (None, refused)
-    if SETTINGS.store_sts:
+    if SETTINGS.store_sts or ftj.spec.output.store_ref is not None:  # bound storeRef: a store that mints
         desired, error = _workload_credentials(ftj, base, desired, error)
     children = sync_children(ftj, desired, builders.CHILD_KINDS, builders.CREATE_ONLY)
     job = children.get("batch/v1", "Job", names.job)
@@ -175,7 +175,9 @@ def _workload_credentials(
     if grant is None:
         return desired, error
     try:
-        renew_in = credentials.ensure(ftj, name, builders.COMPONENT, grant)
+        ref = ftj.spec.output.store_ref
+        source = credentials.cluster_store_source(resolve_ref(ref, ftj.namespace, "spec.output")) if ref else None
+        renew_in = credentials.ensure(ftj, name, builders.COMPONENT, grant, source)
     except RenderError as exc:
         return None, exc
     enqueue(KIND, ftj.namespace, ftj.name, renew_in)

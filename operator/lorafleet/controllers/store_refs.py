@@ -12,10 +12,12 @@ from typing import Any
 
 from lorafleet import API_VERSION
 from lorafleet.api.adapterdeployment import ArtifactRef
+from lorafleet.api.common import S3CredentialsRef
 from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject, FineTuneJobObject
 from lorafleet.api.stores import StoreRef
 from lorafleet.controllers.base import SETTINGS
 from lorafleet.controllers.caches import CACHES
+from lorafleet.resources.finetunejob import names_of as finetunejob_names
 from lorafleet.resources.store_refs import (
     CLUSTER,
     ResolvedStore,
@@ -67,7 +69,10 @@ def bind_basemodel(bm: BaseModelObject) -> tuple[BaseModelObject, RenderError | 
 
 
 def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderError | None]:
-    """The output goes to the store's root for this namespace: <root>/adapters/<name>/<version>."""
+    """The output goes to the store's root for this namespace: <root>/adapters/<name>/<version>. A
+    ClusterArtifactStore with spec.sts.enabled mints the trainer's credentials: the bound store names the FineTuneJob's
+    minted Secret (never the store's), and the bound copy keeps its storeRef, which marks it as minting for the
+    planner (resources.finetunejob.workload_grant) and the controller (which keys mint them)."""
     output = ftj.spec.output
     if output.store_ref is None:
         try:
@@ -80,7 +85,12 @@ def bind_finetunejob(ftj: FineTuneJobObject) -> tuple[FineTuneJobObject, RenderE
         resolved = resolve_ref(output.store_ref, ftj.namespace, "spec.output")
     except RenderError as exc:
         return ftj, exc
-    spec = _replace(ftj.spec, output=_replace(output, store=resolved.store, uri=resolved.root, store_ref=None))
+    if resolved.sts is not None:
+        minted = S3CredentialsRef(name=finetunejob_names(ftj).credentials)
+        store = _replace(resolved.store, credentials_secret_ref=minted)
+        spec = _replace(ftj.spec, output=_replace(output, store=store, uri=resolved.root))
+    else:
+        spec = _replace(ftj.spec, output=_replace(output, store=resolved.store, uri=resolved.root, store_ref=None))
     return _replace(ftj, spec=spec), None
 
 

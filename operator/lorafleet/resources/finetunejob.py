@@ -134,6 +134,10 @@ def workload_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: Operat
     the platform's store, datasets). Minted with the platform's keys, so checked here whatever bound the spec (a
     team's ArtifactStore may equal the platform's store): the output inside this namespace's root, no input in
     another namespace's root (StoreNotAllowed). None: the pods use the store's Secret."""
+    if ftj.spec.output.store_ref is not None:
+        # Bound to a ClusterArtifactStore that mints (controllers.store_refs): its namespace root, nothing else;
+        # inputs elsewhere are refused by the store (the minted keys reach no further).
+        return Grant(read_write=(output_target(ftj, settings).uri,))
     if not settings.store_sts or not platform_store(ftj.spec.output.store, settings):
         return None
     namespace = ftj.namespace
@@ -171,7 +175,8 @@ def trainer_config(
         secret = names_of(ftj).credentials
         if output.store is not None:
             output = output.model_copy(update={"store": _minted(output.store, secret)})
-        if base_store is not None and platform_store(base.source.store, settings):
+        minting_platform = ftj.spec.output.store_ref is None  # the platform's keys mint, with the base's grant
+        if base_store is not None and minting_platform and platform_store(base.source.store, settings):
             base_store = _minted(lenient_copy(ObjectStore, base_store), secret)
     if spec.output.store is None:  # the trainer reads s3:// datasets with the output store's keys
         for field, uri in _dataset_inputs(spec).items():
@@ -323,7 +328,7 @@ def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig
 
     base_store = config.base_model.store
     base_env = store_env(base_store, platform=base.source.store is None)
-    fetch_env = [*env, *base_env] if base_store and base_store != config.output.store else env
+    fetch_env = _fetch_env(env, base_env) if base_store and base_store != config.output.store else env
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "securityContext": pod_security_context(),
@@ -390,6 +395,13 @@ def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig
         "metadata": object_meta(ftj, job_names.job, COMPONENT),
         "spec": job_spec,
     }
+
+
+def _fetch_env(env: list[Obj], base_env: list[Obj]) -> list[Obj]:
+    """The weights' fetch reaches the base model's store: its settings replace the output store's (an env name
+    twice is refused by the API server), and the output store's keys are not sent to another store."""
+    dropped = {e["name"] for e in base_env} | set(SECRET_KEYS)
+    return [*(e for e in env if e["name"] not in dropped), *base_env]
 
 
 def _session_token_env(store: ObjectStore | None, secret: str) -> list[Obj]:

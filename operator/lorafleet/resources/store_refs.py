@@ -31,6 +31,7 @@ from lorafleet.api.stores import (
     LabelSelector,
     StoreConnection,
     StoreRef,
+    StoreSts,
 )
 from lorafleet.config import OperatorSettings
 from lorafleet.resources.conditions import Reason
@@ -50,6 +51,8 @@ class ResolvedStore:
     ref: StoreRef
     store: ObjectStore
     root: str  # s3://bucket[/prefix][/namespace], no trailing slash
+    # A ClusterArtifactStore that mints its workloads' credentials (spec.sts.enabled), None otherwise.
+    sts: StoreSts | None = None
 
     @property
     def label(self) -> str:
@@ -149,7 +152,8 @@ def resolve(
             "artifactStore.allowedEndpoints",
         )
     if ref.kind == CLUSTER:
-        return ResolvedStore(ref, _inline(cluster, cluster.credentials_secret_ref), _root(cluster, namespace))
+        sts = cluster.sts if cluster.sts.enabled else None
+        return ResolvedStore(ref, _inline(cluster, cluster.credentials_secret_ref), _root(cluster, namespace), sts=sts)
     require_own_secret(team, settings, f"{field}.storeRef: {describe(ref)} spec")
     return ResolvedStore(ref, _inline(team, team.credentials_secret_ref), _root(team))
 
