@@ -25,6 +25,7 @@ prereqs_ok=1
 ensure_prereqs hack/test.sh || prereqs_ok=0
 step "[3/4] lint (ruff, mypy) and generated files (hack/generate --check)"
 python -m ruff check operator tools tests hack benchmarks
+python -m ruff format --check --quiet operator tools tests hack benchmarks
 python -m mypy
 bash hack/generate --check
 # The e2e tests run pods on a real node (containerd, kubelet): root only. Without root they are left out, loudly.

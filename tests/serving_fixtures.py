@@ -95,8 +95,9 @@ class ServingPod:
     def push(self, name: str, version: str, src: Path, *, base: str = BASE) -> tuple[str, str]:
         """Push an adapter folder as <name>/<version> trained on `base`; returns (uri, digest)."""
         folder = version_folder(f"s3://{self.bucket}/fleet", "adapter", name, version)
-        result = self.store.push(src, folder, kind="adapter", name=name, version=version,
-                                 base_model=BaseModelRef(name=base))
+        result = self.store.push(
+            src, folder, kind="adapter", name=name, version=version, base_model=BaseModelRef(name=base)
+        )
         self.pushed[(name, version)] = (folder.uri, result.digest)
         return folder.uri, result.digest
 

@@ -86,8 +86,9 @@ async def raw_loads(vllm_url: str, dirs: list[Path]) -> list[float]:
         for i, path in enumerate(dirs):
             name = f"raw-{i}"
             started = time.perf_counter()
-            status, body = await post(session, f"{vllm_url}/v1/load_lora_adapter",
-                                      {"lora_name": name, "lora_path": str(path)})
+            status, body = await post(
+                session, f"{vllm_url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+            )
             times.append(time.perf_counter() - started)
             assert status == 200, body
         for i in range(len(dirs)):
@@ -95,8 +96,9 @@ async def raw_loads(vllm_url: str, dirs: list[Path]) -> list[float]:
     return times
 
 
-async def hot_loads(sidecar: SidecarServer, desired_file: Path, pushed: list[tuple[str, str, str]],
-                    kept: list[tuple[str, str, str]]) -> tuple[list[float], list[dict[str, Any]]]:
+async def hot_loads(
+    sidecar: SidecarServer, desired_file: Path, pushed: list[tuple[str, str, str]], kept: list[tuple[str, str, str]]
+) -> tuple[list[float], list[dict[str, Any]]]:
     """Add each adapter to the desired set in turn; time until its first completion through the gateway."""
     latencies: list[float] = []
     reports: list[dict[str, Any]] = []
@@ -106,8 +108,10 @@ async def hot_loads(sidecar: SidecarServer, desired_file: Path, pushed: list[tup
             current.append((name, uri, digest))
             payload = {"model": name, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
             started = time.perf_counter()
-            write_desired(desired_file, desired_set(BASE, current, max_lora_rank=16,
-                                                    target_modules=supported_target_modules("llama")))
+            write_desired(
+                desired_file,
+                desired_set(BASE, current, max_lora_rank=16, target_modules=supported_target_modules("llama")),
+            )
             while True:
                 status, _ = await post(session, f"{sidecar.url}/v1/completions", payload)
                 if status == 200:
@@ -118,19 +122,24 @@ async def hot_loads(sidecar: SidecarServer, desired_file: Path, pushed: list[tup
             latencies.append(time.perf_counter() - started)
             report = sidecar.adapter(name) or {}
             reports.append(report)
-            log(f"hot load {name}: {latencies[-1] * 1000:.0f} ms (download+checks {report.get('downloadSeconds')} s, "
-                f"load call {report.get('loadSeconds')} s)")
+            log(
+                f"hot load {name}: {latencies[-1] * 1000:.0f} ms (download+checks {report.get('downloadSeconds')} s, "
+                f"load call {report.get('loadSeconds')} s)"
+            )
             # Keep the set small and the machine quiet between samples: drop the adapter again.
             current.pop()
-            write_desired(desired_file, desired_set(BASE, current, max_lora_rank=16,
-                                                    target_modules=supported_target_modules("llama")))
+            write_desired(
+                desired_file,
+                desired_set(BASE, current, max_lora_rank=16, target_modules=supported_target_modules("llama")),
+            )
             while name in served(sidecar.url):
                 await asyncio.sleep(0.05)
     return latencies, reports
 
 
-async def throughput(url: str, models: list[str], duration: float, concurrency: int, max_tokens: int,
-                     warmup: float) -> dict[str, Any]:
+async def throughput(
+    url: str, models: list[str], duration: float, concurrency: int, max_tokens: int, warmup: float
+) -> dict[str, Any]:
     done = {"requests": 0, "tokens": 0, "errors": 0}
     counting = False
     stop_at = time.perf_counter() + warmup + duration
@@ -142,9 +151,17 @@ async def throughput(url: str, models: list[str], duration: float, concurrency: 
             model = models[n % len(models)]
             n += concurrency
             started = time.perf_counter()
-            status, body = await post(session, f"{url}/v1/completions", {
-                "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            })
+            status, body = await post(
+                session,
+                f"{url}/v1/completions",
+                {
+                    "model": model,
+                    "prompt": PROMPT,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             if not counting:
                 continue
             if status != 200:
@@ -202,8 +219,7 @@ def main() -> int:
 
         model_dir = build_model(work / "model")
         n_adapters = max(args.loads, 8)
-        adapter_dirs = [make_lora_adapter(model_dir, work / "loras" / f"l{i}", seed=100 + i)
-                        for i in range(n_adapters)]
+        adapter_dirs = [make_lora_adapter(model_dir, work / "loras" / f"l{i}", seed=100 + i) for i in range(n_adapters)]
 
         log("starting MinIO and pushing the adapters")
         s3 = S3Server(data_dir=work / "minio" / "data", binary=build())
@@ -213,13 +229,20 @@ def main() -> int:
         pushed = []
         for i, src in enumerate(adapter_dirs):
             folder = version_folder("s3://bench/fleet", "adapter", f"hot-{i}", "v1")
-            digest = store.push(src, folder, kind="adapter", name=f"hot-{i}", version="v1",
-                                base_model=BaseModelRef(name=BASE)).digest
+            digest = store.push(
+                src, folder, kind="adapter", name=f"hot-{i}", version="v1", base_model=BaseModelRef(name=BASE)
+            ).digest
             pushed.append((f"hot-{i}", folder.uri, digest))
 
         log("starting vLLM")
-        vllm = VllmServer(log_path=work / "vllm.log", model_dir=model_dir, served_name=BASE, max_loras=8,
-                          max_lora_rank=16, max_cpu_loras=max(32, n_adapters + 8))
+        vllm = VllmServer(
+            log_path=work / "vllm.log",
+            model_dir=model_dir,
+            served_name=BASE,
+            max_loras=8,
+            max_lora_rank=16,
+            max_cpu_loras=max(32, n_adapters + 8),
+        )
         vllm.start()
         results["vllm_start_s"] = round(vllm.wait_healthy(), 1)
         log(f"vLLM healthy after {results['vllm_start_s']} s")
@@ -230,8 +253,13 @@ def main() -> int:
 
         desired_file = work / "desired" / "adapters.json"
         write_desired(desired_file, desired_set(BASE, [], max_lora_rank=16))
-        sidecar = SidecarServer(log_path=work / "sidecar.log", desired_file=desired_file, engine_url=vllm.url,
-                                adapters_dir=work / "adapters", store_env=s3.env())
+        sidecar = SidecarServer(
+            log_path=work / "sidecar.log",
+            desired_file=desired_file,
+            engine_url=vllm.url,
+            adapters_dir=work / "adapters",
+            store_env=s3.env(),
+        )
         sidecar.start()
 
         log(f"hot loads x{args.loads} (desired set change -> first completion through the gateway)")
@@ -242,8 +270,10 @@ def main() -> int:
 
         if not args.skip_throughput:
             eight = pushed[:8]
-            write_desired(desired_file, desired_set(BASE, eight, max_lora_rank=16,
-                                                    target_modules=supported_target_modules("llama")))
+            write_desired(
+                desired_file,
+                desired_set(BASE, eight, max_lora_rank=16, target_modules=supported_target_modules("llama")),
+            )
             deadline = time.monotonic() + 120
             while not sidecar.ready():
                 if time.monotonic() > deadline:
@@ -259,7 +289,7 @@ def main() -> int:
             for r in range(args.rounds):
                 # Cases alternate within each round (and rotate between rounds), so the drifting load of a
                 # shared machine falls on all of them alike; the median round of each case is reported.
-                order = list(cases)[r % len(cases):] + list(cases)[: r % len(cases)]
+                order = list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]
                 for case in order:
                     url, models = cases[case]
                     run = asyncio.run(
@@ -273,12 +303,15 @@ def main() -> int:
             }
             t = results["throughput"]
             results["ratios"] = {
-                "eight_over_one_adapter": round(t["eight_adapters_mixed"]["completions_per_s"]
-                                                / t["one_adapter"]["completions_per_s"], 3),
-                "one_adapter_over_base": round(t["one_adapter"]["completions_per_s"]
-                                               / t["base"]["completions_per_s"], 3),
-                "gateway_over_direct": round(t["base"]["completions_per_s"]
-                                             / t["base_direct_to_vllm"]["completions_per_s"], 3),
+                "eight_over_one_adapter": round(
+                    t["eight_adapters_mixed"]["completions_per_s"] / t["one_adapter"]["completions_per_s"], 3
+                ),
+                "one_adapter_over_base": round(
+                    t["one_adapter"]["completions_per_s"] / t["base"]["completions_per_s"], 3
+                ),
+                "gateway_over_direct": round(
+                    t["base"]["completions_per_s"] / t["base_direct_to_vllm"]["completions_per_s"], 3
+                ),
             }
         results["machine"]["load_after"] = os.getloadavg()
     finally:

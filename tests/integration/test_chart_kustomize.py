@@ -68,4 +68,3 @@ def test_kustomize_carries_the_generated_crds(kustomized: dict[tuple[str, str, s
     top = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
     here = {p.name: p.read_bytes() for p in (DEPLOY / "crds").glob("*.yaml")}
     assert here == top, "deploy/crds/ differs from crds/: run hack/generate"
-

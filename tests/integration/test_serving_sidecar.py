@@ -49,8 +49,9 @@ def test_streaming_and_chat_go_through_the_gateway(serving_pod: ServingPod) -> N
     pod.wait_states({"one": "Loaded"})
     req = urllib.request.Request(
         pod.url + "/v1/completions",
-        data=json.dumps({"model": "one", "prompt": "Hello", "max_tokens": 8, "temperature": 0,
-                         "stream": True}).encode(),
+        data=json.dumps(
+            {"model": "one", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "stream": True}
+        ).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -91,10 +92,16 @@ def test_admin_routes_are_not_reachable_through_the_gateway(
     serving_pod: ServingPod, lora_dirs: dict[str, Path], method: str, path: str
 ) -> None:
     pod = serving_pod
-    payload = {"lora_name": "intruder", "lora_path": str(lora_dirs["two"]), "name": "intruder",
-               "src": str(lora_dirs["two"])}
+    payload = {
+        "lora_name": "intruder",
+        "lora_path": str(lora_dirs["two"]),
+        "name": "intruder",
+        "src": str(lora_dirs["two"]),
+    }
     req = urllib.request.Request(
-        pod.url + path, data=json.dumps(payload).encode() if method != "GET" else None, method=method,
+        pod.url + path,
+        data=json.dumps(payload).encode() if method != "GET" else None,
+        method=method,
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -152,14 +159,26 @@ def test_incompatible_adapters_are_refused_with_their_reason_while_the_others_se
     pickled = pod.push("pickled", "v1", lora_dirs["pickle"])  # adapter_model.bin
     wrong_pin = (pod.pushed[("one", "v2")][0] if ("one", "v2") in pod.pushed else good[0], "sha256:" + "0" * 64)
     missing = (f"s3://{pod.bucket}/fleet/adapters/missing/v1", None)
-    pod.set_desired([
-        ("good", *good), ("big", *big), ("foreign", *foreign), ("pickled", *pickled),
-        ("pinned", *wrong_pin), ("missing", *missing),
-    ])
-    adapters = pod.wait_states({
-        "good": "Loaded", "big": "Failed", "foreign": "Failed", "pickled": "Failed", "pinned": "Failed",
-        "missing": "Failed",
-    })
+    pod.set_desired(
+        [
+            ("good", *good),
+            ("big", *big),
+            ("foreign", *foreign),
+            ("pickled", *pickled),
+            ("pinned", *wrong_pin),
+            ("missing", *missing),
+        ]
+    )
+    adapters = pod.wait_states(
+        {
+            "good": "Loaded",
+            "big": "Failed",
+            "foreign": "Failed",
+            "pickled": "Failed",
+            "pinned": "Failed",
+            "missing": "Failed",
+        }
+    )
     reasons = {name: a["reason"] for name, a in adapters.items()}
     assert reasons == {
         "good": "Loaded",

@@ -36,7 +36,6 @@ def test_shutdown_timeout_default_only_where_torchrun_has_the_option(monkeypatch
     older.parse_args(with_shutdown_timeout(args, older))
 
 
-
 @pytest.mark.parametrize("module", ["lorafleet.contracts.trainer", "lorafleet.trainer", "lorafleet.trainer.main"])
 def test_operator_side_imports_no_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules, 'transformers' in sys.modules)"

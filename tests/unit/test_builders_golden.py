@@ -40,14 +40,16 @@ def _multi_node() -> list[dict[str, Any]]:
 
 
 def _cpu_from_pvc() -> list[dict[str, Any]]:
-    ftj = objects.fine_tune_job(resources={
+    ftj = objects.fine_tune_job(
+        resources={
             "gpusPerNode": 0,
             "cpu": 2,
             "memory": "4Gi",
             "podLabels": {"cost-centre": "ml-42", "app.kubernetes.io/instance": "cannot-override"},
             "podAnnotations": {"sidecar.istio.io/inject": "false"},
         },
-        activeDeadlineSeconds=3600,)
+        activeDeadlineSeconds=3600,
+    )
     bm = objects.base_model(source={"uri": "pvc://models/tiny-llama"})
     settings = SETTINGS.model_copy(update={"network_policy": False})
     return ftj_res.desired_children(objects.as_fine_tune_job(ftj), objects.as_base_model(objects.ready(bm)), settings)

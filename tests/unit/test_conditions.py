@@ -27,10 +27,21 @@ T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
 
 
-def cond(type: str = "Ready", status: str = "False", reason: str = "JobCreating", message: str = "",
-         at: datetime = T0, generation: int | None = 1) -> dict[str, Any]:
-    c: dict[str, Any] = {"type": type, "status": status, "reason": reason, "message": message,
-                         "lastTransitionTime": rfc3339(at)}
+def cond(
+    type: str = "Ready",
+    status: str = "False",
+    reason: str = "JobCreating",
+    message: str = "",
+    at: datetime = T0,
+    generation: int | None = 1,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "type": type,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": rfc3339(at),
+    }
     if generation is not None:
         c["observedGeneration"] = generation
     return c
@@ -50,10 +61,17 @@ def test_rfc3339(value: datetime, expected: str) -> None:
 
 
 def test_set_condition_appends_new_with_now() -> None:
-    out = set_condition([], type="Ready", status="False", reason="JobCreating", message="m",
-                        generation=3, now=T0)
-    assert out == [{"type": "Ready", "status": "False", "reason": "JobCreating", "message": "m",
-                    "observedGeneration": 3, "lastTransitionTime": "2025-01-02T03:04:05Z"}]
+    out = set_condition([], type="Ready", status="False", reason="JobCreating", message="m", generation=3, now=T0)
+    assert out == [
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "JobCreating",
+            "message": "m",
+            "observedGeneration": 3,
+            "lastTransitionTime": "2025-01-02T03:04:05Z",
+        }
+    ]
 
 
 @pytest.mark.parametrize(
@@ -70,8 +88,9 @@ def test_last_transition_time_moves_only_on_status_flip(
     new_status: Any, new_reason: str, new_message: str, expected_time: str
 ) -> None:
     old = [cond(message="same", generation=1)]
-    out = set_condition(old, type="Ready", status=new_status, reason=new_reason, message=new_message,
-                        generation=2, now=T1)
+    out = set_condition(
+        old, type="Ready", status=new_status, reason=new_reason, message=new_message, generation=2, now=T1
+    )
     assert out[0]["lastTransitionTime"] == expected_time
     assert out[0]["observedGeneration"] == 2
     assert (out[0]["status"], out[0]["reason"], out[0]["message"]) == (new_status, new_reason, new_message)
@@ -80,15 +99,21 @@ def test_last_transition_time_moves_only_on_status_flip(
 def test_stable_over_many_passes() -> None:
     conds: list[dict[str, Any]] = []
     for minute in range(10):
-        conds = set_condition(conds, type="Ready", status="False", reason="JobRunning",
-                              message=f"step {minute}", generation=1, now=T0 + timedelta(minutes=minute))
+        conds = set_condition(
+            conds,
+            type="Ready",
+            status="False",
+            reason="JobRunning",
+            message=f"step {minute}",
+            generation=1,
+            now=T0 + timedelta(minutes=minute),
+        )
     assert conds[0]["lastTransitionTime"] == rfc3339(T0)
 
 
 def test_missing_transition_time_is_filled() -> None:
     old = [{"type": "Ready", "status": "True", "reason": "Serving"}]
-    out = set_condition(old, type="Ready", status="True", reason="Serving", message="",
-                        generation=None, now=T1)
+    out = set_condition(old, type="Ready", status="True", reason="Serving", message="", generation=None, now=T1)
     assert out[0]["lastTransitionTime"] == rfc3339(T1)
     assert "observedGeneration" not in out[0]
 
@@ -96,11 +121,9 @@ def test_missing_transition_time_is_filled() -> None:
 def test_input_not_mutated_and_order_stable() -> None:
     old = [cond("Ready"), cond("Progressing", "True"), cond("Degraded")]
     snapshot = copy.deepcopy(old)
-    out = set_condition(old, type="Progressing", status="False", reason="Succeeded", message="",
-                        generation=1, now=T1)
+    out = set_condition(old, type="Progressing", status="False", reason="Succeeded", message="", generation=1, now=T1)
     out = set_condition(out, type="Custom", status="True", reason="X", message="", generation=1, now=T1)
-    out = set_condition(out, type="Ready", status="True", reason="Succeeded", message="",
-                        generation=1, now=T1)
+    out = set_condition(out, type="Ready", status="True", reason="Succeeded", message="", generation=1, now=T1)
     assert old == snapshot
     assert [c["type"] for c in out] == ["Ready", "Progressing", "Degraded", "Custom"]
 
@@ -115,14 +138,27 @@ def test_get_condition() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        pytest.param([], [cond(status="False", reason="JobCreating", message="m")],
-                     [("Ready", "False", "JobCreating", "m")], id="new-condition"),
-        pytest.param([cond(status="False")], [cond(status="True", reason="Succeeded", message="ok")],
-                     [("Ready", "True", "Succeeded", "ok")], id="status-changed"),
-        pytest.param([cond(reason="JobCreating")], [cond(reason="JobRunning", message="r")],
-                     [("Ready", "False", "JobRunning", "r")], id="reason-changed"),
-        pytest.param([cond(message="step 1")], [cond(message="step 2", at=T1, generation=2)], [],
-                     id="message-only-no-event"),
+        pytest.param(
+            [],
+            [cond(status="False", reason="JobCreating", message="m")],
+            [("Ready", "False", "JobCreating", "m")],
+            id="new-condition",
+        ),
+        pytest.param(
+            [cond(status="False")],
+            [cond(status="True", reason="Succeeded", message="ok")],
+            [("Ready", "True", "Succeeded", "ok")],
+            id="status-changed",
+        ),
+        pytest.param(
+            [cond(reason="JobCreating")],
+            [cond(reason="JobRunning", message="r")],
+            [("Ready", "False", "JobRunning", "r")],
+            id="reason-changed",
+        ),
+        pytest.param(
+            [cond(message="step 1")], [cond(message="step 2", at=T1, generation=2)], [], id="message-only-no-event"
+        ),
         pytest.param([cond("Ready"), cond("Degraded")], [cond("Ready")], [], id="removed-ignored"),
         pytest.param(
             [cond("Ready"), cond("Degraded")],
@@ -132,9 +168,7 @@ def test_get_condition() -> None:
         ),
     ],
 )
-def test_transitions(
-    old: list[dict[str, Any]], new: list[dict[str, Any]], expected: list[tuple[str, ...]]
-) -> None:
+def test_transitions(old: list[dict[str, Any]], new: list[dict[str, Any]], expected: list[tuple[str, ...]]) -> None:
     assert transitions(old, new) == expected
 
 

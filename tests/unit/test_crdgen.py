@@ -102,9 +102,7 @@ class Spec(BaseModel):
     anything: Any = Field(None, description="Anything at all.")
     max_unavailable: int | str = Field(1, description="Int or percentage.")
     ports: list[Port] = Field(default_factory=list, max_length=8, description="Ports.")
-    tags: Annotated[
-        list[str], Field(description="Tags.", json_schema_extra={"x-kubernetes-list-type": "set"})
-    ] = []
+    tags: Annotated[list[str], Field(description="Tags.", json_schema_extra={"x-kubernetes-list-type": "set"})] = []
     unique: set[str] = Field(default_factory=set, description="A set.")
     deadline: datetime | None = Field(None, description="Deadline.")
     homepage: str | None = Field(None, description="Homepage.", json_schema_extra={"format": "uri"})
@@ -258,9 +256,7 @@ def test_field_cel_and_list_map_passthrough() -> None:
                 "x-kubernetes-validations": [{"rule": "size(self) < 5", "message": "too many"}],
             },
         )
-        meta: dict[str, str] = Field(
-            description="Atomic map.", json_schema_extra={"x-kubernetes-map-type": "atomic"}
-        )
+        meta: dict[str, str] = Field(description="Atomic map.", json_schema_extra={"x-kubernetes-map-type": "atomic"})
 
     props = structural_schema(M)["properties"]
     assert props["items"]["x-kubernetes-list-type"] == "map"

@@ -158,7 +158,7 @@ def test_forbidden_without_rbac_text_still_says_rbac() -> None:
 
 @pytest.mark.parametrize("status", [400, 422])
 def test_invalid_objects_are_permanent(status: int) -> None:
-    mapped = k8s.to_kopf_error(api_error(status, 'spec.replicas: Invalid value: -1'))
+    mapped = k8s.to_kopf_error(api_error(status, "spec.replicas: Invalid value: -1"))
     assert isinstance(mapped, kopf.PermanentError)
     assert "spec.replicas" in str(mapped)
 

@@ -31,8 +31,9 @@ def desired(**kw: Any) -> DesiredAdapterSet:
     return DesiredAdapterSet.model_validate({"baseModel": "llama-8b", "maxLoraRank": 16, **kw})
 
 
-def manifest(base: dict[str, Any] | None = None, files: tuple[str, ...] = ("adapter_config.json",
-             "adapter_model.safetensors")) -> dict[str, Any]:
+def manifest(
+    base: dict[str, Any] | None = None, files: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors")
+) -> dict[str, Any]:
     m: dict[str, Any] = {"kind": "adapter", "files": [{"path": p, "sha256": "0" * 64, "size": 1} for p in files]}
     if base is not None:
         m["baseModel"] = base
@@ -176,8 +177,10 @@ def test_supported_target_modules_by_family() -> None:
     ("message", "reason"),
     [
         ("LoRA rank 32 is greater than max_lora_rank 16.", Reason.RANK_EXCEEDS_MAX),
-        ("While loading /a, expected target modules in ['q_proj'] but received ['foo']. Please verify",
-         Reason.UNSUPPORTED_TARGET_MODULES),
+        (
+            "While loading /a, expected target modules in ['q_proj'] but received ['foo']. Please verify",
+            Reason.UNSUPPORTED_TARGET_MODULES,
+        ),
         ("vLLM does not yet support DoRA.", Reason.UNSUPPORTED_ADAPTER),
         ("Loading lora one failed: No adapter found for /adapters/one", Reason.NOT_FOUND),
         ("CUDA out of memory", Reason.LOAD_FAILED),

@@ -93,12 +93,15 @@ class Harness:
         self.store = FakeStore(tmp_path)
         self.adapters_dir = tmp_path / "adapters"
         self.adapters_dir.mkdir()
-        self.syncer = Syncer(desired_file=self.desired_file, engine=self.engine,  # type: ignore[arg-type]
-                             adapters_dir=self.adapters_dir, prepare=self.store)
+        self.syncer = Syncer(
+            desired_file=self.desired_file,
+            engine=self.engine,  # type: ignore[arg-type]
+            adapters_dir=self.adapters_dir,
+            prepare=self.store,
+        )
 
     def write(self, adapters: list[tuple[str, str]], **kw: Any) -> None:
-        desired = {"baseModel": BASE, "maxLoraRank": 16, **kw,
-                   "adapters": [{"name": n, "uri": u} for n, u in adapters]}
+        desired = {"baseModel": BASE, "maxLoraRank": 16, **kw, "adapters": [{"name": n, "uri": u} for n, u in adapters]}
         self.desired_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.desired_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(desired))
@@ -191,14 +194,18 @@ def test_kubelet_symlink_swap_and_a_bad_file(tmp_path: Path) -> None:
             link.symlink_to(version)
             os.replace(link, mount / "..data")
 
-        publish("..v1", json.dumps({"baseModel": BASE, "maxLoraRank": 16,
-                                    "adapters": [{"name": "a", "uri": "s3://b/a/v1"}]}))
+        publish(
+            "..v1",
+            json.dumps({"baseModel": BASE, "maxLoraRank": 16, "adapters": [{"name": "a", "uri": "s3://b/a/v1"}]}),
+        )
         (mount / "adapters.json").symlink_to("..data/adapters.json")
         h.syncer.desired_file = mount / "adapters.json"
         assert h.syncer.read_desired() is True
         assert h.syncer.read_desired() is False  # unchanged
-        publish("..v2", json.dumps({"baseModel": BASE, "maxLoraRank": 16,
-                                    "adapters": [{"name": "c", "uri": "s3://b/c/v1"}]}))
+        publish(
+            "..v2",
+            json.dumps({"baseModel": BASE, "maxLoraRank": 16, "adapters": [{"name": "c", "uri": "s3://b/c/v1"}]}),
+        )
         assert h.syncer.read_desired() is True
         assert list(h.syncer.adapters) == ["c"]
 
@@ -207,8 +214,16 @@ def test_kubelet_symlink_swap_and_a_bad_file(tmp_path: Path) -> None:
         assert list(h.syncer.adapters) == ["c"]  # the last good set stays
         assert "not a valid desired adapter set" in (h.syncer.state()["desired"]["error"] or "")
 
-        publish("..v4", json.dumps({"baseModel": BASE, "maxLoraRank": 16, "adapters": [
-            {"name": "c", "uri": "s3://b/c/v1"}, {"name": "c", "uri": "s3://b/c/v2"}]}))
+        publish(
+            "..v4",
+            json.dumps(
+                {
+                    "baseModel": BASE,
+                    "maxLoraRank": 16,
+                    "adapters": [{"name": "c", "uri": "s3://b/c/v1"}, {"name": "c", "uri": "s3://b/c/v2"}],
+                }
+            ),
+        )
         assert h.syncer.read_desired() is False
         assert "twice" in (h.syncer.desired_error or "")
 

@@ -122,8 +122,10 @@ def main(argv: Sequence[str] | None = None, repo: Path = REPO, targets: Sequence
         for path, why in found:
             print(f"hack/generate: stale: {path.relative_to(repo)} ({why})", file=sys.stderr)
         if found:
-            print(f"hack/generate: {len(found)} generated file(s) stale; run `hack/generate` and commit the result",
-                  file=sys.stderr)
+            print(
+                f"hack/generate: {len(found)} generated file(s) stale; run `hack/generate` and commit the result",
+                file=sys.stderr,
+            )
             return 1
         return 0
     for path, why in found:
