@@ -31,6 +31,7 @@ from lorafleet.resources import finetunejob as ftj_res
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server, free_port
 from lorafleet_dev.testing import ClusterHandle, wait_until
+from tests.integration.conftest import SESSION_PREFIX
 from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, condition
 from tests.integration.test_chart_kustomize import DEPLOY
 from tests.integration.test_chart_kustomize import kubectl as kubectl_binary
@@ -116,8 +117,9 @@ def _create_namespace(cluster: ClusterHandle, name: str) -> None:
 
 @pytest.fixture
 def work_namespace(cluster: ClusterHandle, namespace: str) -> Iterator[str]:
-    """A second namespace for the custom resources (the operator's own namespace is `namespace`)."""
-    name = f"{namespace[:50]}-work"
+    """A second namespace for the custom resources (the operator's own namespace is `namespace`). Outside the glob
+    the session's own operator watches (<prefix>-*: operator_fixtures), or both operators would reconcile it."""
+    name = f"{namespace.replace(f'{SESSION_PREFIX}-', f'{SESSION_PREFIX}c-', 1)[:50]}-work"
     _create_namespace(cluster, name)
     yield name
     try:
@@ -378,7 +380,10 @@ def _reconcile_everything(
     assert own["status"]["digest"] == ready["status"]["digest"]  # read with the Secret its spec references
     running = custom.wait_status("FineTuneJob", "support", _phase("Running"), timeout=60, what="FTJ Running" + tail())
     assert running["metadata"]["finalizers"] == ["lorafleet.io/finalizer"]
-    served = custom.wait_status("AdapterDeployment", "chat", _phase("Ready"), timeout=60, what="AD Ready" + tail())
+    try:
+        served = custom.wait_status("AdapterDeployment", "chat", _phase("Ready"), timeout=60, what="AD Ready" + tail())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nAdapterDeployment status: {(custom.get('AdapterDeployment', 'chat') or {}).get('status')}") from None
     assert condition(served["status"], "Ready")["status"] == "True"  # type: ignore[index]
 
     # Every child kind, written by this operator (its field manager) through server-side apply.

@@ -668,6 +668,32 @@ class LocalCluster:
         }
 
 
+# -- etcd's JSON gateway (plain HTTP on loopback) ----------------------------------------------------------------
+
+# An API server started on an empty etcd builds its watch caches at a revision close to 1, so a watch from an
+# old resourceVersion such as "1" is still served instead of answered with 410 Gone, as any real cluster would.
+# The harness moves a new etcd past this many revisions before the API server starts.
+MIN_ETCD_REVISION = 100
+
+
+def _etcd_post(port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(f"http://{LOOPBACK}:{port}/v3/{path}", json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
+
+def _etcd_revision(port: int) -> int:
+    return int(_etcd_post(port, "kv/range", {"key": "AA==", "limit": 1})["header"]["revision"])
+
+
+def _age_etcd(port: int) -> None:
+    """Bump a new etcd's revision past MIN_ETCD_REVISION (one key outside the API server's /registry prefix)."""
+    key = "L2xvcmFmbGVldC1oYXJuZXNzL2FnZQ=="  # base64("/lorafleet-harness/age")
+    for _ in range(max(0, MIN_ETCD_REVISION - _etcd_revision(port))):
+        _etcd_post(port, "kv/put", {"key": key, "value": "MQ=="})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=DEFAULT_NAME, help="cluster name (state dir name)")
@@ -714,29 +740,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# -- etcd's JSON gateway (plain HTTP on loopback) ----------------------------------------------------------------
-
-# An API server started on an empty etcd builds its watch caches at a revision close to 1, so a watch from an
-# old resourceVersion such as "1" is still served instead of answered with 410 Gone, as any real cluster would.
-# The harness moves a new etcd past this many revisions before the API server starts.
-MIN_ETCD_REVISION = 100
-
-
-def _etcd_post(port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(f"http://{LOOPBACK}:{port}/v3/{path}", json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        answer: dict[str, Any] = json.loads(resp.read())
-        return answer
-
-
-def _etcd_revision(port: int) -> int:
-    return int(_etcd_post(port, "kv/range", {"key": "AA==", "limit": 1})["header"]["revision"])
-
-
-def _age_etcd(port: int) -> None:
-    """Bump a new etcd's revision past MIN_ETCD_REVISION (one key outside the API server's /registry prefix)."""
-    key = "L2xvcmFmbGVldC1oYXJuZXNzL2FnZQ=="  # base64("/lorafleet-harness/age")
-    for _ in range(max(0, MIN_ETCD_REVISION - _etcd_revision(port))):
-        _etcd_post(port, "kv/put", {"key": key, "value": "MQ=="})
