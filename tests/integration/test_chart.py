@@ -383,7 +383,9 @@ def _reconcile_everything(
     try:
         served = custom.wait_status("AdapterDeployment", "chat", _phase("Ready"), timeout=60, what="AD Ready" + tail())
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nAdapterDeployment status: {(custom.get('AdapterDeployment', 'chat') or {}).get('status')}") from None
+        raise AssertionError(
+            f"{exc}\nAdapterDeployment status: {(custom.get('AdapterDeployment', 'chat') or {}).get('status')}"
+        ) from None
     assert condition(served["status"], "Ready")["status"] == "True"  # type: ignore[index]
 
     # Every child kind, written by this operator (its field manager) through server-side apply.
