@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from kubernetes import client
 
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.unit import objects
 
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.integration
 
 STORE_SECRET = "team-store-keys"
 BUCKET, PREFIX = "lorafleet", "teams"
-
-
-def _wait(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _keys_secret(name: str, access: str, secret: str) -> client.V1Secret:
@@ -105,15 +94,17 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
         operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
         operator.start()
         try:
-            secret = _wait(
+            secret = wait_until(
                 lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
                 90,
-                f"the minted Secret\n{operator.log_tail(30)}",
+                interval=0.5,
+                what=f"the minted Secret\n{operator.log_tail(30)}",
             )[0]
-            job = _wait(
+            job = wait_until(
                 lambda: cluster.batch.list_namespaced_job(ns).items,
                 60,
-                f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
+                interval=0.5,
+                what=f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
             )[0]
         finally:
             operator.stop()

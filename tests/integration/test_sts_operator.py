@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,23 +19,13 @@ from lorafleet.controllers.credentials import EXPIRES
 from lorafleet.resources.status.finetunejob import TERMINAL
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.unit import objects
 
 pytestmark = pytest.mark.integration
 
 PLATFORM_SECRET = "platform-store-keys"
-
-
-def _wait(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_trainer_pods_get_minted_prefix_scoped_credentials(
@@ -70,10 +59,11 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        secret = _wait(
+        secret = wait_until(
             lambda: cluster.core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
             90,
-            f"the minted Secret\n{operator.log_tail(30)}",
+            interval=0.5,
+            what=f"the minted Secret\n{operator.log_tail(30)}",
         )[0]
         assert secret.metadata.owner_references[0].kind == "FineTuneJob"
         assert EXPIRES in secret.metadata.annotations
@@ -81,8 +71,11 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
         assert data["AWS_ACCESS_KEY_ID"] != s3_server.access_key
 
-        job = _wait(
-            lambda: cluster.batch.list_namespaced_job(ns).items, 60, f"the trainer Job\n{operator.log_tail(30)}"
+        job = wait_until(
+            lambda: cluster.batch.list_namespaced_job(ns).items,
+            60,
+            interval=0.5,
+            what=f"the trainer Job\n{operator.log_tail(30)}",
         )[0]
         job_text = str(job.to_dict())
         assert PLATFORM_SECRET not in job_text and "'name': 'support-store'" in job_text
@@ -116,10 +109,11 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
             timeout=120,
             what=f"the job finished\n{operator.log_tail(30)}",
         )
-        _wait(
+        wait_until(
             lambda: not cluster.core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
             60,
-            "the Secret removed",
+            interval=0.5,
+            what="the Secret removed",
         )
     finally:
         operator.stop()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +34,7 @@ from lorafleet.storage.sts import MintedCredentials, mint
 from lorafleet.storage.sts_policy import Grant
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle
+from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.unit import objects
 
@@ -131,16 +130,6 @@ def test_the_sidecar_uses_renewed_keys_without_a_restart(
         assert value not in str(fetch("theirs"))
 
 
-def _wait(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
     cluster: ClusterHandle,
     crds: None,
@@ -171,18 +160,22 @@ def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        secret = _wait(
+        secret = wait_until(
             lambda: cluster.core.list_namespaced_secret(ns, field_selector=selector).items,
             90,
-            f"the minted Secret\n{operator.log_tail(30)}",
+            interval=0.5,
+            what=f"the minted Secret\n{operator.log_tail(30)}",
         )[0]
         assert secret.metadata.owner_references[0].kind == "AdapterDeployment"
         assert secret.metadata.owner_references[0].controller
         data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
-        deployment = _wait(
-            lambda: cluster.apps.list_namespaced_deployment(ns).items, 60, f"the Deployment\n{operator.log_tail(30)}"
+        deployment = wait_until(
+            lambda: cluster.apps.list_namespaced_deployment(ns).items,
+            60,
+            interval=0.5,
+            what=f"the Deployment\n{operator.log_tail(30)}",
         )[0]
         text = str(deployment.to_dict())
         assert PLATFORM_SECRET not in text and "'secret_name': 'chat-serving-store'" in text
@@ -215,14 +208,15 @@ def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
         # Less than a third of the lifetime left: the next reconcile (the resync, every 3 s) mints again.
         soon = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
         cluster.core.patch_namespaced_secret("chat-serving-store", ns, {"metadata": {"annotations": {EXPIRES: soon}}})
-        renewed = _wait(
+        renewed = wait_until(
             lambda: [
                 s
                 for s in cluster.core.list_namespaced_secret(ns, field_selector=selector).items
                 if s.metadata.annotations.get(EXPIRES) != soon
             ],
             60,
-            f"the renewed Secret\n{operator.log_tail(30)}",
+            interval=0.5,
+            what=f"the renewed Secret\n{operator.log_tail(30)}",
         )[0]
         assert base64.b64decode(renewed.data["AWS_ACCESS_KEY_ID"]).decode() != data["AWS_ACCESS_KEY_ID"]
     finally:

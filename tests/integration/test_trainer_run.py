@@ -135,7 +135,8 @@ def test_cli_run_status_progress_lines_and_lineage(trainer_env: TrainerEnv) -> N
     assert [e["step"] for e in events if e["event"] == "eval"] == [6, 12]
 
     status = env.status(config)
-    assert set(status) == {"version", "progress", "metrics", "artifact"}
+    assert set(status) == {"version", "progress", "metrics", "artifact", "tokensTrained"}  # no evaluation configured
+    assert isinstance(status["tokensTrained"], int) and status["tokensTrained"] > 0
     assert status["progress"]["step"] == 12 and status["progress"]["totalSteps"] == 12
     assert {"trainLoss", "evalLoss", "tokensPerSecond", "trainSeconds", "wallSeconds"} <= status["metrics"].keys()
     assert status["artifact"]["uri"] == "s3://artifacts/lorafleet/adapters/cli/v1"
