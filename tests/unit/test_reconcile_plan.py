@@ -156,8 +156,9 @@ def test_adapterdeployment_serves_only_adapters_that_can_be_served() -> None:
     running = {**objects.fine_tune_job(), "status": {"phase": "Running"}}
     children, error = _ad_plan(ad, objects.ready(objects.base_model()), {"support": running}, SETTINGS)
     assert error is None
+    # The Deployment last: its pods never start before their ConfigMap and policies exist.
     assert _kinds(children) == [
-        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"
+        "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "Deployment"
     ]  # fmt: skip
     desired = json.loads(children[0]["data"]["adapters.json"])
     assert [a["name"] for a in desired["adapters"]] == ["sql"]  # support-bot waits for its FineTuneJob
@@ -173,7 +174,7 @@ def test_adapter_set_changes_do_not_touch_the_pod_template() -> None:
     before, _ = _ad_plan(ad, base, {"support": running}, SETTINGS)
     after, _ = _ad_plan(ad, base, {"support": done}, SETTINGS)
     assert before[0] != after[0]
-    assert before[1]["spec"]["template"] == after[1]["spec"]["template"]
+    assert before[-1]["spec"]["template"] == after[-1]["spec"]["template"]
 
 
 def test_adapter_ranks_come_from_fine_tune_jobs() -> None:

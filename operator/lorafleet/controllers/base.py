@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def execute_children(plan: ChildPlan, owner_uid: str | None) -> tuple[dict[tuple
                 if holder is None:
                     raise  # deleted since: the retry creates it
                 if not controlled_by(holder, owner_uid):
+                    HELD.add(str(meta.get("namespace") or ""), k[0], k[1])
                     for undo in created:
                         _delete_child(undo)
                         current.pop(key(undo), None)
@@ -145,12 +147,45 @@ def _delete_child(child: Obj) -> None:
         log.warning("the operator may not delete %s %s: left in place", child["kind"], meta["name"])
 
 
+class HeldNames:
+    """Child names found held by an object lorafleet does not control (the caches cannot see it: no managed-by
+    label). Such a name is read live on later passes, so a conflicted owner changes nothing instead of creating and
+    undoing its other children every pass; forgotten once the name is free. Bounded: the oldest go first."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: dict[tuple[str, str, str], None] = {}
+
+    def add(self, namespace: str, kind: str, name: str) -> None:
+        with self._lock:
+            self._names[(namespace, kind, name)] = None
+            while len(self._names) > self.LIMIT:
+                del self._names[next(iter(self._names))]
+
+    def discard(self, namespace: str, kind: str, name: str) -> None:
+        with self._lock:
+            self._names.pop((namespace, kind, name), None)
+
+    def __contains__(self, key: tuple[str, str, str]) -> bool:
+        with self._lock:
+            return key in self._names
+
+
+HELD = HeldNames()
+
+
 def cached_by_name(api_version: str, kind: str, name: str, namespace: str) -> Obj | None:
     """The object holding a name as far as the caches know (they hold only objects with lorafleet's managed-by
-    label; creating a child finds any other, see execute_children); kinds no cache serves are read live."""
-    if CACHES.serves(api_version, kind):
+    label; creating a child finds any other, see execute_children); kinds no cache serves, and names found held
+    by others before (HELD), are read live."""
+    if CACHES.serves(api_version, kind) and (namespace, kind, name) not in HELD:
         return CACHES.get(api_version, kind, name, namespace)
-    return k8s.get(api_version, kind, name, namespace)
+    found = k8s.get(api_version, kind, name, namespace)
+    if found is None:
+        HELD.discard(namespace, kind, name)
+    return found
 
 
 def sync_children(

@@ -462,7 +462,6 @@ def desired_children(
     base_digest = (base_model.status.digest if base_model.status is not None else None) or base.source.digest
     children = [
         build_adapters_config_map(ad, desired_adapter_set(base_name, base, adapters, rank, base_digest)),
-        build_deployment(ad, base_name, base, rank, settings),
         build_service(ad),
     ]
     if spec.replicas > 1:
@@ -480,4 +479,7 @@ def desired_children(
             )
         )
         children.append(build_ingress_policy(ad, settings))
+    # The Deployment last: its pods start only once their ConfigMap and network policies exist, and a name found
+    # held by someone else while creating stops the pass before any pod (controllers.base.execute_children).
+    children.append(build_deployment(ad, base_name, base, rank, settings))
     return children
