@@ -12,6 +12,7 @@ Register with ``pytest_plugins = ["tests.s3_fixtures"]`` in tests/conftest.py.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import uuid
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from lorafleet.storage import ArtifactStore, StoreSettings
@@ -115,3 +117,20 @@ def store_settings(s3_server: S3Server) -> StoreSettings:
 @pytest.fixture
 def artifact_store(store_settings: StoreSettings) -> ArtifactStore:
     return ArtifactStore(store_settings)
+
+
+def secret_keys(secret: Any) -> dict[str, str]:
+    """A V1Secret's data, decoded (the keys a minted credentials Secret holds)."""
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def session_client(server: S3Server, keys: dict[str, str]) -> Any:
+    """A boto3 S3 client on `server` signing with the AWS_* keys of a minted credentials Secret."""
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=keys["AWS_SESSION_TOKEN"],
+    )

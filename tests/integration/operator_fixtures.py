@@ -115,3 +115,32 @@ class Custom:
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+
+
+# -- leader election (test_leader_election.py, test_reliability.py) ---------------------------------------------
+
+LEASE = "lorafleet-operator"
+LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 4, 3, 1  # seconds: short, so that takeovers are quick to test
+
+
+def election_env(pod_name: str, namespace: str) -> dict[str, str]:
+    """An operator replica's environment with leader election on, named like a pod, its Lease in `namespace`."""
+    return {
+        "POD_NAME": pod_name,
+        "LORAFLEET_LEADER_ELECTION": "true",
+        "LORAFLEET_LEADER_ELECTION_LEASE_DURATION": str(LEASE_DURATION),
+        "LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE": str(RENEW_DEADLINE),
+        "LORAFLEET_LEADER_ELECTION_RETRY_PERIOD": str(RETRY_PERIOD),
+        "LORAFLEET_OPERATOR_NAMESPACE": namespace,
+    }
+
+
+def lease_holder(cluster: ClusterHandle, namespace: str) -> str | None:
+    """Who holds the operator's Lease in `namespace` (None: no Lease, or released)."""
+    try:
+        lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease(LEASE, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return lease.spec.holder_identity if lease.spec else None

@@ -20,15 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.testing import ClusterHandle, wait_until
-from tests.integration.operator_fixtures import Custom, condition
+from tests.integration.operator_fixtures import (
+    LEASE,
+    LEASE_DURATION,
+    RENEW_DEADLINE,
+    RETRY_PERIOD,
+    Custom,
+    condition,
+    election_env,
+    lease_holder,
+)
 from tests.unit import objects
 
-LEASE = "lorafleet-operator"
-LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 4, 3, 1
 # A standby takes the Lease at its first attempt after the lease duration has passed since it last saw a renewal,
 # and the leader renewed at most a retry period before it was killed.
 TAKEOVER_BOUND = LEASE_DURATION + 2 * RETRY_PERIOD + 2  # + 2 s for a loaded machine's API server
@@ -48,12 +54,7 @@ class Candidate:
         self.health_port = _free_port()
         self.metrics_port = _free_port()
         env = {
-            "POD_NAME": name,
-            "LORAFLEET_LEADER_ELECTION": "true",
-            "LORAFLEET_LEADER_ELECTION_LEASE_DURATION": str(LEASE_DURATION),
-            "LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE": str(RENEW_DEADLINE),
-            "LORAFLEET_LEADER_ELECTION_RETRY_PERIOD": str(RETRY_PERIOD),
-            "LORAFLEET_OPERATOR_NAMESPACE": namespace,
+            **election_env(name, namespace),
             "LORAFLEET_NAMESPACES": json.dumps([namespace]),
             "LORAFLEET_RESYNC_SECONDS": "3",
             "LORAFLEET_HEALTH_PORT": str(self.health_port),
@@ -79,16 +80,6 @@ class Candidate:
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace") if self.process.log_path.exists() else ""
-
-
-def holder(cluster: ClusterHandle, namespace: str) -> str | None:
-    try:
-        lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease(LEASE, namespace)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return lease.spec.holder_identity if lease.spec else None
 
 
 def fine_tune_job(namespace: str, name: str) -> dict[str, Any]:
@@ -117,7 +108,7 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_when_it_is_killed
     b = Candidate(cluster, ns, "operator-b", tmp_path)
     try:
         a.process.start()
-        wait_until(lambda: holder(cluster, ns) == "operator-a", timeout=30, what="operator-a holding the Lease")
+        wait_until(lambda: lease_holder(cluster, ns) == "operator-a", timeout=30, what="operator-a holding the Lease")
         b.process.start()
         wait_until(lambda: b.health() and "standby until" in b.log(), timeout=30, what="operator-b standing by")
         assert a.process.alive(), a.process.log_tail()
@@ -126,7 +117,7 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_when_it_is_killed
         custom.create(fine_tune_job(ns, "first"))
         custom.wait_status("FineTuneJob", "first", waiting_for_base_model, timeout=30, what="first reconciled")
         time.sleep(2 * RETRY_PERIOD + 1)  # the standby keeps campaigning meanwhile
-        assert holder(cluster, ns) == "operator-a"
+        assert lease_holder(cluster, ns) == "operator-a"
         assert b.process.alive(), b.process.log_tail()
         # The status was written by the leader: its Events name it (the standby posts none).
         assert event_instances(cluster, ns, "first") == {"operator-a"}, "only the leader handles objects"
@@ -138,7 +129,9 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_when_it_is_killed
         # The leader dies without a word: the standby takes over once the lease has expired.
         a.process.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         killed = time.monotonic()
-        wait_until(lambda: holder(cluster, ns) == "operator-b", timeout=30, interval=0.1, what="operator-b leading")
+        wait_until(
+            lambda: lease_holder(cluster, ns) == "operator-b", timeout=30, interval=0.1, what="operator-b leading"
+        )
         takeover = time.monotonic() - killed
         print(f"takeover after SIGKILL: {takeover:.1f} s (lease {LEASE_DURATION} s, retry {RETRY_PERIOD} s)")
         assert takeover <= TAKEOVER_BOUND, f"took {takeover:.1f} s\n{b.process.log_tail()}"
@@ -153,7 +146,7 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_when_it_is_killed
 
         # A graceful stop hands the Lease back: no standby has to wait out the lease duration.
         b.process.stop()
-        assert holder(cluster, ns) is None, b.process.log_tail()
+        assert lease_holder(cluster, ns) is None, b.process.log_tail()
     finally:
         a.process.stop(kill=True)
         b.process.stop(kill=True)
@@ -168,7 +161,7 @@ def test_a_leader_that_loses_the_lease_exits_with_code_1(
     a = Candidate(cluster, ns, "operator-a", tmp_path)
     try:
         a.process.start()
-        wait_until(lambda: holder(cluster, ns) == "operator-a", timeout=30, what="operator-a holding the Lease")
+        wait_until(lambda: lease_holder(cluster, ns) == "operator-a", timeout=30, what="operator-a holding the Lease")
         wait_until(lambda: "starting lorafleet operator" in a.log(), timeout=30, what="operator-a running kopf")
         leases = client.CoordinationV1Api(cluster.api_client)
         lease = leases.read_namespaced_lease(LEASE, ns)
@@ -184,6 +177,6 @@ def test_a_leader_that_loses_the_lease_exits_with_code_1(
         print(f"the leader exited {lost:.1f} s after losing the Lease (renew deadline {RENEW_DEADLINE} s)")
         assert code == 1, a.process.log_tail()
         assert "leader election lost" in a.log()
-        assert holder(cluster, ns) == "intruder"
+        assert lease_holder(cluster, ns) == "intruder"
     finally:
         a.process.stop(kill=True)

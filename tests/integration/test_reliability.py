@@ -56,7 +56,7 @@ from lorafleet_dev.operator import OperatorProcess, install_crds
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.conftest import EXTERNAL, SESSION_PREFIX
-from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom
+from tests.integration.operator_fixtures import ADAPTER_ROOT, MODEL_URI, Custom, election_env, lease_holder
 from tests.unit import objects
 
 Obj = dict[str, Any]
@@ -66,8 +66,6 @@ DISTURB_AT = N // 8  # Jobs created when the disturbance comes: the operator is 
 RESYNC_SECONDS = 3
 CONVERGE_TIMEOUT = 90.0
 SETTLE = 2 * RESYNC_SECONDS + 1  # after convergence: resync passes and late child events keep triggering
-LEASE = "lorafleet-operator"
-LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 4, 3, 1  # as test_leader_election.py
 FTJ_LABEL = f"{LABEL_PREFIX}/finetunejob"  # resources.common.labels: the owner's name, on each of its children
 OUR_EVENTS = "lorafleet-operator"  # reportingComponent of the transition Events
 EXPECTED = {
@@ -475,29 +473,11 @@ class Replica:
 
     def __init__(self, cluster: ClusterHandle, namespace: str, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        env = {
-            **env,
-            "POD_NAME": name,
-            "LORAFLEET_LEADER_ELECTION": "true",
-            "LORAFLEET_LEADER_ELECTION_LEASE_DURATION": str(LEASE_DURATION),
-            "LORAFLEET_LEADER_ELECTION_RENEW_DEADLINE": str(RENEW_DEADLINE),
-            "LORAFLEET_LEADER_ELECTION_RETRY_PERIOD": str(RETRY_PERIOD),
-            "LORAFLEET_OPERATOR_NAMESPACE": namespace,
-        }
+        env = {**env, **election_env(name, namespace)}
         self.process = OperatorProcess(cluster.kubeconfig, log_dir / f"{name}.log", env)
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace") if self.process.log_path.exists() else ""
-
-
-def lease_holder(cluster: ClusterHandle, namespace: str) -> str | None:
-    try:
-        lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease(LEASE, namespace)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return lease.spec.holder_identity if lease.spec else None
 
 
 @pytest.fixture(scope="module")

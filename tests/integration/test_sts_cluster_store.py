@@ -5,14 +5,12 @@ the namespace's location in that store and are refused (AccessDenied) under anot
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 from kubernetes import client
@@ -21,6 +19,7 @@ from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
+from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
 
 pytestmark = pytest.mark.integration
@@ -109,21 +108,14 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
         finally:
             operator.stop()
         assert secret.metadata.owner_references[0].kind == "FineTuneJob"
-        data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+        data = secret_keys(secret)
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
         assert data["AWS_ACCESS_KEY_ID"] not in (s3_server.access_key, "planted")
         job_text = str(job.to_dict())
         assert STORE_SECRET not in job_text and "'name': 'support-store'" in job_text
         assert "AWS_SESSION_TOKEN" in job_text
 
-        tenant = boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=data["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=data["AWS_SECRET_ACCESS_KEY"],
-            aws_session_token=data["AWS_SESSION_TOKEN"],
-        )
+        tenant = session_client(s3_server, data)
         own = f"{PREFIX}/{ns}/probe"
         tenant.put_object(Bucket=BUCKET, Key=own, Body=b"x")
         assert tenant.get_object(Bucket=BUCKET, Key=own)["Body"].read() == b"x"

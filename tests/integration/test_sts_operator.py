@@ -5,13 +5,11 @@ namespace's root; the Secret goes once the job has finished."""
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -21,6 +19,7 @@ from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
+from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
 
 pytestmark = pytest.mark.integration
@@ -67,7 +66,7 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
         )[0]
         assert secret.metadata.owner_references[0].kind == "FineTuneJob"
         assert EXPIRES in secret.metadata.annotations
-        data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+        data = secret_keys(secret)
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
         assert data["AWS_ACCESS_KEY_ID"] != s3_server.access_key
 
@@ -80,14 +79,7 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
         job_text = str(job.to_dict())
         assert PLATFORM_SECRET not in job_text and "'name': 'support-store'" in job_text
 
-        tenant = boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=data["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=data["AWS_SECRET_ACCESS_KEY"],
-            aws_session_token=data["AWS_SESSION_TOKEN"],
-        )
+        tenant = session_client(s3_server, data)
         tenant.put_object(Bucket="lorafleet", Key=f"{ns}/probe", Body=b"x")
         tenant.delete_object(Bucket="lorafleet", Key=f"{ns}/probe")
         assert tenant.get_object(Bucket="models", Key="tiny-llama/r1/manifest.json")["Body"].read()

@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -36,6 +35,7 @@ from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom
+from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
 
 pytestmark = pytest.mark.integration
@@ -168,7 +168,7 @@ def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
         )[0]
         assert secret.metadata.owner_references[0].kind == "AdapterDeployment"
         assert secret.metadata.owner_references[0].controller
-        data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+        data = secret_keys(secret)
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
         deployment = wait_until(
@@ -180,14 +180,7 @@ def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
         text = str(deployment.to_dict())
         assert PLATFORM_SECRET not in text and "'secret_name': 'chat-serving-store'" in text
 
-        replica = boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=data["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=data["AWS_SECRET_ACCESS_KEY"],
-            aws_session_token=data["AWS_SESSION_TOKEN"],
-        )
+        replica = session_client(s3_server, data)
         assert replica.list_objects_v2(Bucket="lorafleet", Prefix=f"{ns}/")["KeyCount"] == 0  # allowed, empty
         assert replica.get_object(Bucket="models", Key="tiny-llama/r1/manifest.json")["Body"].read()
         refusals: dict[str, Callable[[], Any]] = {
