@@ -1,13 +1,22 @@
-"""A ClusterArtifactStore with spec.sts.enabled mints each FineTuneJob's trainer credentials with the store's keys,
-read from the operator's namespace (a Secret of that name in the tenant's namespace is never used): the minted
-Secret holds a session token, the trainer Job names only that Secret, and on the real MinIO the keys write under
-the namespace's location in that store and are refused (AccessDenied) under another namespace's."""
+"""A ClusterArtifactStore with spec.sts.enabled is reached with the store's own keys, read from the operator's
+namespace, never with a Secret of the tenant's namespace (each test plants one of that name holding keys MinIO does
+not know, so using it would fail):
+
+* it mints each FineTuneJob's trainer credentials: the minted Secret holds a session token, the trainer Job names
+  only that Secret, and on the real MinIO the keys write under the namespace's location in that store and are
+  refused (AccessDenied) under another namespace's;
+* the operator's own reads and deletes use the store's keys, not the job's minted Secret (deleted once the job has
+  finished): a finished job's adapter is verified and recorded after its Secret is gone, and deletionPolicy Delete
+  removes it;
+* an AdapterDeployment whose adapters are in that store gets read-only keys minted by it (`<name>-serving-store`,
+  mounted as the sidecar's Secret volume): they read the namespace's location in that store and nothing else.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +24,12 @@ import pytest
 from botocore.exceptions import ClientError
 from kubernetes import client
 
+from lorafleet.storage import ArtifactStore, ObjectNotFound, VersionFolder
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
-from tests.integration.operator_fixtures import Custom
+from tests.integration.operator_fixtures import Custom, condition
+from tests.integration.test_safe_deletion import _artifact_report, _fake_trainer_report, _push
 from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
 
@@ -35,28 +46,21 @@ def _keys_secret(name: str, access: str, secret: str) -> client.V1Secret:
     )
 
 
-def test_cluster_store_mints_prefix_scoped_trainer_credentials(
-    cluster: ClusterHandle,
-    crds: None,
-    s3_server: S3Server,
-    stored_model: str,
-    private_namespace: str,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def minting_store(cluster: ClusterHandle, crds: None, s3_server: S3Server, private_namespace: str) -> Iterator[str]:
+    """A ClusterArtifactStore with spec.sts for `private_namespace`, its keys in an operator namespace of its own
+    and a planted Secret of that name, with keys MinIO does not know, in the tenant's namespace; yields its name."""
     ns = private_namespace
-    operator_ns = f"{ns[:50]}-op"
+    operator_ns = _operator_namespace(ns)
     store_name = f"sts-{uuid.uuid4().hex[:8]}"
     core = cluster.core
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=operator_ns)))
-    custom = Custom(cluster, ns)
     try:
-        # The store's keys in the operator's namespace; a planted Secret of that name in the tenant's namespace
-        # holds keys MinIO does not know: minting with them would fail.
         core.create_namespaced_secret(
             operator_ns, _keys_secret(STORE_SECRET, s3_server.access_key, s3_server.secret_key)
         )
         core.create_namespaced_secret(ns, _keys_secret(STORE_SECRET, "planted", "planted-secret-key"))
-        custom.api.create_cluster_custom_object(
+        client.CustomObjectsApi(cluster.api_client).create_cluster_custom_object(
             "lorafleet.io",
             "v1alpha1",
             "clusterartifactstores",
@@ -74,61 +78,203 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
                 },
             },
         )
-        env = {
-            **s3_server.env(),  # the default store (the BaseModel's); its own STS stays off
-            "LORAFLEET_STORE_URI": "s3://lorafleet",
-            "LORAFLEET_OPERATOR_NAMESPACE": operator_ns,
-            "LORAFLEET_RESYNC_SECONDS": "3",
-            "LORAFLEET_NAMESPACES": json.dumps([ns]),
-        }
-        custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
-        ftj = {**objects.fine_tune_job(namespace=ns), "metadata": {"name": "support", "namespace": ns}}
-        ftj["spec"]["output"] = {
-            "adapterName": "support-bot",
-            "version": "v1",
-            "storeRef": {"kind": "ClusterArtifactStore", "name": store_name},
-        }
-        ftj["spec"]["resources"] = {"gpusPerNode": 1, "cpu": 1, "memory": "1Gi"}
-        custom.create(ftj)
-        operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
-        operator.start()
-        try:
-            secret = wait_until(
-                lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
-                90,
-                interval=0.5,
-                what=f"the minted Secret\n{operator.log_tail(30)}",
-            )[0]
-            job = wait_until(
-                lambda: cluster.batch.list_namespaced_job(ns).items,
-                60,
-                interval=0.5,
-                what=f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
-            )[0]
-        finally:
-            operator.stop()
-        assert secret.metadata.owner_references[0].kind == "FineTuneJob"
-        data = secret_keys(secret)
-        assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
-        assert data["AWS_ACCESS_KEY_ID"] not in (s3_server.access_key, "planted")
-        job_text = str(job.to_dict())
-        assert STORE_SECRET not in job_text and "'name': 'support-store'" in job_text
-        assert "AWS_SESSION_TOKEN" in job_text
-
-        tenant = session_client(s3_server, data)
-        own = f"{PREFIX}/{ns}/probe"
-        tenant.put_object(Bucket=BUCKET, Key=own, Body=b"x")
-        assert tenant.get_object(Bucket=BUCKET, Key=own)["Body"].read() == b"x"
-        tenant.delete_object(Bucket=BUCKET, Key=own)
-        refusals: tuple[Callable[[], Any], ...] = (
-            lambda: tenant.put_object(Bucket=BUCKET, Key=f"{PREFIX}/another-team/probe", Body=b"x"),
-            lambda: tenant.put_object(Bucket=BUCKET, Key=f"{ns}/probe", Body=b"x"),  # the default store's root
-            lambda: tenant.list_objects_v2(Bucket=BUCKET),
-        )
-        for call in refusals:
-            with pytest.raises(ClientError) as refused:
-                call()
-            assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        yield store_name
     finally:
-        custom.api.delete_cluster_custom_object("lorafleet.io", "v1alpha1", "clusterartifactstores", store_name)
+        client.CustomObjectsApi(cluster.api_client).delete_cluster_custom_object(
+            "lorafleet.io", "v1alpha1", "clusterartifactstores", store_name
+        )
         core.delete_namespace(operator_ns, propagation_policy="Background")
+
+
+def _operator_namespace(ns: str) -> str:
+    return f"{ns[:50]}-op"
+
+
+def _env(s3_server: S3Server, ns: str) -> dict[str, str]:
+    return {
+        **s3_server.env(),  # the default store (the BaseModel's); its own STS stays off
+        "LORAFLEET_STORE_URI": "s3://lorafleet",
+        "LORAFLEET_OPERATOR_NAMESPACE": _operator_namespace(ns),
+        "LORAFLEET_RESYNC_SECONDS": "3",
+        "LORAFLEET_NAMESPACES": json.dumps([ns]),
+    }
+
+
+def _fine_tune_job(ns: str, store_name: str, **output: Any) -> dict[str, Any]:
+    ftj = {**objects.fine_tune_job(namespace=ns), "metadata": {"name": "support", "namespace": ns}}
+    ftj["spec"]["output"] = {
+        "adapterName": "support-bot",
+        "version": "v1",
+        "storeRef": {"kind": "ClusterArtifactStore", "name": store_name},
+        **output,
+    }
+    ftj["spec"]["resources"] = {"gpusPerNode": 1, "cpu": 1, "memory": "1Gi"}
+    return ftj
+
+
+def test_cluster_store_mints_prefix_scoped_trainer_credentials(
+    cluster: ClusterHandle,
+    s3_server: S3Server,
+    stored_model: str,
+    private_namespace: str,
+    minting_store: str,
+    tmp_path: Path,
+) -> None:
+    ns, store_name, core = private_namespace, minting_store, cluster.core
+    custom = Custom(cluster, ns)
+    env = _env(s3_server, ns)
+    custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
+    custom.create(_fine_tune_job(ns, store_name))
+    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
+    operator.start()
+    try:
+        secret = wait_until(
+            lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
+            90,
+            interval=0.5,
+            what=f"the minted Secret\n{operator.log_tail(30)}",
+        )[0]
+        job = wait_until(
+            lambda: cluster.batch.list_namespaced_job(ns).items,
+            60,
+            interval=0.5,
+            what=f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
+        )[0]
+    finally:
+        operator.stop()
+    assert secret.metadata.owner_references[0].kind == "FineTuneJob"
+    data = secret_keys(secret)
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert data["AWS_ACCESS_KEY_ID"] not in (s3_server.access_key, "planted")
+    job_text = str(job.to_dict())
+    assert STORE_SECRET not in job_text and "'name': 'support-store'" in job_text
+    assert "AWS_SESSION_TOKEN" in job_text
+
+    tenant = session_client(s3_server, data)
+    own = f"{PREFIX}/{ns}/probe"
+    tenant.put_object(Bucket=BUCKET, Key=own, Body=b"x")
+    assert tenant.get_object(Bucket=BUCKET, Key=own)["Body"].read() == b"x"
+    tenant.delete_object(Bucket=BUCKET, Key=own)
+    refusals: tuple[Callable[[], Any], ...] = (
+        lambda: tenant.put_object(Bucket=BUCKET, Key=f"{PREFIX}/another-team/probe", Body=b"x"),
+        lambda: tenant.put_object(Bucket=BUCKET, Key=f"{ns}/probe", Body=b"x"),  # the default store's root
+        lambda: tenant.list_objects_v2(Bucket=BUCKET),
+    )
+    for call in refusals:
+        with pytest.raises(ClientError) as refused:
+            call()
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_the_operator_reads_and_deletes_with_the_store_s_keys_after_the_minted_secret_is_gone(
+    cluster: ClusterHandle,
+    s3_server: S3Server,
+    stored_model: str,
+    private_namespace: str,
+    minting_store: str,
+    tmp_path: Path,
+) -> None:
+    ns, core = private_namespace, cluster.core
+    custom = Custom(cluster, ns)
+    custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
+    ftj = _fine_tune_job(ns, minting_store, deletionPolicy="Delete")
+    ftj["spec"]["resources"]["podAnnotations"] = {"lorafleet.io/kwok-duration": "2s"}  # the kwok Job succeeds
+    created = custom.create(ftj)
+    uri = f"s3://{BUCKET}/{PREFIX}/{ns}/adapters/support-bot/v1"
+    platform = ArtifactStore(s3_server.store_settings())
+    pushed = _push(platform, tmp_path, uri, "support-bot", created["metadata"]["uid"])  # what its trainer writes
+    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
+    operator.start()
+    try:
+        custom.wait_status("FineTuneJob", "support", lambda s, _o: s.get("phase") == "Succeeded", timeout=90)
+        wait_until(
+            lambda: not core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
+            30,
+            interval=0.5,
+            what="the minted Secret removed once the job finished",
+        )
+        # The report arrives after the job's minted Secret is gone: verified with the store's own keys.
+        _fake_trainer_report(cluster, ns, _artifact_report(uri, pushed.digest))
+        recorded = custom.wait_status(
+            "FineTuneJob", "support", lambda s, _o: bool(s.get("artifact")), what=f"artifact\n{operator.log_tail(30)}"
+        )
+        assert recorded["status"]["artifact"] == {"uri": uri, "digest": pushed.digest, "sizeBytes": 64}
+        assert (condition(recorded["status"], "Degraded") or {}).get("status") != "True"
+
+        custom.delete("FineTuneJob", "support")
+        wait_until(lambda: custom.get("FineTuneJob", "support") is None, 60, what="FineTuneJob deleted")
+    finally:
+        operator.stop()
+    with pytest.raises(ObjectNotFound):
+        platform.read_manifest(VersionFolder.parse(uri), explain=False)
+    events = {e.reason: e.message for e in core.list_namespaced_event(ns).items}
+    assert uri in events.get("AdapterDeleted", ""), events
+
+
+def test_serving_replicas_get_read_only_keys_minted_by_the_store(
+    cluster: ClusterHandle,
+    s3_server: S3Server,
+    stored_model: str,
+    private_namespace: str,
+    minting_store: str,
+    tmp_path: Path,
+) -> None:
+    ns, core = private_namespace, cluster.core
+    uri = f"s3://{BUCKET}/{PREFIX}/{ns}/adapters/sql/v1"
+    _push(ArtifactStore(s3_server.store_settings()), tmp_path, uri, "sql", "uid-of-some-job")
+    custom = Custom(cluster, ns)
+    custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
+    ad = objects.adapter_deployment(name="chat", namespace=ns)
+    ad["metadata"] = {"name": "chat", "namespace": ns}
+    store_ref = {"kind": "ClusterArtifactStore", "name": minting_store}
+    ad["spec"]["adapters"] = [{"name": "sql", "artifact": {"uri": uri, "storeRef": store_ref}}]
+    ad["spec"]["replicas"] = 1
+    ad["spec"]["resources"] = {"gpusPerReplica": 0, "cpu": 1, "memory": "2Gi"}
+    custom.create(ad)
+    selector = "metadata.name=chat-serving-store"
+    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
+    operator.start()
+    try:
+        secret = wait_until(
+            lambda: core.list_namespaced_secret(ns, field_selector=selector).items,
+            90,
+            interval=0.5,
+            what=f"the minted Secret\n{custom.get('AdapterDeployment', 'chat')}\n{operator.log_tail(30)}",
+        )[0]
+        deployment = wait_until(
+            lambda: cluster.apps.list_namespaced_deployment(ns).items,
+            60,
+            interval=0.5,
+            what=f"the Deployment\n{operator.log_tail(30)}",
+        )[0]
+    finally:
+        operator.stop()
+    owner = secret.metadata.owner_references[0]
+    assert owner.kind == "AdapterDeployment" and owner.controller
+    data = secret_keys(secret)
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert data["AWS_ACCESS_KEY_ID"] not in (s3_server.access_key, "planted")
+    text = str(deployment.to_dict())
+    assert STORE_SECRET not in text and "'secret_name': 'chat-serving-store'" in text
+    sidecar = next(c for c in deployment.spec.template.spec.containers if c.name == "adapter-sync")
+    assert {"name": "LORAFLEET_STORE_ENDPOINT", "value": s3_server.endpoint} in [
+        {"name": e.name, "value": e.value} for e in sidecar.env or []
+    ]
+    assert not [e for e in sidecar.env or [] if e.value_from is not None and e.value_from.secret_key_ref is not None]
+
+    replica = session_client(s3_server, data)
+    manifest = uri.removeprefix(f"s3://{BUCKET}/") + "/manifest.json"
+    assert replica.get_object(Bucket=BUCKET, Key=manifest)["Body"].read()
+    assert replica.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{ns}/")["KeyCount"] > 0
+    refusals: dict[str, Callable[[], Any]] = {
+        "write its own location": lambda: replica.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{ns}/probe", Body=b"x"),
+        "another namespace's": lambda: replica.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/another-team/"),
+        "the default store's root": lambda: replica.list_objects_v2(Bucket=BUCKET, Prefix=f"{ns}/"),
+        "the bucket": lambda: replica.list_objects_v2(Bucket=BUCKET),
+    }
+    codes = {}
+    for what, call in refusals.items():
+        with pytest.raises(ClientError) as refused:
+            call()
+        codes[what] = refused.value.response["Error"]["Code"]
+    assert codes == {what: "AccessDenied" for what in refusals}

@@ -47,6 +47,7 @@ from lorafleet.resources.status.adapterdeployment import all_versions, evaluatio
 from lorafleet.resources.stores import RenderError
 from lorafleet.serving.families import cpu_refusal, lora_refusal
 from lorafleet.serving.status import aggregate
+from lorafleet.storage.sts_policy import Grant
 
 KIND = "AdapterDeployment"
 FineTuneJobs = dict[str, FineTuneJobObject | None]
@@ -131,7 +132,9 @@ def plan(
     resolved, _ = resolve_adapters(ad, jobs, manifests)
     adapters = desired_adapters(resolved)
     try:
-        return builders.desired_children(ad, base, adapters, adapter_ranks(ad, jobs, ranks), settings), None
+        minting = serving_credentials.minting_store(ad, jobs)
+        ranked = adapter_ranks(ad, jobs, ranks)
+        return builders.desired_children(ad, base, adapters, ranked, settings, minting), None
     except RenderError as exc:
         return None, exc
 
@@ -223,8 +226,7 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
         desired, error = plan(ad, base, jobs, SETTINGS, stored_ranks(ad), manifests)
     else:
         desired, error = None, refused
-    if SETTINGS.store_sts:
-        desired, error = _serving_credentials(ad, base, desired, error)
+    desired, error = _serving_credentials(ad, base, jobs, desired, error)
     children = sync_children(ad, desired, builders.CHILD_KINDS)
     names = builders.names(ad.name)
     deployment = children.get("apps/v1", "Deployment", names.deployment)
@@ -248,19 +250,29 @@ def reconcile(ad: AdapterDeploymentObject) -> AdapterDeploymentStatus:
 
 
 def _serving_credentials(
-    ad: AdapterDeploymentObject, base: BaseModelObject | None, desired: list[Obj] | None, error: RenderError | None
+    ad: AdapterDeploymentObject,
+    base: BaseModelObject | None,
+    jobs: FineTuneJobs,
+    desired: list[Obj] | None,
+    error: RenderError | None,
 ) -> tuple[list[Obj] | None, RenderError | None]:
-    """artifactStore.sts: the replicas' read-only minted keys exist before the Deployment that mounts them and are
-    renewed in time (the AdapterDeployment is queued again for then); the Secret goes with the AdapterDeployment
-    (ownerReference)."""
+    """artifactStore.sts, or adapters in a ClusterArtifactStore with spec.sts (minted by that store, with its keys
+    from the operator's namespace): the replicas' read-only minted keys exist before the Deployment that mounts
+    them and are renewed in time (the AdapterDeployment is queued again for then); the Secret goes with the
+    AdapterDeployment (ownerReference)."""
     if desired is None or base is None:
         return desired, error
     try:
-        grant = serving_credentials.serving_grant(ad, base.spec, SETTINGS)
+        minting = serving_credentials.minting_store(ad, jobs)  # plan() rendered the same
+        source = credentials.minting_source(minting) if minting is not None else None
+        if minting is not None:
+            grant: Grant | None = serving_credentials.cluster_serving_grant(minting, base.spec)
+        else:
+            grant = serving_credentials.serving_grant(ad, base.spec, SETTINGS)
         if grant is None:
             return desired, error
         name = serving_credentials.secret_name(ad.name)
-        renew_in = credentials.ensure(ad, name, builders.COMPONENT, grant)
+        renew_in = credentials.ensure(ad, name, builders.COMPONENT, grant, source)
     except RenderError as exc:
         return None, exc
     enqueue(KIND, ad.namespace, ad.name, renew_in)

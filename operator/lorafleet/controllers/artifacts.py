@@ -2,7 +2,9 @@
 removing an adapter version whose FineTuneJob asked for it (deletionPolicy: Delete).
 
 Credentials come from the Secret the spec references, or the operator's own environment for its default store;
-they are never logged or written anywhere.
+for a ClusterArtifactStore with spec.sts (bound as resources.store_refs.MintingStore), from that store's Secret in
+the operator's namespace: its workloads' minted Secrets are theirs (and gone once a FineTuneJob has finished), and
+a Secret of the tenant's namespace is never sent to the platform's store. They are never logged or written anywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lorafleet.config import OperatorSettings
 from lorafleet.resources.adapter_guard import lineage_problem, lineage_uid
 from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status import ArtifactCheck
+from lorafleet.resources.store_refs import MintingStore
 from lorafleet.resources.stores import credentials_refusal
 from lorafleet.storage import (
     ArtifactStore,
@@ -42,6 +45,7 @@ __all__ = [
     "MANIFESTS",
     "Deletion",
     "ManifestCache",
+    "PlatformKeysMissing",
     "SecretForbidden",
     "SecretMissing",
     "StoreError",
@@ -49,6 +53,7 @@ __all__ = [
     "check_version",
     "delete_if_owned",
     "delete_version",
+    "minting_store_settings",
     "read_secret",
     "secret_value",
     "store_for",
@@ -131,6 +136,32 @@ def _store(settings: StoreSettings) -> ArtifactStore:
     )
 
 
+class PlatformKeysMissing(StoreError):
+    """A minting ClusterArtifactStore's own Secret is missing from the operator's namespace (the platform team's
+    to fix: waiting may help, unlike a tenant's Secret gone with its namespace)."""
+
+
+def minting_store_settings(store: MintingStore) -> StoreSettings:
+    """A ClusterArtifactStore with spec.sts reached with its own keys and CA bundle, read from the operator's
+    namespace only (a Secret of that name in a tenant's namespace is never read). PlatformKeysMissing, or
+    StoreError (SecretForbidden, a missing key)."""
+    namespace = _operator_settings().operator_namespace
+    ref, ca_ref = store.platform_credentials, store.platform_ca
+    try:
+        access_key = secret_value(namespace, ref.name, ref.access_key_id_key)
+        secret_key = secret_value(namespace, ref.name, ref.secret_access_key_key)
+        ca = ca_file(secret_value(namespace, ca_ref.name, ca_ref.key)) if ca_ref is not None else None
+    except SecretMissing as exc:
+        raise PlatformKeysMissing(
+            f'ClusterArtifactStore "{store.store_name}": Secret "{exc}" not found in the operator\'s namespace '
+            f'"{namespace}"; the platform team creates it there (workloads of a store with spec.sts.enabled never '
+            "read it)"
+        ) from None
+    except StoreError as exc:
+        raise StoreError(f'ClusterArtifactStore "{store.store_name}": {exc}') from None
+    return StoreSettings.from_object_store(store, access_key, secret_key, ca)
+
+
 def store_for(spec_store: ObjectStore | None, namespace: str) -> ArtifactStore:
     """The store a spec points at, or the operator's default store (from its environment)."""
     if spec_store is None:
@@ -138,6 +169,8 @@ def store_for(spec_store: ObjectStore | None, namespace: str) -> ArtifactStore:
     refusal = credentials_refusal(spec_store, _operator_settings(), "the store")
     if refusal is not None:
         raise StoreNotAllowed(refusal)
+    if isinstance(spec_store, MintingStore):  # bound by the controller only; the URIs were checked against its root
+        return _store(minting_store_settings(spec_store))
     access_key = secret_key = ca = token = None
     if spec_store.credentials_secret_ref is not None:
         ref = spec_store.credentials_secret_ref
@@ -166,6 +199,8 @@ def check_version(spec_store: ObjectStore | None, namespace: str, uri: str, expe
         return ArtifactCheck(problem=(Reason.SECRET_NOT_FOUND, f'Secret "{exc}" referenced by the store not found'))
     except (StoreNotAllowed, SecretForbidden) as exc:
         return ArtifactCheck(problem=(Reason.STORE_NOT_ALLOWED, str(exc)))
+    except PlatformKeysMissing as exc:
+        return ArtifactCheck(problem=(Reason.STORE_NOT_CONFIGURED, str(exc)))
     except (IncompleteVersion, ObjectNotFound) as exc:
         return ArtifactCheck(problem=(Reason.MANIFEST_NOT_FOUND, str(exc)))
     except BadCredentials as exc:

@@ -23,16 +23,14 @@ from lorafleet import k8s
 from lorafleet.api.objects import CustomResource
 from lorafleet.controllers.artifacts import (
     SecretForbidden,
-    SecretMissing,
-    ca_file,
+    minting_store_settings,
     read_secret,
     secret_forbidden_message,
-    secret_value,
 )
 from lorafleet.controllers.base import SETTINGS, Obj, log, now
 from lorafleet.resources.common import object_meta
 from lorafleet.resources.conditions import Reason
-from lorafleet.resources.store_refs import ResolvedStore
+from lorafleet.resources.store_refs import MintingStore, ResolvedStore
 from lorafleet.resources.stores import RenderError
 from lorafleet.storage.errors import StoreError
 from lorafleet.storage.scrub import remember
@@ -63,32 +61,22 @@ def platform_source() -> MintSource:
 
 
 def cluster_store_source(resolved: ResolvedStore) -> MintSource:
-    """A ClusterArtifactStore with spec.sts: its keys (and CA bundle) read from the operator's namespace.
-    RenderError (StoreNotConfigured, StoreNotAllowed) when they cannot be."""
-    assert resolved.sts is not None, "only a minting store has a source"
-    namespace, label = SETTINGS.operator_namespace, resolved.label
-    cluster_ref = resolved.store.credentials_secret_ref  # as resolved: the store's own Secret
-    if cluster_ref is None:
-        raise RenderError(
-            Reason.STORE_NOT_CONFIGURED,
-            f"{label} has spec.sts.enabled but no spec.credentialsSecretRef: the platform team names the Secret (in "
-            f"the operator's namespace \"{namespace}\") whose keys mint the workloads' credentials",
-        )
+    """A ClusterArtifactStore with spec.sts, as resolved (`minting_source`)."""
+    assert isinstance(resolved.store, MintingStore), "only a minting store mints"
+    return minting_source(resolved.store)
+
+
+def minting_source(store: MintingStore) -> MintSource:
+    """A ClusterArtifactStore with spec.sts: its keys (and CA bundle) read from the operator's namespace
+    (controllers.artifacts.minting_store_settings). RenderError (StoreNotConfigured, StoreNotAllowed) when they
+    cannot be."""
     try:
-        access = secret_value(namespace, cluster_ref.name, cluster_ref.access_key_id_key)
-        secret = secret_value(namespace, cluster_ref.name, cluster_ref.secret_access_key_key)
-        ca_ref = resolved.store.ca_bundle_secret_ref
-        ca = ca_file(secret_value(namespace, ca_ref.name, ca_ref.key)) if ca_ref is not None else None
-    except SecretMissing as exc:
-        raise RenderError(
-            Reason.STORE_NOT_CONFIGURED,
-            f'{label}: Secret "{exc}" not found in the operator\'s namespace "{namespace}"; the platform team creates '
-            "it there (workloads of a store with spec.sts.enabled never read it)",
-        ) from None
-    except StoreError as exc:  # SecretForbidden, a missing key
-        raise RenderError(Reason.STORE_NOT_CONFIGURED, f"{label}: {exc}") from None
-    settings = StoreSettings.from_object_store(resolved.store, access, secret, ca)
-    return MintSource(settings, resolved.sts.duration_seconds, resolved.sts.role_arn or SETTINGS.store_sts_role_arn)
+        settings = minting_store_settings(store)
+    except SecretForbidden as exc:
+        raise RenderError(Reason.STORE_NOT_ALLOWED, f'ClusterArtifactStore "{store.store_name}": {exc}') from None
+    except StoreError as exc:  # PlatformKeysMissing, a missing key
+        raise RenderError(Reason.STORE_NOT_CONFIGURED, str(exc)) from None
+    return MintSource(settings, store.sts.duration_seconds, store.sts.role_arn or SETTINGS.store_sts_role_arn)
 
 
 def grant_hash(grant: Grant) -> str:

@@ -46,6 +46,7 @@ from lorafleet.resources.common import (
     store_env,
     tolerations,
 )
+from lorafleet.resources.store_refs import MintingStore
 from lorafleet.resources.stores import resolve_store
 from lorafleet.serving.checks import supported_target_modules
 from lorafleet.uris import parse
@@ -178,7 +179,10 @@ def build_deployment(
     base: BaseModelSpec,
     max_lora_rank: int,
     settings: OperatorSettings,
+    minting: MintingStore | None = None,
 ) -> Obj:
+    """`minting`: the ClusterArtifactStore with spec.sts the adapters are in (serving_credentials.minting_store);
+    the replicas then read it with keys it minted, and the default store's settings are not rendered."""
     spec = ad.spec
     ad_names = names(ad.name)
     gpus = spec.resources.gpus_per_replica
@@ -189,14 +193,21 @@ def build_deployment(
         if base_location.scheme == "s3"
         else None
     )
-    # artifactStore.sts: read-only minted keys instead of the platform's Secret (resources.serving_credentials).
-    secret = minted.secret_name(ad.name) if minted.serving_grant(ad, base, settings) is not None else None
+    # artifactStore.sts, or a ClusterArtifactStore's spec.sts: read-only minted keys instead of a copied Secret
+    # (resources.serving_credentials).
+    minting_base = minted.platform_source(base, settings)
+    if minting is not None:
+        store = minting
+        minting_base = minted.same_minting_store(base.source.store, minting)
+        secret: str | None = minted.secret_name(ad.name)
+    else:
+        secret = minted.secret_name(ad.name) if minted.serving_grant(ad, base, settings) is not None else None
     fetch_env = store_env(base_store, platform=base.source.store is None)
     sync_volumes: list[Obj] = []
     sync_mounts: list[Obj] = []
     sync_args: list[str] = []
     if secret is not None and store is not None:
-        if base_store is not None and minted.platform_source(base, settings):
+        if base_store is not None and minting_base:
             fetch_env = [*store_env(minted.minted_store(base_store, secret)), minted.session_token_env(secret)]
         store = store.model_copy(update={"credentials_secret_ref": None})  # the sidecar reads the files instead
         volume, mount, sync_args = minted.sidecar_volume(secret)
@@ -451,8 +462,9 @@ def desired_children(
     adapters: list[DesiredAdapter],
     adapter_ranks: dict[str, int | None],
     settings: OperatorSettings,
+    minting: MintingStore | None = None,
 ) -> list[Obj]:
-    """Everything an AdapterDeployment owns, in apply order.
+    """Everything an AdapterDeployment owns, in apply order (`minting`: see build_deployment).
 
     `adapters` are the ones that can be served now (resolved by the status module); the others are reported
     Pending and added to the ConfigMap, without a restart, once they can be.
@@ -481,5 +493,5 @@ def desired_children(
         children.append(build_ingress_policy(ad, settings))
     # The Deployment last: its pods start only once their ConfigMap and network policies exist, and a name found
     # held by someone else while creating stops the pass before any pod (controllers.base.execute_children).
-    children.append(build_deployment(ad, base_name, base, rank, settings))
+    children.append(build_deployment(ad, base_name, base, rank, settings, minting))
     return children

@@ -6,17 +6,26 @@ read the namespace's root of the default store (`<artifactStore.uri>/<namespace>
 the BaseModel's weights when those are in the default store; nothing is writable. The sidecar reads the keys from
 a Secret volume, which the kubelet refreshes in place, so renewed keys reach a running replica
 (storage.sts_files).
+
+A ClusterArtifactStore with spec.sts mints for the replicas whose adapters are in it (`minting_store`): read-only
+keys for that namespace's location in that store (and the BaseModel's weights when they are there too), minted
+with the store's keys from the operator's namespace; the sidecar holds those keys for that store's endpoint only.
+One store per AdapterDeployment then: the sidecar holds one key set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from lorafleet.api.basemodel import BaseModelSpec
 from lorafleet.api.common import ObjectStore, S3CredentialsRef
-from lorafleet.api.objects import AdapterDeploymentObject
+from lorafleet.api.objects import AdapterDeploymentObject, FineTuneJobObject
 from lorafleet.config import OperatorSettings
 from lorafleet.resources.common import Obj, child_name
-from lorafleet.resources.store_refs import default_location, require_shared_readable
-from lorafleet.resources.stores import default_store
+from lorafleet.resources.conditions import Reason
+from lorafleet.resources.status.adapterdeployment import all_versions
+from lorafleet.resources.store_refs import MintingStore, default_location, require_shared_readable
+from lorafleet.resources.stores import RenderError, default_store
 from lorafleet.storage.sts_policy import SECRET_KEYS, Grant
 from lorafleet.uris import parse
 
@@ -39,6 +48,46 @@ def serving_grant(ad: AdapterDeploymentObject, base: BaseModelSpec, settings: Op
         require_shared_readable(base.source.uri, ad.namespace, settings, "BaseModel spec.source.uri")
         read_only.append(base.source.uri.rstrip("/"))
     return Grant(read_write=(), read_only=tuple(dict.fromkeys(read_only)))
+
+
+def minting_store(ad: AdapterDeploymentObject, jobs: Mapping[str, FineTuneJobObject | None]) -> MintingStore | None:
+    """The ClusterArtifactStore with spec.sts that this AdapterDeployment's adapters are in (their bound stores:
+    an artifact's, a FineTuneJob's output), None when none is. RenderError (StoreNotAllowed) when adapters are in
+    such a store and elsewhere too: the sidecar holds one key set, for one store's endpoint."""
+    stores: list[tuple[str, ObjectStore | None]] = []
+    for version in all_versions(ad):
+        if version.artifact is not None:
+            stores.append((f"adapter {version.key!r}", version.artifact.store))
+        elif version.fine_tune_job_ref is not None:
+            job = jobs.get(version.fine_tune_job_ref.name)
+            if job is not None:
+                stores.append((f"adapter {version.key!r}", job.spec.output.store))
+    minting = next((store for _, store in stores if isinstance(store, MintingStore)), None)
+    if minting is None:
+        return None
+    for what, store in stores:
+        if not isinstance(store, MintingStore) or store.store_name != minting.store_name:
+            raise RenderError(
+                Reason.STORE_NOT_ALLOWED,
+                f'{what} is not in ClusterArtifactStore "{minting.store_name}", whose spec.sts mints this '
+                "AdapterDeployment's read-only store credentials for its other adapters: the serving sidecar holds "
+                "one store's keys; serve adapters of other stores from another AdapterDeployment",
+            )
+    return minting
+
+
+def cluster_serving_grant(store: MintingStore, base: BaseModelSpec) -> Grant:
+    """Read-only: the namespace's location in a minting ClusterArtifactStore, and the base model's weights when
+    they are in that store too (bound through storeRef, hence inside that location already)."""
+    read_only = [store.root]
+    source = base.source
+    if parse(source.uri).scheme == "s3" and same_minting_store(source.store, store):
+        read_only.append(source.uri.rstrip("/"))
+    return Grant(read_write=(), read_only=tuple(dict.fromkeys(read_only)))
+
+
+def same_minting_store(store: ObjectStore | None, minting: MintingStore) -> bool:
+    return isinstance(store, MintingStore) and store.store_name == minting.store_name and store.root == minting.root
 
 
 def platform_source(base: BaseModelSpec, settings: OperatorSettings) -> bool:

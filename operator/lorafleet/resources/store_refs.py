@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lorafleet.api.common import ObjectStore
+from lorafleet.api.common import ObjectStore, S3CredentialsRef, SecretKeySelector
 from lorafleet.api.stores import (
     AllowedNamespaces,
     ArtifactStoreSpec,
@@ -41,6 +41,19 @@ from lorafleet.uris import pvc_subpath
 DEFAULT_STORE = "default"
 CLUSTER = "ClusterArtifactStore"
 NAMESPACED = "ArtifactStore"
+
+
+class MintingStore(ObjectStore):
+    """A ClusterArtifactStore with spec.sts.enabled, as `resolve` binds it (never parsed from a spec: a tenant
+    cannot write one). Its workloads name minted Secrets (controllers.credentials); the operator's own reads and
+    deletes (controllers.artifacts.store_for) use the store's keys and CA bundle from the operator's namespace,
+    never a Secret of the object's namespace, and stay inside `root`."""
+
+    store_name: str
+    root: str
+    platform_credentials: S3CredentialsRef
+    platform_ca: SecretKeySelector | None = None
+    sts: StoreSts
 
 
 @dataclass(frozen=True)
@@ -152,8 +165,26 @@ def resolve(
             "artifactStore.allowedEndpoints",
         )
     if ref.kind == CLUSTER:
-        sts = cluster.sts if cluster.sts.enabled else None
-        return ResolvedStore(ref, _inline(cluster, cluster.credentials_secret_ref), _root(cluster, namespace), sts=sts)
+        root = _root(cluster, namespace)
+        if not cluster.sts.enabled:
+            return ResolvedStore(ref, _inline(cluster, cluster.credentials_secret_ref), root)
+        if cluster.credentials_secret_ref is None:
+            raise RenderError(
+                Reason.STORE_NOT_CONFIGURED,
+                f"{describe(ref)} has spec.sts.enabled but no spec.credentialsSecretRef: the platform team names the "
+                f'Secret (in the operator\'s namespace "{settings.operator_namespace}") whose keys mint the '
+                "workloads' credentials",
+            )
+        inline = _inline(cluster, cluster.credentials_secret_ref)
+        minting = MintingStore(
+            **dict(inline),
+            store_name=ref.name,
+            root=root,
+            platform_credentials=cluster.credentials_secret_ref,
+            platform_ca=cluster.ca_bundle_secret_ref,
+            sts=cluster.sts,
+        )
+        return ResolvedStore(ref, minting, root, sts=cluster.sts)
     require_own_secret(team, settings, f"{field}.storeRef: {describe(ref)} spec")
     return ResolvedStore(ref, _inline(team, team.credentials_secret_ref), _root(team))
 
