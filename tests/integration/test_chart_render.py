@@ -476,6 +476,24 @@ GET, WRITE = {"get"}, {"get", "create", "patch", "delete"}
             {NAMESPACE: GET, "team-a": WRITE, "team-b": WRITE},
             id="sts writes where listed, never in its own namespace",
         ),
+        pytest.param(
+            {"rbac": {"secretNamespaces": ["team-a"], "mintSecrets": True}},
+            {NAMESPACE: GET, "team-a": WRITE},
+            id="mintSecrets without the default store's sts (a ClusterArtifactStore's spec.sts)",
+        ),
+        pytest.param(
+            {
+                "rbac": {"secretNamespaces": ["team-a"], "mintSecrets": False},
+                "artifactStore": {"sts": {"enabled": True}},
+            },
+            {NAMESPACE: GET, "team-a": GET},
+            id="mintSecrets false overrides sts",
+        ),
+        pytest.param(
+            {"rbac": {"secretNamespaces": ["*"], "mintSecrets": True}},
+            {NAMESPACE: GET, "*": WRITE},
+            id="mintSecrets with star: cluster-wide",
+        ),
         pytest.param({"rbac": {"secretNamespaces": ["*"]}}, {NAMESPACE: GET, "*": GET}, id="star: cluster-wide"),
         pytest.param(
             {"watchNamespaces": ["team-a", "team-b"], "rbac": {"secretNamespaces": ["team-b"]}},

@@ -9,7 +9,9 @@ not know, so using it would fail):
   finished): a finished job's adapter is verified and recorded after its Secret is gone, and deletionPolicy Delete
   removes it;
 * an AdapterDeployment whose adapters are in that store gets read-only keys minted by it (`<name>-serving-store`,
-  mounted as the sidecar's Secret volume): they read the namespace's location in that store and nothing else.
+  mounted as the sidecar's Secret volume): they read the namespace's location in that store and nothing else;
+* run with only the chart's RBAC, the operator mints for such a store with the Helm value rbac.mintSecrets (without
+  artifactStore.sts.enabled), and without it the FineTuneJob is StoreNotAllowed naming that value.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
 from lorafleet_dev.testing import ClusterHandle, wait_until
 from tests.integration.operator_fixtures import Custom, condition
+from tests.integration.test_chart import service_account_kubeconfig
+from tests.integration.test_chart_render import render
+from tests.integration.test_rbac_tables import Ask, _user, account, install, uninstall, wait_in_effect
 from tests.integration.test_safe_deletion import _artifact_report, _fake_trainer_report, _push
 from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
@@ -278,3 +283,57 @@ def test_serving_replicas_get_read_only_keys_minted_by_the_store(
             call()
         codes[what] = refused.value.response["Error"]["Code"]
     assert codes == {what: "AccessDenied" for what in refusals}
+
+
+@pytest.mark.parametrize("mint_secrets", [True, False], ids=["mintSecrets", "no mintSecrets"])
+def test_the_chart_grants_minted_secret_writes_with_rbac_mint_secrets(
+    cluster: ClusterHandle,
+    s3_server: S3Server,
+    stored_model: str,
+    private_namespace: str,
+    minting_store: str,
+    tmp_path: Path,
+    mint_secrets: bool,
+) -> None:
+    ns, core = private_namespace, cluster.core
+    operator_ns = _operator_namespace(ns)
+    values = {"rbac": {"secretNamespaces": [ns], "mintSecrets": mint_secrets}}  # artifactStore.sts stays off
+    docs = install(cluster, render(values, release=f"lf-{uuid.uuid4().hex[:6]}", namespace=operator_ns))
+    try:
+        sa = account(docs)
+        wait_in_effect(
+            cluster,
+            _user(operator_ns, sa),
+            [Ask("the store's keys", "get", "secrets", True, name=STORE_SECRET, namespace="own")],
+            {"own": operator_ns, "tenant": ns, "": ""},
+        )
+        kubeconfig = service_account_kubeconfig(cluster, operator_ns, sa, tmp_path / "sa.kubeconfig")
+        custom = Custom(cluster, ns)
+        custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
+        custom.create(_fine_tune_job(ns, minting_store))
+        operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
+        operator.start()
+        try:
+            if mint_secrets:
+                wait_until(
+                    lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
+                    90,
+                    interval=0.5,
+                    what=f"the minted Secret\n{operator.log_tail(30)}",
+                )
+            else:
+
+                def refused(status: dict[str, Any], _obj: dict[str, Any]) -> bool:
+                    ready = condition(status, "Ready") or {}
+                    return ready.get("reason") == "StoreNotAllowed" and "rbac.mintSecrets" in ready.get("message", "")
+
+                ftj = custom.wait_status(
+                    "FineTuneJob", "support", refused, timeout=90, what=f"StoreNotAllowed\n{operator.log_tail(30)}"
+                )
+                message = (condition(ftj["status"], "Ready") or {})["message"]
+                assert f'namespace "{ns}"' in message and "support-store" in message
+                assert not core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items
+        finally:
+            operator.stop()
+    finally:
+        uninstall(cluster, docs)

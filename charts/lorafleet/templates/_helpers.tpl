@@ -140,6 +140,15 @@ go with the garbage collector.
 {{- end }}
 
 {{/*
+"true" when the operator may write the Secrets it mints: rbac.mintSecrets when set (true or false), else
+artifactStore.sts.enabled.
+*/}}
+{{- define "lorafleet.mintSecrets" -}}
+{{- $mint := (.Values.rbac).mintSecrets }}
+{{- if kindIs "bool" $mint }}{{ $mint }}{{ else }}{{ ((.Values.artifactStore).sts).enabled | default false }}{{ end }}
+{{- end }}
+
+{{/*
 Secrets, in the namespaces rbac.secretNamespaces lists (rbac.yaml), not with lorafleet.rules. Call with the root.
 */}}
 {{- define "lorafleet.secretRules" -}}
@@ -157,11 +166,12 @@ Secrets, in the namespaces rbac.secretNamespaces lists (rbac.yaml), not with lor
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-{{- if ((.Values.artifactStore).sts).enabled }}
-# artifactStore.sts: minted store credentials (controllers/credentials.py), a Secret the workload owns, written by
-# name (apply: create and patch): a FineTuneJob's <name>-store, deleted once the job has finished, and an
-# AdapterDeployment's read-only <name>-serving-store, renewed in place and collected with it. create cannot be
-# narrowed by name, and the names are per object; an existing Secret the object does not control is never written.
+{{- if eq (include "lorafleet.mintSecrets" .) "true" }}
+# rbac.mintSecrets (default: artifactStore.sts.enabled; also needed by a ClusterArtifactStore with spec.sts):
+# minted store credentials (controllers/credentials.py), a Secret the workload owns, written by name (apply:
+# create and patch): a FineTuneJob's <name>-store, deleted once the job has finished, and an AdapterDeployment's
+# read-only <name>-serving-store, renewed in place and collected with it. create cannot be narrowed by name, and
+# the names are per object; an existing Secret the object does not control is never written.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "patch", "delete"]

@@ -25,7 +25,6 @@ from lorafleet.controllers.artifacts import (
     SecretForbidden,
     minting_store_settings,
     read_secret,
-    secret_forbidden_message,
 )
 from lorafleet.controllers.base import SETTINGS, Obj, log, now
 from lorafleet.resources.common import object_meta
@@ -144,12 +143,20 @@ def ensure(owner: CustomResource, name: str, component: str, grant: Grant, sourc
     except ApiException as exc:
         if exc.status != 403:
             raise
-        message = secret_forbidden_message(owner.namespace, name, "write")
-        raise RenderError(
-            Reason.STORE_NOT_ALLOWED, f"store credentials for this workload not minted: {message}"
-        ) from None
+        raise RenderError(Reason.STORE_NOT_ALLOWED, mint_forbidden_message(owner.namespace, name)) from None
     log.info("minted store credentials %s/%s until %s", owner.namespace, name, minted.expiration.isoformat())
     return max((renew_at(minted.expiration, duration) - when).total_seconds(), 60.0)
+
+
+def mint_forbidden_message(namespace: str, name: str) -> str:
+    """A 403 on writing a minted Secret: the chart grants those writes only with rbac.mintSecrets (on by default
+    with artifactStore.sts.enabled, not for a ClusterArtifactStore's spec.sts alone) and only where
+    rbac.secretNamespaces lists."""
+    return (
+        f'store credentials for this workload not minted: the operator may not write Secret "{name}" in namespace '
+        f'"{namespace}": the platform team sets the Helm value rbac.mintSecrets: true (on by default only with '
+        f'artifactStore.sts.enabled) and lists "{namespace}" in rbac.secretNamespaces (["*"]: every namespace)'
+    )
 
 
 def remove(owner: CustomResource, name: str) -> None:
