@@ -393,7 +393,7 @@ def _reconcile_everything(
     networking = client.NetworkingV1Api(cluster.api_client)
     names = ftj_res.names("support")
     children = {
-        "ConfigMap": cluster.core.read_namespaced_config_map(names.config, namespace),
+        "ConfigMap": cluster.core.read_namespaced_config_map(names.progress, namespace),
         "ServiceAccount": cluster.core.read_namespaced_service_account(names.service_account, namespace),
         "Role": rbac.read_namespaced_role(names.service_account, namespace),
         "RoleBinding": rbac.read_namespaced_role_binding(names.service_account, namespace),

@@ -125,7 +125,7 @@ def _conflict(kind: str, name: str) -> Callable[[Obj, Obj], bool]:
 
 
 CASES = [
-    ("FineTuneJob", "support", "ConfigMap", "support-trainer"),
+    ("FineTuneJob", "support", "ConfigMap", "support-progress"),
     ("FineTuneJob", "support", "RoleBinding", "support-trainer"),
     ("AdapterDeployment", "chat", "Service", "chat"),
 ]
@@ -184,20 +184,20 @@ def test_lorafleet_labels_with_another_owner_are_not_enough(
 def test_children_appear_once_the_name_is_free(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str
 ) -> None:
-    _config_map(cluster, namespace, "support-trainer")
+    _config_map(cluster, namespace, "support-progress")
     custom = Custom(cluster, namespace)
     custom.create(_base_model(namespace))
     custom.create(_fine_tune_job(namespace))
-    custom.wait_status("FineTuneJob", "support", _conflict("ConfigMap", "support-trainer"))
+    custom.wait_status("FineTuneJob", "support", _conflict("ConfigMap", "support-progress"))
 
-    cluster.core.delete_namespaced_config_map("support-trainer", namespace)
+    cluster.core.delete_namespaced_config_map("support-progress", namespace)
     custom.wait_status(
         "FineTuneJob",
         "support",
         lambda s, o: (condition(s, "Degraded") or {}).get("status") == "False" and s.get("jobName"),
         what="FineTuneJob past the conflict",
     )
-    mine = _read(cluster, "ConfigMap", namespace, "support-trainer")
+    mine = _read(cluster, "ConfigMap", namespace, "support-progress")
     assert mine is not None and mine["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
 
 

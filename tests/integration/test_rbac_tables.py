@@ -216,7 +216,7 @@ def test_rbac_tables_of_operator_trainer_and_serving(
     check_table(cluster, _user(tenant, names.service_account), [
         Ask("posts its progress", "patch", "configmaps", True, name=names.progress),
         Ask("write only: it never reads progress back", "get", "configmaps", False, name=names.progress),
-        Ask("its config is the operator's", "patch", "configmaps", False, name=names.config),
+        Ask("any other ConfigMap", "patch", "configmaps", False, name="team-settings"),
         Ask("another job's progress", "patch", "configmaps", False, name=other.progress),
         Ask("resourceNames cannot restrict create", "create", "configmaps", False),
         Ask("no listing", "list", "configmaps", False),

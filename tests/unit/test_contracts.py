@@ -37,11 +37,12 @@ CONTRACTS: list[type[BaseModel]] = [
 
 
 def _rendered_config(**spec: Any) -> dict[str, Any]:
-    """The trainer config as the operator renders it into the ConfigMap."""
+    """The trainer config as the operator renders it into the Job's pod template (mounted by the downward API)."""
     ftj = objects.as_fine_tune_job(objects.fine_tune_job(**spec))
     children = ftj_res.desired_children(ftj, objects.as_base_model(objects.ready(objects.base_model())), SETTINGS)
-    config_map = next(c for c in children if c["kind"] == "ConfigMap")
-    return json.loads(config_map["data"][trainer.CONFIG_FILE])  # type: ignore[no-any-return]
+    job = next(c for c in children if c["kind"] == "Job")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    return json.loads(annotations[ftj_res.CONFIG_ANNOTATION])  # type: ignore[no-any-return]
 
 
 def _nested_models(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[type[BaseModel]]:

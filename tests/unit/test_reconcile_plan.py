@@ -73,17 +73,41 @@ def test_finetunejob_waits_for_a_base_model_that_is_not_ready() -> None:
     assert _ftj_plan(objects.fine_tune_job(), objects.base_model(), SETTINGS) == (None, None)
 
 
-def test_finetunejob_renders_config_job_and_policy_when_base_is_ready() -> None:
+def test_finetunejob_renders_progress_rbac_policy_and_job_when_base_is_ready() -> None:
     children, error = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
     assert error is None
-    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "NetworkPolicy", "Job"]  # the Job last
+    assert _kinds(children) == ["ConfigMap", *RBAC, "NetworkPolicy", "Job"]  # the Job last
+
+
+def test_the_trainer_config_rides_in_the_pod_template_and_cannot_be_replaced() -> None:
+    """The config is bound to the immutable Job (no ConfigMap a tenant could edit): mounted by the downward API
+    from an annotation that a user's podAnnotations of the same key cannot replace."""
+    ftj = objects.fine_tune_job(resources={"podAnnotations": {ftj_res.CONFIG_ANNOTATION: "{}", "team": "a"}})
+    children, error = _ftj_plan(ftj, objects.ready(objects.base_model()), SETTINGS)
+    assert error is None and children is not None
+    job = next(c for c in children if c["kind"] == "Job")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["team"] == "a"
+    assert json.loads(annotations[ftj_res.CONFIG_ANNOTATION])["job"]["name"] == "support"
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    field = volume["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"]
+    assert field == f"metadata.annotations['{ftj_res.CONFIG_ANNOTATION}']"
+
+
+def test_a_config_too_large_for_an_annotation_is_a_condition_naming_the_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ftj_res, "CONFIG_MAX_BYTES", 64)
+    children, error = _ftj_plan(objects.fine_tune_job(), objects.ready(objects.base_model()), SETTINGS)
+    assert children is None and error is not None
+    assert error.reason == "InvalidSpec" and "spec.evaluation" in error.message
 
 
 def test_distributed_finetunejob_adds_a_headless_service() -> None:
     ftj = objects.fine_tune_job(resources={"nodes": 2, "gpusPerNode": 1})
     children, _ = _ftj_plan(ftj, objects.ready(objects.base_model()), SETTINGS)
-    assert _kinds(children) == ["ConfigMap", "ConfigMap", *RBAC, "Service", "NetworkPolicy", "Job"]
-    assert children[5]["spec"]["clusterIP"] == "None"
+    assert _kinds(children) == ["ConfigMap", *RBAC, "Service", "NetworkPolicy", "Job"]
+    assert children[4]["spec"]["clusterIP"] == "None"
 
 
 def test_finished_finetunejob_is_never_restarted() -> None:
@@ -300,5 +324,5 @@ def test_finetunejob_pins_the_base_models_verified_digest() -> None:
     job = next(c for c in children if c["kind"] == "Job")
     fetch = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-base-model")
     assert fetch["command"][-2:] == ["--digest", digest]
-    config_map = next(c for c in children if c["kind"] == "ConfigMap")
-    assert json.loads(config_map["data"]["trainer.json"])["baseModel"]["digest"] == digest
+    config = job["spec"]["template"]["metadata"]["annotations"][ftj_res.CONFIG_ANNOTATION]
+    assert json.loads(config)["baseModel"]["digest"] == digest

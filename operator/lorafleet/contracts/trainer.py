@@ -1,9 +1,9 @@
 """The trainer's contracts: its config (operator -> pod), its final report and its live progress (pod -> operator).
 
-* `TrainerConfig`: rendered by the operator from a FineTuneJob into the ConfigMap key `CONFIG_FILE`, read by
-  `lorafleet train`. The CRD's own models refuse unknown fields; the config's copies of them ignore them, so a
-  field added to the CRD does not break an older trainer image chosen through `spec.image`. The values the
-  trainer uses keep the CRD's validation.
+* `TrainerConfig`: rendered by the operator from a FineTuneJob into an annotation of the Job's pod template,
+  which the downward API mounts as the file `CONFIG_FILE`, read by `lorafleet train`. The CRD's own models refuse
+  unknown fields; the config's copies of them ignore them, so a field added to the CRD does not break an older
+  trainer image chosen through `spec.image`. The values the trainer uses keep the CRD's validation.
 * `TrainerReport`: the trainer's termination message, ONE compact JSON object of at most `MAX_REPORT_BYTES`.
 * `TrainerProgress`: the JSON under the key `PROGRESS_KEY` of the job's progress ConfigMap (named in the trainer's
   environment `PROGRESS_CONFIG_MAP_ENV`), updated while it runs. The trainer's Role may patch that one ConfigMap

@@ -1,5 +1,6 @@
-"""Desired children of a FineTuneJob: the trainer config, the training Job and, when distributed, a headless
-Service for the torchrun rendezvous; plus an egress NetworkPolicy."""
+"""Desired children of a FineTuneJob: the training Job (its trainer config rides in its pod template), the
+trainer's progress ConfigMap and least-privilege account and, when distributed, a headless Service for the
+torchrun rendezvous; plus an egress NetworkPolicy."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ from lorafleet.uris import parse
 
 COMPONENT = "trainer"
 CONFIG_MOUNT = "/etc/lorafleet/trainer"
+# The rendered TrainerConfig rides in the pod template's annotations and reaches the trainer as a file through
+# the downward API: bound to the immutable Job (a tenant's edit of a ConfigMap cannot change what a running job
+# does) and one object, and one API request, less per FineTuneJob (issue 14).
+CONFIG_ANNOTATION = "lorafleet.io/trainer-config"
+# The API server refuses a pod whose annotations exceed 256 KiB in all; keep room for the user's own.
+CONFIG_MAX_BYTES = 128 * 1024
 WORK_DIR = "/work"
 MODEL_DIR = "/work/base-model"
 TRAINER_CONTAINER = "trainer"
@@ -71,7 +78,6 @@ CREATE_ONLY = frozenset({"Job"})
 
 @dataclass(frozen=True)
 class FineTuneJobNames:
-    config: str
     job: str
     service: str
     network_policy: str
@@ -87,7 +93,6 @@ INDEXED_JOB_NAME_MAX = DNS_LABEL_MAX - len("-127")
 
 def names(ftj_name: str, distributed: bool = False) -> FineTuneJobNames:
     return FineTuneJobNames(
-        config=child_name(ftj_name, "trainer"),
         job=child_name(ftj_name, "train", INDEXED_JOB_NAME_MAX if distributed else DNS_LABEL_MAX),
         service=child_name(ftj_name, "rdzv"),
         network_policy=child_name(ftj_name, "egress"),
@@ -221,13 +226,17 @@ def _dataset_inputs(spec: FineTuneJobSpec) -> dict[str, str | None]:
     }
 
 
-def build_config_map(ftj: FineTuneJobObject, config: TrainerConfig) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": object_meta(ftj, names(ftj.name).config, COMPONENT),
-        "data": {CONFIG_FILE: json.dumps(config.render(), indent=2, sort_keys=True)},
-    }
+def rendered_config(config: TrainerConfig) -> str:
+    """The trainer's config file as it rides in CONFIG_ANNOTATION; RenderError when it would not fit."""
+    text = json.dumps(config.render(), sort_keys=True, separators=(",", ":"))
+    size = len(text.encode())
+    if size > CONFIG_MAX_BYTES:
+        raise RenderError(
+            Reason.INVALID_SPEC,
+            f"the rendered trainer config is {size // 1024} KiB, over the {CONFIG_MAX_BYTES // 1024} KiB a pod "
+            "annotation may carry: shorten spec.evaluation (templates, metrics) or spec.dataset (templates)",
+        )
+    return text
 
 
 def _trainer_command(spec: FineTuneJobSpec, config: TrainerConfig) -> list[str]:
@@ -307,7 +316,14 @@ def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig
         *ca_mounts,
     ]
     volumes: list[Obj] = [
-        {"name": "config", "configMap": {"name": job_names.config}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [
+                    {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}
+                ]
+            },
+        },
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         *ca_volumes,
@@ -385,7 +401,7 @@ def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig
                 },
             ]
         },
-        "template": {"metadata": _pod_metadata(ftj, spec, pod_labels), "spec": pod_spec},
+        "template": {"metadata": _pod_metadata(ftj, spec, pod_labels, rendered_config(config)), "spec": pod_spec},
     }
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -412,13 +428,12 @@ def _session_token_env(store: ObjectStore | None, secret: str) -> list[Obj]:
     return [{"name": SECRET_KEYS[2], "valueFrom": {"secretKeyRef": {"name": secret, "key": SECRET_KEYS[2]}}}]
 
 
-def _pod_metadata(ftj: FineTuneJobObject, spec: FineTuneJobSpec, selector_labels: dict[str, str]) -> Obj:
-    # Ours last: user labels cannot break the selectors.
+def _pod_metadata(
+    ftj: FineTuneJobObject, spec: FineTuneJobSpec, selector_labels: dict[str, str], config_text: str
+) -> Obj:
+    # Ours last: user labels cannot break the selectors, user annotations cannot replace the config.
     labels = {**spec.resources.pod_labels, **object_meta(ftj, "", COMPONENT)["labels"], **selector_labels}
-    metadata: Obj = {"labels": labels}
-    if spec.resources.pod_annotations:
-        metadata["annotations"] = dict(spec.resources.pod_annotations)
-    return metadata
+    return {"labels": labels, "annotations": {**spec.resources.pod_annotations, CONFIG_ANNOTATION: config_text}}
 
 
 def build_progress_config_map(ftj: FineTuneJobObject) -> Obj:
@@ -488,7 +503,7 @@ def desired_children(
         # digest in the adapter's lineage.
         base = base.model_copy(update={"source": base.source.model_copy(update={"digest": verified})})
     config = trainer_config(ftj, base_model.name, base, settings)
-    children = [build_config_map(ftj, config), build_progress_config_map(ftj), *build_progress_rbac(ftj)]
+    children = [build_progress_config_map(ftj), *build_progress_rbac(ftj)]
     if is_distributed(spec):
         children.append(build_rendezvous_service(ftj))
     if settings.network_policy:
@@ -503,7 +518,7 @@ def desired_children(
                 dns_pod_labels=settings.dns_pod_labels,
             )
         )
-    # The Job last: its pods start only once their config, their RBAC and their egress policy exist, and a name
+    # The Job last: its pods start only once their progress ConfigMap, RBAC and egress policy exist, and a name
     # found held by someone else while creating stops the pass before any pod (controllers.base.execute_children).
     children.append(build_job(ftj, base, config, settings))
     return children
