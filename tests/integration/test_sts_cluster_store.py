@@ -29,7 +29,7 @@ from kubernetes import client
 from lorafleet.storage import ArtifactStore, ObjectNotFound, VersionFolder
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.testing import ClusterHandle, first_listed, wait_until
 from tests.integration.operator_fixtures import Custom, condition
 from tests.integration.test_chart import service_account_kubeconfig
 from tests.integration.test_chart_render import render
@@ -133,18 +133,16 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        secret = wait_until(
-            lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
+        secret = first_listed(
+            lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store"),
             90,
-            interval=0.5,
             what=f"the minted Secret\n{operator.log_tail(30)}",
-        )[0]
-        job = wait_until(
-            lambda: cluster.batch.list_namespaced_job(ns).items,
+        )
+        job = first_listed(
+            lambda: cluster.batch.list_namespaced_job(ns),
             60,
-            interval=0.5,
             what=f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
-        )[0]
+        )
     finally:
         operator.stop()
     assert secret.metadata.owner_references[0].kind == "FineTuneJob"
@@ -240,18 +238,16 @@ def test_serving_replicas_get_read_only_keys_minted_by_the_store(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
     operator.start()
     try:
-        secret = wait_until(
-            lambda: core.list_namespaced_secret(ns, field_selector=selector).items,
+        secret = first_listed(
+            lambda: core.list_namespaced_secret(ns, field_selector=selector),
             90,
-            interval=0.5,
             what=f"the minted Secret\n{custom.get('AdapterDeployment', 'chat')}\n{operator.log_tail(30)}",
-        )[0]
-        deployment = wait_until(
-            lambda: cluster.apps.list_namespaced_deployment(ns).items,
+        )
+        deployment = first_listed(
+            lambda: cluster.apps.list_namespaced_deployment(ns),
             60,
-            interval=0.5,
             what=f"the Deployment\n{operator.log_tail(30)}",
-        )[0]
+        )
     finally:
         operator.stop()
     owner = secret.metadata.owner_references[0]

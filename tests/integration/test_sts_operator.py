@@ -17,7 +17,7 @@ from lorafleet.controllers.credentials import EXPIRES
 from lorafleet.resources.status.finetunejob import TERMINAL
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.testing import ClusterHandle, first_listed, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
@@ -58,24 +58,22 @@ def test_trainer_pods_get_minted_prefix_scoped_credentials(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        secret = wait_until(
-            lambda: cluster.core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
+        secret = first_listed(
+            lambda: cluster.core.list_namespaced_secret(ns, field_selector="metadata.name=support-store"),
             90,
-            interval=0.5,
             what=f"the minted Secret\n{operator.log_tail(30)}",
-        )[0]
+        )
         assert secret.metadata.owner_references[0].kind == "FineTuneJob"
         assert EXPIRES in secret.metadata.annotations
         data = secret_keys(secret)
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
         assert data["AWS_ACCESS_KEY_ID"] != s3_server.access_key
 
-        job = wait_until(
-            lambda: cluster.batch.list_namespaced_job(ns).items,
+        job = first_listed(
+            lambda: cluster.batch.list_namespaced_job(ns),
             60,
-            interval=0.5,
             what=f"the trainer Job\n{operator.log_tail(30)}",
-        )[0]
+        )
         job_text = str(job.to_dict())
         assert PLATFORM_SECRET not in job_text and "'name': 'support-store'" in job_text
 

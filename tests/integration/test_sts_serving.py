@@ -33,7 +33,7 @@ from lorafleet.storage.sts import MintedCredentials, mint
 from lorafleet.storage.sts_policy import Grant
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
-from lorafleet_dev.testing import ClusterHandle, wait_until
+from lorafleet_dev.testing import ClusterHandle, first_listed, wait_until
 from tests.integration.operator_fixtures import Custom
 from tests.s3_fixtures import secret_keys, session_client
 from tests.unit import objects
@@ -160,23 +160,21 @@ def test_operator_mints_read_only_keys_for_the_replicas_and_renews_them(
     operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        secret = wait_until(
-            lambda: cluster.core.list_namespaced_secret(ns, field_selector=selector).items,
+        secret = first_listed(
+            lambda: cluster.core.list_namespaced_secret(ns, field_selector=selector),
             90,
-            interval=0.5,
             what=f"the minted Secret\n{operator.log_tail(30)}",
-        )[0]
+        )
         assert secret.metadata.owner_references[0].kind == "AdapterDeployment"
         assert secret.metadata.owner_references[0].controller
         data = secret_keys(secret)
         assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
-        deployment = wait_until(
-            lambda: cluster.apps.list_namespaced_deployment(ns).items,
+        deployment = first_listed(
+            lambda: cluster.apps.list_namespaced_deployment(ns),
             60,
-            interval=0.5,
             what=f"the Deployment\n{operator.log_tail(30)}",
-        )[0]
+        )
         text = str(deployment.to_dict())
         assert PLATFORM_SECRET not in text and "'secret_name': 'chat-serving-store'" in text
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kubernetes import client
 
@@ -49,3 +49,9 @@ def wait_until(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+
+
+def first_listed(list_call: Callable[[], Any], timeout: float = 60.0, what: str = "an object") -> Any:
+    """The first item of a Kubernetes list call (``lambda: core.list_namespaced_secret(ns, ...)``) once it lists
+    one; AssertionError on timeout."""
+    return wait_until(lambda: list_call().items, timeout, interval=0.5, what=what)[0]
