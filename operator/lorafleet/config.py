@@ -125,6 +125,16 @@ class OperatorSettings(BaseSettings):
         description="Reconciles that run at once (work queue threads): each waits on the API server most of its "
         "time, so more than the cores helps a burst until the API server is the bottleneck.",
     )
+    event_rate: float = Field(
+        default=10.0,
+        gt=0,
+        description="Events posted a second at most, after event_burst: Events are posted by one thread off the "
+        "reconcile path, so a burst of new objects spends the API server on their children first.",
+    )
+    event_burst: int = Field(default=25, ge=1, description="Events posted at once before event_rate applies.")
+    event_queue: int = Field(
+        default=1000, ge=1, description="Events waiting to be posted at most; more are dropped (and counted)."
+    )
     stall_seconds: float = Field(
         default=300.0,
         gt=0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from lorafleet.api.objects import CustomResource, parse
 from lorafleet.config import OperatorSettings
 from lorafleet.contracts.base import MAX_MESSAGE
 from lorafleet.controllers.caches import CACHES
+from lorafleet.controllers.events import EventSink
 from lorafleet.controllers.observability import observe
 from lorafleet.controllers.workqueue import WorkQueue
 from lorafleet.resources.children import (
@@ -272,16 +274,36 @@ def post_transition_events(body: Obj, old_status: Obj | None, new_status: Obj) -
 
 
 def post_event(event: Obj) -> None:
-    """Best effort: the status carries the truth."""
+    """Queue the Event for EVENTS' thread (best effort: the status carries the truth)."""
+    EVENTS.submit(event)
+
+
+EVENT_RETRIES = (1.0, 2.0, 4.0)  # seconds between tries while the API server is unreachable or overloaded
+
+
+def post_event_now(event: Obj) -> None:
+    """Apply one Event (EVENTS' thread), trying again while the API server is away (a restart) or overloaded;
+    a failure is logged, never raised. The apply is idempotent (the Event's name is fixed), so a retry of one
+    that was stored does not post it twice."""
     name = event["involvedObject"]["name"]
-    try:
-        k8s.apply(event, SETTINGS.field_manager)
-    except ApiException as exc:
-        if exc.status == 403 and "being terminated" in str(exc.body):
-            return  # its namespace is going away, and the Event with it
-        log.warning("could not post event %s for %s: %s", event["reason"], name, exc)
-    except Exception:
-        log.warning("could not post event %s for %s", event["reason"], name, exc_info=True)
+    for delay in (*EVENT_RETRIES, None):
+        try:
+            k8s.apply(event, SETTINGS.field_manager)
+            return
+        except ApiException as exc:
+            if exc.status == 403 and "being terminated" in str(exc.body):
+                return  # its namespace is going away, and the Event with it
+            if delay is None or not (exc.status == 429 or (exc.status or 0) >= 500):
+                log.warning("could not post event %s for %s: %s", event["reason"], name, exc)
+                return
+        except Exception:
+            if delay is None:
+                log.warning("could not post event %s for %s", event["reason"], name, exc_info=True)
+                return
+        time.sleep(delay)
+
+
+EVENTS = EventSink(post_event_now, SETTINGS.event_rate, SETTINGS.event_burst, SETTINGS.event_queue)
 
 
 def write_status(body: Obj, status: Obj) -> bool:
