@@ -16,12 +16,13 @@ import base64
 import contextlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from lorafleet.storage import ArtifactStore, StoreSettings
 from lorafleet.storage.client import make_client
@@ -134,3 +135,17 @@ def session_client(server: S3Server, keys: dict[str, str]) -> Any:
         aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
         aws_session_token=keys["AWS_SESSION_TOKEN"],
     )
+
+
+def refusal_codes(calls: Mapping[str, Callable[[], Any]]) -> dict[str, str]:
+    """The S3 error code each call was refused with, by its description ("allowed" when it succeeded): a test of
+    scoped keys asserts `refusal_codes(calls) == dict.fromkeys(calls, "AccessDenied")`."""
+    codes = {}
+    for what, call in calls.items():
+        try:
+            call()
+        except ClientError as exc:
+            codes[what] = str(exc.response.get("Error", {}).get("Code"))
+        else:
+            codes[what] = "allowed"
+    return codes
