@@ -3,8 +3,11 @@ namespace, never with a Secret of the tenant's namespace (each test plants one o
 not know, so using it would fail):
 
 * it mints each FineTuneJob's trainer credentials: the minted Secret holds a session token, the trainer Job names
-  only that Secret, and on the real MinIO the keys write under the namespace's location in that store and are
-  refused (AccessDenied) under another namespace's;
+  only that Secret, and on the real MinIO the keys write the job's own version folder in the namespace's location
+  in that store and are refused (AccessDenied) under another namespace's;
+* a BaseModel in that store is verified with the store's keys and its weights are fetched with the FineTuneJob's
+  minted keys (the trainer config's base store names `<job>-store`): they read the weights, cannot write them nor
+  read another namespace's location, and no copy of the store's keys is in the tenant's namespace;
 * the operator's own reads and deletes use the store's keys, not the job's minted Secret (deleted once the job has
   finished): a finished job's adapter is verified and recorded after its Secret is gone, and deletionPolicy Delete
   removes it;
@@ -16,6 +19,7 @@ not know, so using it would fail):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 from kubernetes import client
 
+from lorafleet.resources.finetunejob import CONFIG_ANNOTATION
 from lorafleet.storage import ArtifactStore, ObjectNotFound, VersionFolder
 from lorafleet_dev.operator import OperatorProcess
 from lorafleet_dev.s3server import S3Server
@@ -35,7 +39,7 @@ from tests.integration.test_chart import service_account_kubeconfig
 from tests.integration.test_chart_render import render
 from tests.integration.test_rbac_tables import Ask, _user, account, install, uninstall, wait_in_effect
 from tests.integration.test_safe_deletion import _artifact_report, _fake_trainer_report, _push
-from tests.s3_fixtures import secret_keys, session_client
+from tests.s3_fixtures import refusal_codes, secret_keys, session_client
 from tests.unit import objects
 
 pytestmark = pytest.mark.integration
@@ -105,6 +109,19 @@ def _env(s3_server: S3Server, ns: str) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def _operator(
+    cluster: ClusterHandle, s3_server: S3Server, ns: str, tmp_path: Path, kubeconfig: Path | None = None
+) -> Iterator[OperatorProcess]:
+    """An operator of the test's own (the store's keys in its namespace), stopped when the block ends."""
+    operator = OperatorProcess(kubeconfig or cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
+    operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
 def _fine_tune_job(ns: str, store_name: str, **output: Any) -> dict[str, Any]:
     ftj = {**objects.fine_tune_job(namespace=ns), "metadata": {"name": "support", "namespace": ns}}
     ftj["spec"]["output"] = {
@@ -127,12 +144,9 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
 ) -> None:
     ns, store_name, core = private_namespace, minting_store, cluster.core
     custom = Custom(cluster, ns)
-    env = _env(s3_server, ns)
     custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
     custom.create(_fine_tune_job(ns, store_name))
-    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", env)
-    operator.start()
-    try:
+    with _operator(cluster, s3_server, ns, tmp_path) as operator:
         secret = first_listed(
             lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store"),
             90,
@@ -143,8 +157,6 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
             60,
             what=f"the Job\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
         )
-    finally:
-        operator.stop()
     assert secret.metadata.owner_references[0].kind == "FineTuneJob"
     data = secret_keys(secret)
     assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
@@ -154,19 +166,86 @@ def test_cluster_store_mints_prefix_scoped_trainer_credentials(
     assert "AWS_SESSION_TOKEN" in job_text
 
     tenant = session_client(s3_server, data)
-    own = f"{PREFIX}/{ns}/probe"
+    own = f"{PREFIX}/{ns}/adapters/support-bot/v1/probe"  # its version folder: the only place it writes
     tenant.put_object(Bucket=BUCKET, Key=own, Body=b"x")
     assert tenant.get_object(Bucket=BUCKET, Key=own)["Body"].read() == b"x"
     tenant.delete_object(Bucket=BUCKET, Key=own)
-    refusals: tuple[Callable[[], Any], ...] = (
-        lambda: tenant.put_object(Bucket=BUCKET, Key=f"{PREFIX}/another-team/probe", Body=b"x"),
-        lambda: tenant.put_object(Bucket=BUCKET, Key=f"{ns}/probe", Body=b"x"),  # the default store's root
-        lambda: tenant.list_objects_v2(Bucket=BUCKET),
+    refusals: dict[str, Callable[[], Any]] = {
+        "another namespace's location": lambda: tenant.put_object(
+            Bucket=BUCKET, Key=f"{PREFIX}/another-team/probe", Body=b"x"
+        ),
+        "its namespace's location outside its folders": lambda: tenant.put_object(
+            Bucket=BUCKET, Key=f"{PREFIX}/{ns}/probe", Body=b"x"
+        ),
+        "the default store's root": lambda: tenant.put_object(Bucket=BUCKET, Key=f"{ns}/probe", Body=b"x"),
+        "the bucket": lambda: tenant.list_objects_v2(Bucket=BUCKET),
+    }
+    assert refusal_codes(refusals) == dict.fromkeys(refusals, "AccessDenied")
+
+
+def test_base_weights_in_the_store_are_fetched_with_the_jobs_minted_keys(
+    cluster: ClusterHandle,
+    s3_server: S3Server,
+    stored_model: str,
+    private_namespace: str,
+    minting_store: str,
+    tmp_path: Path,
+) -> None:
+    ns, store_name, core = private_namespace, minting_store, cluster.core
+    base_key = f"{PREFIX}/{ns}/models/tiny-llama/r1"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"model_type": "llama"}')
+    (weights / "model.safetensors").write_bytes(b"\0" * 1024)
+    pushed = ArtifactStore(s3_server.store_settings()).push(
+        weights, VersionFolder.parse(f"s3://{BUCKET}/{base_key}"), kind="model", name="tiny-llama", version="r1"
     )
-    for call in refusals:
-        with pytest.raises(ClientError) as refused:
-            call()
-        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    custom = Custom(cluster, ns)
+    source = {"uri": f"s3://{BUCKET}/{base_key}", "storeRef": {"kind": "ClusterArtifactStore", "name": store_name}}
+    base = objects.base_model(namespace=ns, source=source)
+    custom.create({**base, "metadata": {"name": "tiny-llama", "namespace": ns}})
+    custom.create(_fine_tune_job(ns, store_name))
+    with _operator(cluster, s3_server, ns, tmp_path) as operator:
+        # Verified with the store's keys from the operator's namespace (the tenant's planted Secret has keys MinIO
+        # does not know, and is not even looked for).
+        ready = custom.wait_status(
+            "BaseModel",
+            "tiny-llama",
+            lambda s, _o: s.get("phase") == "Ready",
+            timeout=90,
+            what=f"BaseModel Ready\n{operator.log_tail(30)}",
+        )
+        secret = first_listed(
+            lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store"),
+            90,
+            what=f"the minted Secret\n{custom.get('FineTuneJob', 'support')}\n{operator.log_tail(30)}",
+        )
+        job = first_listed(lambda: cluster.batch.list_namespaced_job(ns), 60, what=f"the Job\n{operator.log_tail(30)}")
+    assert ready["status"]["digest"] == str(pushed.digest)
+    config = json.loads(job.spec.template.metadata.annotations[CONFIG_ANNOTATION])
+    assert config["baseModel"]["store"]["credentialsSecretRef"]["name"] == "support-store"
+    assert STORE_SECRET not in str(job.to_dict())
+    # No Secret of the tenant's namespace holds the store's keys (the planted one holds keys MinIO does not know).
+    held = [secret_keys(s) for s in core.list_namespaced_secret(ns).items]
+    assert not [keys for keys in held if s3_server.secret_key in keys.values()]
+
+    trainer = session_client(s3_server, secret_keys(secret))
+    assert trainer.get_object(Bucket=BUCKET, Key=f"{base_key}/manifest.json")["Body"].read()
+    assert trainer.list_objects_v2(Bucket=BUCKET, Prefix=f"{base_key}/")["KeyCount"] > 0
+    refusals: dict[str, Callable[[], Any]] = {
+        "overwrite the weights' manifest": lambda: trainer.put_object(
+            Bucket=BUCKET, Key=f"{base_key}/manifest.json", Body=b"{}"
+        ),
+        "add a file to the weights": lambda: trainer.put_object(Bucket=BUCKET, Key=f"{base_key}/x", Body=b"x"),
+        "delete the weights' manifest": lambda: trainer.delete_object(Bucket=BUCKET, Key=f"{base_key}/manifest.json"),
+        "read another namespace's location": lambda: trainer.get_object(
+            Bucket=BUCKET, Key=f"{PREFIX}/another-team/models/tiny-llama/r1/manifest.json"
+        ),
+        "list another namespace's location": lambda: trainer.list_objects_v2(
+            Bucket=BUCKET, Prefix=f"{PREFIX}/another-team/"
+        ),
+    }
+    assert refusal_codes(refusals) == dict.fromkeys(refusals, "AccessDenied")
 
 
 def test_the_operator_reads_and_deletes_with_the_store_s_keys_after_the_minted_secret_is_gone(
@@ -186,9 +265,7 @@ def test_the_operator_reads_and_deletes_with_the_store_s_keys_after_the_minted_s
     uri = f"s3://{BUCKET}/{PREFIX}/{ns}/adapters/support-bot/v1"
     platform = ArtifactStore(s3_server.store_settings())
     pushed = _push(platform, tmp_path, uri, "support-bot", created["metadata"]["uid"])  # what its trainer writes
-    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
-    operator.start()
-    try:
+    with _operator(cluster, s3_server, ns, tmp_path) as operator:
         custom.wait_status("FineTuneJob", "support", lambda s, _o: s.get("phase") == "Succeeded", timeout=90)
         wait_until(
             lambda: not core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
@@ -206,8 +283,6 @@ def test_the_operator_reads_and_deletes_with_the_store_s_keys_after_the_minted_s
 
         custom.delete("FineTuneJob", "support")
         wait_until(lambda: custom.get("FineTuneJob", "support") is None, 60, what="FineTuneJob deleted")
-    finally:
-        operator.stop()
     with pytest.raises(ObjectNotFound):
         platform.read_manifest(VersionFolder.parse(uri), explain=False)
     events = {e.reason: e.message for e in core.list_namespaced_event(ns).items}
@@ -235,9 +310,7 @@ def test_serving_replicas_get_read_only_keys_minted_by_the_store(
     ad["spec"]["resources"] = {"gpusPerReplica": 0, "cpu": 1, "memory": "2Gi"}
     custom.create(ad)
     selector = "metadata.name=chat-serving-store"
-    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
-    operator.start()
-    try:
+    with _operator(cluster, s3_server, ns, tmp_path) as operator:
         secret = first_listed(
             lambda: core.list_namespaced_secret(ns, field_selector=selector),
             90,
@@ -248,8 +321,6 @@ def test_serving_replicas_get_read_only_keys_minted_by_the_store(
             60,
             what=f"the Deployment\n{operator.log_tail(30)}",
         )
-    finally:
-        operator.stop()
     owner = secret.metadata.owner_references[0]
     assert owner.kind == "AdapterDeployment" and owner.controller
     data = secret_keys(secret)
@@ -273,12 +344,7 @@ def test_serving_replicas_get_read_only_keys_minted_by_the_store(
         "the default store's root": lambda: replica.list_objects_v2(Bucket=BUCKET, Prefix=f"{ns}/"),
         "the bucket": lambda: replica.list_objects_v2(Bucket=BUCKET),
     }
-    codes = {}
-    for what, call in refusals.items():
-        with pytest.raises(ClientError) as refused:
-            call()
-        codes[what] = refused.value.response["Error"]["Code"]
-    assert codes == {what: "AccessDenied" for what in refusals}
+    assert refusal_codes(refusals) == dict.fromkeys(refusals, "AccessDenied")
 
 
 @pytest.mark.parametrize("mint_secrets", [True, False], ids=["mintSecrets", "no mintSecrets"])
@@ -307,9 +373,7 @@ def test_the_chart_grants_minted_secret_writes_with_rbac_mint_secrets(
         custom = Custom(cluster, ns)
         custom.create({**objects.base_model(namespace=ns), "metadata": {"name": "tiny-llama", "namespace": ns}})
         custom.create(_fine_tune_job(ns, minting_store))
-        operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", _env(s3_server, ns))
-        operator.start()
-        try:
+        with _operator(cluster, s3_server, ns, tmp_path, kubeconfig) as operator:
             if mint_secrets:
                 wait_until(
                     lambda: core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items,
@@ -329,7 +393,5 @@ def test_the_chart_grants_minted_secret_writes_with_rbac_mint_secrets(
                 message = (condition(ftj["status"], "Ready") or {})["message"]
                 assert f'namespace "{ns}"' in message and "support-store" in message
                 assert not core.list_namespaced_secret(ns, field_selector="metadata.name=support-store").items
-        finally:
-            operator.stop()
     finally:
         uninstall(cluster, docs)

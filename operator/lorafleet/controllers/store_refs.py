@@ -22,6 +22,7 @@ from lorafleet.resources.store_refs import (
     CLUSTER,
     ResolvedStore,
     default_location,
+    read_only_source,
     require_inline_served,
     require_own_secret,
     require_shared_readable,
@@ -48,7 +49,11 @@ def _replace(model: Any, **changes: Any) -> Any:
 
 def bind_basemodel(bm: BaseModelObject) -> tuple[BaseModelObject, RenderError | None]:
     """A source in the default store (neither store nor storeRef) is shared read-only, except other namespaces'
-    roots (resources.store_refs.require_shared_readable)."""
+    roots (resources.store_refs.require_shared_readable). A ClusterArtifactStore with spec.sts is bound without a
+    credentials Secret: the operator's manifest checks use the store's keys from its own namespace (MintingStore),
+    and the workloads that fetch the weights read them with keys that store minted for them
+    (resources.finetunejob.workload_grant, resources.serving_credentials.cluster_serving_grant), so the store's
+    Secret is never expected in the tenant's namespace."""
     source = bm.spec.source
     if source.store_ref is None:
         try:
@@ -64,7 +69,7 @@ def bind_basemodel(bm: BaseModelObject) -> tuple[BaseModelObject, RenderError | 
         require_within(source.uri, resolved, "spec.source.uri")
     except RenderError as exc:
         return bm, exc
-    spec = _replace(bm.spec, source=_replace(source, store=resolved.store, store_ref=None))
+    spec = _replace(bm.spec, source=_replace(source, store=read_only_source(resolved), store_ref=None))
     return _replace(bm, spec=spec), None
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from lorafleet.api.adapterdeployment import VLLM_LORA_RANKS, AdapterDeploymentSpec
 from lorafleet.api.basemodel import BaseModelSpec
+from lorafleet.api.common import ObjectStore
 from lorafleet.api.objects import AdapterDeploymentObject, BaseModelObject
 from lorafleet.config import OperatorSettings
 from lorafleet.contracts.serving import (
@@ -46,7 +47,7 @@ from lorafleet.resources.common import (
     store_env,
     tolerations,
 )
-from lorafleet.resources.store_refs import MintingStore
+from lorafleet.resources.store_refs import MintingStore, require_base_minted_by, same_minting_store
 from lorafleet.resources.stores import resolve_store
 from lorafleet.serving.checks import supported_target_modules
 from lorafleet.uris import parse
@@ -57,6 +58,7 @@ MODEL_DIR = ENGINE_MODEL_DIR
 ADAPTERS_DIR = "/adapters"
 DESIRED_MOUNT = "/etc/lorafleet/adapters"
 API_KEYS_MOUNT = "/etc/lorafleet/api-keys"  # one file per protected adapter, from its apiKeySecretRef
+SIDECAR_CA_VOLUME = "serving-store-ca"  # the minting store's CA bundle when it is not the base model's
 DEFAULT_MAX_LORA_RANK = 16
 CPU_KV_CACHE_BYTES = 1024**3
 # Round the adapter slots up to these buckets so adding one adapter rarely changes vLLM's flags (a restart).
@@ -196,9 +198,11 @@ def build_deployment(
     # artifactStore.sts, or a ClusterArtifactStore's spec.sts: read-only minted keys instead of a copied Secret
     # (resources.serving_credentials).
     minting_base = minted.platform_source(base, settings)
+    # Weights in a ClusterArtifactStore with spec.sts: read with the keys it minted for these replicas, or refused.
+    require_base_minted_by(base.source.store, minting, "this AdapterDeployment's adapters (their storeRef)")
     if minting is not None:
         store = minting
-        minting_base = minted.same_minting_store(base.source.store, minting)
+        minting_base = same_minting_store(base.source.store, minting)
         secret: str | None = minted.secret_name(ad.name)
     else:
         secret = minted.secret_name(ad.name) if minted.serving_grant(ad, base, settings) is not None else None
@@ -213,11 +217,13 @@ def build_deployment(
         volume, mount, sync_args = minted.sidecar_volume(secret)
         sync_volumes, sync_mounts = [volume], [mount]
     ca_volumes, ca_mounts, ca_env = ca_bundle_volume(base_store)
+    sync_ca_volumes, sync_ca_mounts, sync_ca_env = _sidecar_ca(base_store, minting, (ca_volumes, ca_mounts, ca_env))
     common_env: list[Obj] = [
         {"name": "HOME", "value": "/tmp"},
         *offline_env(base.source.allow_public_download),
         *ca_env,
     ]
+    sync_env = [e for e in common_env if e not in ca_env] + sync_ca_env
     args = engine_args(spec, base_name, base, max_lora_rank)
     image = spec.engine.image or (settings.vllm_image if gpus else settings.vllm_cpu_image)
 
@@ -228,6 +234,7 @@ def build_deployment(
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         *ca_volumes,
+        *[v for v in sync_ca_volumes if v not in ca_volumes],
         *sync_volumes,
     ]
     model_mount: Obj = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
@@ -319,7 +326,7 @@ def build_deployment(
             *sync_args,
         ],
         "env": [
-            *common_env,
+            *sync_env,
             *store_env(store, platform=True),
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
@@ -333,7 +340,7 @@ def build_deployment(
             {"name": "adapters", "mountPath": ADAPTERS_DIR},
             {"name": "desired", "mountPath": DESIRED_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
-            *ca_mounts,
+            *sync_ca_mounts,
             *keys_mounts,
             *sync_mounts,
         ],
@@ -375,6 +382,24 @@ def build_deployment(
             "template": template,
         },
     }
+
+
+CaBundle = tuple[list[Obj], list[Obj], list[Obj]]  # (volumes, mounts, env): resources.common.ca_bundle_volume
+
+
+def _sidecar_ca(base_store: ObjectStore | None, minting: MintingStore | None, base_ca: CaBundle) -> CaBundle:
+    """The CA bundle the adapter-sync sidecar verifies its store with: the base model's store's (as before) unless
+    the adapters are in a ClusterArtifactStore with spec.sts, whose own caBundleSecretRef it then needs (the minted
+    keys are for that store's endpoint only). Mounted, as for every workload of a store, from a Secret of that name
+    in the workload's namespace (a CA bundle is no credential); a volume of its own when it differs from the base's."""
+    if minting is None:
+        return base_ca
+    ref = minting.ca_bundle_secret_ref
+    if ref is None:
+        return [], [], []
+    if base_store is not None and base_store.ca_bundle_secret_ref == ref:
+        return base_ca
+    return ca_bundle_volume(minting, volume=SIDECAR_CA_VOLUME)
 
 
 def api_keys(spec: AdapterDeploymentSpec) -> tuple[list[Obj], list[Obj], list[str]]:

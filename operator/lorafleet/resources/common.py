@@ -166,15 +166,16 @@ def credentials_env(ref: S3CredentialsRef) -> list[Obj]:
     ]
 
 
-def ca_bundle_volume(store: ObjectStore | None) -> tuple[list[Obj], list[Obj], list[Obj]]:
-    """(volumes, mounts, env) that make a custom CA bundle visible to boto3."""
+def ca_bundle_volume(store: ObjectStore | None, volume: str = "store-ca") -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """(volumes, mounts, env) that make a custom CA bundle visible to boto3 (at /etc/lorafleet/<volume>/ca.pem)."""
     if store is None or store.ca_bundle_secret_ref is None:
         return [], [], []
     ref = store.ca_bundle_secret_ref
-    volume = {"name": "store-ca", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "ca.pem"}]}}
-    mount = {"name": "store-ca", "mountPath": "/etc/lorafleet/store-ca", "readOnly": True}
-    env = [{"name": "AWS_CA_BUNDLE", "value": "/etc/lorafleet/store-ca/ca.pem"}]
-    return [volume], [mount], env
+    path = f"/etc/lorafleet/{volume}"
+    secret = {"name": volume, "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "ca.pem"}]}}
+    mount = {"name": volume, "mountPath": path, "readOnly": True}
+    env = [{"name": "AWS_CA_BUNDLE", "value": f"{path}/ca.pem"}]
+    return [secret], [mount], env
 
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace

@@ -44,7 +44,15 @@ from lorafleet.resources.common import (
     tolerations,
 )
 from lorafleet.resources.conditions import Reason
-from lorafleet.resources.store_refs import default_location, require_shared_readable, require_within
+from lorafleet.resources.store_refs import (
+    MintingStore,
+    default_location,
+    require_base_minted_by,
+    require_shared_readable,
+    require_within,
+    same_minting_store,
+    within,
+)
 from lorafleet.resources.stores import RenderError, default_store, resolve_store, resolve_store_uri
 from lorafleet.storage.sts_policy import SECRET_KEYS, Grant
 from lorafleet.uris import parse
@@ -140,9 +148,7 @@ def workload_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: Operat
     team's ArtifactStore may equal the platform's store): the output inside this namespace's root, no input in
     another namespace's root (StoreNotAllowed). None: the pods use the store's Secret."""
     if ftj.spec.output.store_ref is not None:
-        # Bound to a ClusterArtifactStore that mints (controllers.store_refs): its namespace root, nothing else;
-        # inputs elsewhere are refused by the store (the minted keys reach no further).
-        return Grant(read_write=(output_target(ftj, settings).uri,))
+        return _cluster_store_grant(ftj, base, settings)
     if not settings.store_sts or not platform_store(ftj.spec.output.store, settings):
         return None
     namespace = ftj.namespace
@@ -157,6 +163,23 @@ def workload_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: Operat
             require_shared_readable(uri, namespace, settings, field)
             read_only.append(uri)
     return Grant(read_write=(output,), read_only=tuple(dict.fromkeys(read_only)))
+
+
+def _cluster_store_grant(ftj: FineTuneJobObject, base: BaseModelSpec, settings: OperatorSettings) -> Grant:
+    """Output bound to a ClusterArtifactStore that mints (controllers.store_refs): read-write only the job's own
+    version folder and checkpoints, read-only the s3:// inputs inside the namespace's location in that store (the
+    BaseModel's weights when they are in it: bound there by storeRef; datasets). The weights and the namespace's
+    other artifacts are not writable. Inputs elsewhere are not granted (the minted keys reach no further); base
+    weights in another minting store are StoreNotAllowed (resources.store_refs.require_base_minted_by)."""
+    minting = ftj.spec.output.store
+    require_base_minted_by(base.source.store, minting, "the FineTuneJob's output (spec.output.storeRef)")
+    output = output_target(ftj, settings)
+    root = minting.root if isinstance(minting, MintingStore) else output.uri
+    inputs = list(_dataset_inputs(ftj.spec).values())
+    if same_minting_store(base.source.store, minting):
+        inputs.insert(0, base.source.uri)
+    read_only = [u.rstrip("/") for u in inputs if u and parse(u).scheme == "s3" and within(u, root)]
+    return Grant(read_write=(output.adapter_uri, output.checkpoint_uri), read_only=tuple(dict.fromkeys(read_only)))
 
 
 def _minted(store: ObjectStore, secret: str) -> ObjectStore:
@@ -176,12 +199,18 @@ def trainer_config(
         else None
     )
     output = output_target(ftj, settings)
+    minting_store = ftj.spec.output.store if ftj.spec.output.store_ref is not None else None
+    # Weights in a ClusterArtifactStore with spec.sts: read with keys that store minted for this job, or refused.
+    require_base_minted_by(base.source.store, minting_store, "the FineTuneJob's output (spec.output.storeRef)")
     if workload_grant(ftj, base, settings) is not None:  # the platform's Secret name never reaches the pods
         secret = names_of(ftj).credentials
         if output.store is not None:
             output = output.model_copy(update={"store": _minted(output.store, secret)})
-        minting_platform = ftj.spec.output.store_ref is None  # the platform's keys mint, with the base's grant
-        if base_store is not None and minting_platform and platform_store(base.source.store, settings):
+        if minting_store is None:  # the platform's keys mint, with the base's grant when it is in that store
+            base_granted = platform_store(base.source.store, settings)
+        else:  # the ClusterArtifactStore mints, with the base's grant when it is in that store
+            base_granted = same_minting_store(base.source.store, minting_store)
+        if base_store is not None and base_granted:
             base_store = _minted(lenient_copy(ObjectStore, base_store), secret)
     if spec.output.store is None:  # the trainer reads s3:// datasets with the output store's keys
         for field, uri in _dataset_inputs(spec).items():
@@ -344,6 +373,7 @@ def build_job(ftj: FineTuneJobObject, base: BaseModelSpec, config: TrainerConfig
 
     base_store = config.base_model.store
     base_env = store_env(base_store, platform=base.source.store is None)
+    base_env += _session_token_env(base_store, job_names.credentials)
     fetch_env = _fetch_env(env, base_env) if base_store and base_store != config.output.store else env
     pod_spec: Obj = {
         "restartPolicy": "Never",

@@ -24,7 +24,12 @@ from lorafleet.config import OperatorSettings
 from lorafleet.resources.common import Obj, child_name
 from lorafleet.resources.conditions import Reason
 from lorafleet.resources.status.adapterdeployment import all_versions
-from lorafleet.resources.store_refs import MintingStore, default_location, require_shared_readable
+from lorafleet.resources.store_refs import (
+    MintingStore,
+    default_location,
+    require_shared_readable,
+    same_minting_store,
+)
 from lorafleet.resources.stores import RenderError, default_store
 from lorafleet.storage.sts_policy import SECRET_KEYS, Grant
 from lorafleet.uris import parse
@@ -84,10 +89,6 @@ def cluster_serving_grant(store: MintingStore, base: BaseModelSpec) -> Grant:
     if parse(source.uri).scheme == "s3" and same_minting_store(source.store, store):
         read_only.append(source.uri.rstrip("/"))
     return Grant(read_write=(), read_only=tuple(dict.fromkeys(read_only)))
-
-
-def same_minting_store(store: ObjectStore | None, minting: MintingStore) -> bool:
-    return isinstance(store, MintingStore) and store.store_name == minting.store_name and store.root == minting.root
 
 
 def platform_source(base: BaseModelSpec, settings: OperatorSettings) -> bool:

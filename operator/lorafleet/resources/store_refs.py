@@ -56,6 +56,34 @@ class MintingStore(ObjectStore):
     sts: StoreSts
 
 
+def same_minting_store(store: ObjectStore | None, minting: ObjectStore | None) -> bool:
+    """Both are the same ClusterArtifactStore with spec.sts, bound for the same namespace (its location)."""
+    return (
+        isinstance(store, MintingStore)
+        and isinstance(minting, MintingStore)
+        and store.store_name == minting.store_name
+        and store.root == minting.root
+    )
+
+
+def require_base_minted_by(base_store: ObjectStore | None, minting: ObjectStore | None, workload: str) -> None:
+    """Base weights in a ClusterArtifactStore with spec.sts are read by a workload only with keys that store minted
+    for it: the store the workload's own keys are minted by (`minting`: a FineTuneJob's output store, an
+    AdapterDeployment's adapters' store) must be that same store, whose grant then adds the weights read-only. One
+    minted Secret per workload: a base in another store (or a workload without minted keys of that store) is
+    StoreNotAllowed, never the store's own Secret expected in the tenant's namespace."""
+    if not isinstance(base_store, MintingStore) or same_minting_store(base_store, minting):
+        return
+    name = base_store.store_name
+    raise RenderError(
+        Reason.STORE_NOT_ALLOWED,
+        f'the BaseModel\'s weights are in ClusterArtifactStore "{name}" (BaseModel spec.source.storeRef), whose '
+        f"spec.sts mints the keys that read them, but {workload} is not in that store: its workloads get keys minted "
+        f'by one store only; put {workload} in ClusterArtifactStore "{name}" too (storeRef), or use a BaseModel '
+        "from another store",
+    )
+
+
 @dataclass(frozen=True)
 class ResolvedStore:
     """A store an object may use: how to reach it (the inline form the workloads already understand) and the
@@ -187,6 +215,15 @@ def resolve(
         return ResolvedStore(ref, minting, root, sts=cluster.sts)
     require_own_secret(team, settings, f"{field}.storeRef: {describe(ref)} spec")
     return ResolvedStore(ref, _inline(team, team.credentials_secret_ref), _root(team))
+
+
+def read_only_source(resolved: ResolvedStore) -> ObjectStore:
+    """A BaseModel's source store as bound (controllers.store_refs.bind_basemodel): a ClusterArtifactStore with
+    spec.sts names no credentials Secret at all (the operator reads with the store's keys from its namespace, the
+    workloads with keys minted for them), any other store as resolved."""
+    if isinstance(resolved.store, MintingStore):
+        return resolved.store.model_copy(update={"credentials_secret_ref": None})
+    return resolved.store
 
 
 def require_own_secret(store: ArtifactStoreSpec | ObjectStore, settings: OperatorSettings, field: str) -> None:

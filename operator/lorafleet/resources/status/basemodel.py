@@ -12,6 +12,7 @@ from lorafleet.api.objects import BaseModelObject
 from lorafleet.contracts.base import clip
 from lorafleet.resources.conditions import ConditionType, Reason
 from lorafleet.resources.status.common import ArtifactCheck, Cond, merge_conditions
+from lorafleet.resources.store_refs import MintingStore
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,11 @@ class BaseModelObserved:
 
 
 def basemodel_secret_names(bm: BaseModelObject) -> list[str]:
-    """Secrets a BaseModel references, for the controller to look up before calling basemodel_status."""
+    """Secrets a BaseModel references in its own namespace, for the controller to look up before calling
+    basemodel_status. None for a ClusterArtifactStore with spec.sts (bound as MintingStore): its keys and CA bundle
+    are read from the operator's namespace, and no copy of them is expected in the tenant's."""
     store = bm.spec.source.store
-    if store is None:
+    if store is None or isinstance(store, MintingStore):
         return []
     names = [
         store.credentials_secret_ref.name if store.credentials_secret_ref else None,
