@@ -4,10 +4,11 @@ and a serving replica.
 
 Invariants: the operator may read pods but patch none (no cluster-wide `pods patch`), reads Secrets by name only and
 only in its own namespace and the namespaces the Helm value rbac.secretNamespaces lists (not in an unlisted one, not
-even a watched one), and may grant the trainer's Role (it creates it here, impersonated: escalation prevention
-passes); a trainer may patch its own progress ConfigMap and nothing else (no pod, no other ConfigMap, no Secret, not
-even a read); a serving replica runs as its namespace's default ServiceAccount with no token mounted, and that
-account may do nothing of note.
+even a watched one), writes Secrets (minted keys) only with the Helm value rbac.mintSecrets (on by default with
+artifactStore.sts.enabled) and only where rbac.secretNamespaces lists, and may grant the trainer's Role (it creates
+it here, impersonated: escalation prevention passes); a trainer may patch its own progress ConfigMap and nothing
+else (no pod, no other ConfigMap, no Secret, not even a read); a serving replica runs as its namespace's default
+ServiceAccount with no token mounted, and that account may do nothing of note.
 In namespaced mode the operator has no right at all outside the namespaces it watches.
 """
 
@@ -276,11 +277,23 @@ def test_namespaced_operator_has_no_rights_outside_its_namespaces(
         uninstall(cluster, docs)
 
 
-def test_minted_secrets_are_written_only_where_listed(cluster: ClusterHandle, namespace: str, tenant: str) -> None:
-    """artifactStore.sts: the operator writes Secrets (minted keys) in the namespaces rbac.secretNamespaces lists,
-    never in its own (the platform's keys live there) nor in an unlisted one."""
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"rbac": {}, "artifactStore": {"sts": {"enabled": True}}},
+        {"rbac": {"mintSecrets": True}},  # a ClusterArtifactStore's spec.sts without the default store's STS
+    ],
+    ids=["artifactStore.sts", "rbac.mintSecrets"],
+)
+def test_minted_secrets_are_written_only_where_listed(
+    cluster: ClusterHandle, namespace: str, tenant: str, values: dict[str, Any]
+) -> None:
+    """rbac.mintSecrets (on by default with artifactStore.sts): the operator writes Secrets (minted keys) in the
+    namespaces rbac.secretNamespaces lists, never in its own (the platform's keys live there) nor in an unlisted
+    one."""
     release = f"lf-rbac-{uuid.uuid4().hex[:6]}"
-    values = {"rbac": {"secretNamespaces": [tenant]}, "artifactStore": {"sts": {"enabled": True}}}
+    values = copy.deepcopy(values)
+    values["rbac"]["secretNamespaces"] = [tenant]
     docs = install(cluster, render(values, release=release, namespace=namespace))
     try:
         operator = _user(namespace, account(docs))
@@ -298,6 +311,30 @@ def test_minted_secrets_are_written_only_where_listed(cluster: ClusterHandle, na
             Ask("its own namespace: never creates", "create", "secrets", False, namespace="own"),
             Ask("unlisted: no write", "create", "secrets", False, namespace="other"),
             Ask("unlisted: no read", "get", "secrets", False, name="tune-store", namespace="other"),
+        ], where)  # fmt: skip
+    finally:
+        uninstall(cluster, docs)
+
+
+def test_without_mint_secrets_no_secret_is_written(cluster: ClusterHandle, namespace: str, tenant: str) -> None:
+    """rbac.mintSecrets: false (here over artifactStore.sts): the operator still reads Secrets by name where listed,
+    and writes none anywhere (a minted Secret's write is then StoreNotAllowed naming the value)."""
+    release = f"lf-rbac-{uuid.uuid4().hex[:6]}"
+    values = {"rbac": {"secretNamespaces": [tenant], "mintSecrets": False}, "artifactStore": {"sts": {"enabled": True}}}
+    docs = install(cluster, render(values, release=release, namespace=namespace))
+    try:
+        operator = _user(namespace, account(docs))
+        where = {"tenant": tenant, "own": namespace, "other": "default", "": ""}
+        wait_in_effect(cluster, operator, [
+            Ask("RoleBinding <name>-secrets in the tenant", "get", "secrets", True, name="tune-store"),
+            Ask("RoleBinding <name>-secrets in its own namespace", "get", "secrets", True, name="x", namespace="own"),
+        ], where)  # fmt: skip
+        check_table(cluster, operator, [
+            Ask("listed: no create", "create", "secrets", False),
+            Ask("listed: no patch", "patch", "secrets", False, name="tune-store"),
+            Ask("listed: no delete", "delete", "secrets", False, name="tune-store"),
+            Ask("its own namespace: no write", "patch", "secrets", False, name="platform-store", namespace="own"),
+            Ask("unlisted: no write", "create", "secrets", False, namespace="other"),
         ], where)  # fmt: skip
     finally:
         uninstall(cluster, docs)

@@ -13,6 +13,7 @@ the admin client (it is what a report once put there)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import uuid
@@ -398,6 +399,84 @@ def serve_b_prefix_through_cluster_store(w: World) -> None:
         api.delete_cluster_custom_object(GROUP, VERSION, "clusterartifactstores", name)
 
 
+@contextlib.contextmanager
+def _minting_store(w: World, *namespaces: str) -> Iterator[str]:
+    """A ClusterArtifactStore with spec.sts (the keys that mint stay in the operator's namespace) allowing
+    `namespaces`; yields its name and removes it afterwards."""
+    api = client.CustomObjectsApi(w.a.admin.api_client)
+    name = f"minting-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ClusterArtifactStore",
+        "metadata": {"name": name},
+        "spec": {
+            "endpoint": w.s3_server.endpoint,
+            "bucket": "models",
+            "prefix": "sts",
+            "credentialsSecretRef": {"name": "platform-keys"},
+            "allowedNamespaces": {"names": list(namespaces)},
+            "sts": {"enabled": True},
+        },
+    }
+    api.create_cluster_custom_object(GROUP, VERSION, "clusterartifactstores", body)
+    try:
+        yield name
+    finally:
+        api.delete_cluster_custom_object(GROUP, VERSION, "clusterartifactstores", name)
+
+
+def _store_not_allowed(status: Obj, _obj: Obj) -> bool:
+    return (condition(status, "Ready") or {}).get("reason") == "StoreNotAllowed"
+
+
+def base_model_in_minting_store_not_allowed(w: World) -> None:
+    """A's BaseModel names a minting ClusterArtifactStore that allows only B: StoreNotAllowed naming A's namespace
+    and allowedNamespaces; the store is neither read nor minted for."""
+    with _minting_store(w, w.b.namespace) as store:
+        bm = _base_model(w.a.namespace)
+        bm["metadata"]["name"] = "not-allowed"
+        uri = f"s3://models/sts/{w.a.namespace}/models/x/v1"
+        bm["spec"]["source"] = {"uri": uri, "storeRef": {"kind": "ClusterArtifactStore", "name": store}}
+        w.a.custom.create(bm)
+        refused = w.a.custom.wait_status("BaseModel", "not-allowed", _store_not_allowed, what="StoreNotAllowed")
+    message = condition(refused["status"], "Ready")["message"]  # type: ignore[index]
+    assert f'does not allow namespace "{w.a.namespace}"' in message and "allowedNamespaces" in message, message
+    assert "digest" not in refused["status"]  # nothing was read
+
+
+def fine_tune_on_b_weights_in_minting_store(w: World) -> None:
+    """A's FineTuneJob, its output in a minting ClusterArtifactStore both teams may use, names a BaseModel whose
+    weights lie in B's location of that store: the BaseModel is StoreNotAllowed naming A's location, the job waits
+    on it and nothing is minted or rendered (had it been, the keys minted for A would reach A's location only)."""
+    with _minting_store(w, w.a.namespace, w.b.namespace) as store:
+        ref = {"kind": "ClusterArtifactStore", "name": store}
+        theirs = f"s3://models/sts/{w.b.namespace}/models/weights/v1"
+        _push(ArtifactStore(w.s3_server.store_settings()), w.tmp_path, theirs, "weights", "uid-of-b")
+        bm = _base_model(w.a.namespace)
+        bm["metadata"]["name"] = "b-weights"
+        bm["spec"]["source"] = {"uri": theirs, "storeRef": ref}
+        w.a.custom.create(bm)
+        name = "on-b-weights"
+        ftj = _fine_tune_job(w.a.namespace, name, _unique())
+        ftj["spec"]["baseModelRef"] = {"name": "b-weights"}
+        ftj["spec"]["output"] = {"adapterName": _unique(), "version": "v1", "storeRef": ref}
+        w.a.custom.create(ftj)
+        refused = w.a.custom.wait_status("BaseModel", "b-weights", _store_not_allowed, what="StoreNotAllowed")
+        message = condition(refused["status"], "Ready")["message"]  # type: ignore[index]
+        assert theirs in message and f"s3://models/sts/{w.a.namespace}/" in message, message
+
+        def waits(status: Obj, _obj: Obj) -> bool:
+            ready = condition(status, "Ready") or {}
+            return ready.get("reason") == "BaseModelNotReady" and theirs in ready.get("message", "")
+
+        w.a.custom.wait_status("FineTuneJob", name, waits, what="BaseModelNotReady naming B's location")
+        time.sleep(2)  # a later pass must not render or mint either
+        names = ftj_res.names(name)
+        assert names.job not in [j.metadata.name for j in w.a.admin.batch.list_namespaced_job(w.a.namespace).items]
+        minted = f"metadata.name={names.credentials}"
+        assert not w.a.admin.core.list_namespaced_secret(w.a.namespace, field_selector=minted).items
+
+
 # -- Bad input: refused at admission, naming the field -------------------------------------------------------------
 
 
@@ -506,6 +585,8 @@ ATTACKS = [
     pytest.param(store_endpoint_exfiltration, id="store-endpoint-exfiltration"),
     pytest.param(name_b_store, id="name-b-artifactstore"),
     pytest.param(serve_b_prefix_through_cluster_store, id="serve-b-prefix-via-clusterartifactstore"),
+    pytest.param(base_model_in_minting_store_not_allowed, id="base-model-in-minting-store-not-allowed"),
+    pytest.param(fine_tune_on_b_weights_in_minting_store, id="fine-tune-on-b-weights-in-minting-store"),
     pytest.param(pvc_path_escape, id="pvc-path-escape"),
     pytest.param(memory_lots, id="memory-lots"),
     pytest.param(serve_b_adapter, id="serve-b-adapter"),
