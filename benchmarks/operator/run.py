@@ -748,17 +748,31 @@ class Run:
         self.burst_end, self.burst_modified = time.monotonic(), tl.modified
         log(f"{self.name}: burst done in {complete_s:.1f} s; RSS {self.op.rss()}")
 
+    def writes(self) -> int:
+        """The operator's writes so far (every verb but get, list and watch), from its proxy."""
+        return sum(n for key, n in self.proxy.counts().items() if key.split(" ", 1)[0] in WRITE_VERBS)
+
     def settle(self) -> None:
-        """Wait until no FineTuneJob or Job has changed for `quiet` seconds (status conditions still moving after
-        the first status was written, Job status updates): the steady window must see nothing changing."""
+        """Wait until no FineTuneJob or Job has changed, and the operator has written nothing, for `quiet` seconds
+        (status conditions still moving after the first status was written, Job status updates, Events still
+        being posted at their rate): the steady window must see nothing changing."""
         t0 = time.monotonic()
+        writes0 = self.writes()
         time.sleep(self.s.settle)
         tl = self.timeline
+        last_write: list[float] = [self.writes(), time.monotonic()]
+
+        def quiet() -> bool:
+            now, writes = time.monotonic(), self.writes()
+            if writes != last_write[0]:
+                last_write[:] = [writes, now]
+            return now - tl.last_change >= self.s.quiet and now - last_write[1] >= self.s.quiet
+
         try:
             wait_for(
-                lambda: time.monotonic() - tl.last_change >= self.s.quiet,
+                quiet,
                 self.s.settle_timeout,
-                f"{self.s.quiet:.0f} s without a FineTuneJob or Job change",
+                f"{self.s.quiet:.0f} s without a FineTuneJob or Job change or a write by the operator",
                 interval=1,
             )
             settled = True
@@ -771,6 +785,9 @@ class Run:
             # from the end of the burst to the last change of a FineTuneJob or Job before the window
             "last_change_after_burst_s": round(tl.last_change - self.burst_end, 1),
             "finetunejob_modifications_since_burst": tl.modified - self.burst_modified,
+            # the burst's tail: status changes, Events posted at their rate
+            "writes_after_burst": int(last_write[0]) - writes0,
+            "last_write_after_burst_s": round(float(last_write[1]) - self.burst_end, 1),
         }
         log(f"{self.name}: settled={settled} after {self.result['settle']['seconds']} s")
 
@@ -972,6 +989,8 @@ def markdown(report: Obj) -> str:
         *[(f"steady: {t} HTTP requests/min", ("steady", "external_per_min", t), "") for t in ("s3", "sts", "pod")],
         ("settle: last FineTuneJob/Job change after burst", ("settle", "last_change_after_burst_s"), " s"),
         ("settle: FineTuneJob changes after burst", ("settle", "finetunejob_modifications_since_burst"), ""),
+        ("settle: operator writes after burst", ("settle", "writes_after_burst"), ""),
+        ("settle: last operator write after burst", ("settle", "last_write_after_burst_s"), " s"),
         ("steady: FineTuneJob changes seen", ("steady", "finetunejob_modifications"), ""),
         ("RSS idle, before the burst", ("idle_rss_mib", "VmRSS"), " MiB"),
         ("RSS after the burst", ("burst", "rss_mib", "VmRSS"), " MiB"),
